@@ -1,0 +1,345 @@
+"""Data sets as uint8 tensors on the training device, augmented there in batches.
+
+- `cifar10-mini` (default): 500 training and 100 test images per class of real
+  CIFAR-10, embedded in the project as JPEG bytes (`cifar10_mini.npz`, 6.6 MB).
+- `cifar10`, `cifar100`: torchvision's format in `--data-dir`, downloaded when online.
+- `imagefolder`: `DIR/train/<class>/*` and `DIR/val/<class>/*`, any size, colour
+  or grayscale. Decoded once into memory when it fits (`IN_MEMORY_BYTES`),
+  otherwise streamed through DataLoader workers with timm's transforms.
+
+Training augmentation: for CIFAR-sized images (side <= 64) random crop with
+padding + horizontal flip; for larger ones random resized crop + flip. Under
+DDP each rank takes its own shard of the same seeded permutation.
+"""
+import io
+import math
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from common.run import UserError
+
+DATASETS = ("cifar10-mini", "cifar10", "cifar100", "imagefolder")
+MINI_PATH = Path(__file__).with_name("cifar10_mini.npz")
+IN_MEMORY_BYTES = 4 * 2**30  # decoded training images above this are streamed instead
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SMALL_SIDE = 64  # images up to this side get crop-with-padding, larger ones random resized crop
+
+
+def native_img_size(dataset):
+    """The default training resolution: the data set's own for CIFAR, 224 for ImageFolder."""
+    return 224 if dataset == "imagefolder" else 32
+
+
+def load_dataset(name, data_dir=None, img_size=None, train_subset=None, seed=0):
+    """Return a dict with `train` and `test` (uint8 images N×3×H×W and int64 labels,
+    or file lists to stream), `classes`, `mean`, `std`, `img_size`."""
+    img_size = img_size or native_img_size(name)
+    if name == "cifar10-mini":
+        data = _load_mini()
+    elif name in ("cifar10", "cifar100"):
+        data = _load_torchvision_cifar(name, data_dir)
+    elif name == "imagefolder":
+        data = _load_image_folder(data_dir, img_size)
+    else:
+        raise UserError(f"unknown --dataset {name!r}; choose from {', '.join(DATASETS)}")
+    data["img_size"] = img_size
+    if train_subset is not None:
+        data["train"] = _balanced_subset(data["train"], train_subset, len(data["classes"]), seed)
+    return data
+
+
+def _balanced_subset(split, size, num_classes, seed):
+    """`size` training images, as evenly spread over the classes as possible, chosen by `seed`."""
+    images, labels = split
+    if not 0 < size <= len(labels):
+        raise UserError(f"--train-subset must be between 1 and {len(labels)}, got {size}")
+    generator = torch.Generator().manual_seed(seed)
+    labels_t = torch.as_tensor(labels)
+    per_class = [torch.nonzero(labels_t == c).flatten() for c in range(num_classes)]
+    per_class = [idx[torch.randperm(len(idx), generator=generator)] for idx in per_class]
+    # Round-robin over the classes until `size` images are taken.
+    order = torch.cat([torch.stack(col) for col in _round_robin(per_class)])[:size]
+    order = order.sort().values
+    if isinstance(images, list):
+        return [images[i] for i in order], labels_t[order]
+    return images[order], labels_t[order]
+
+
+def _round_robin(lists):
+    for i in range(max(len(x) for x in lists)):
+        yield [x[i] for x in lists if i < len(x)]
+
+
+# --- the embedded data set -------------------------------------------------
+
+
+def build_cifar10_mini(zip_path, out_path=MINI_PATH, train_per_class=500, test_per_class=100):
+    """Write the embedded set from shared/data/cifar10.zip: the first files by name of each class."""
+    arrays = {}
+    with zipfile.ZipFile(zip_path) as archive:
+        names = sorted(n for n in archive.namelist() if n.endswith(".jpg"))
+        classes = sorted({n.split("/")[1] for n in names})
+        for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+            blobs, labels = [], []
+            for c, cls in enumerate(classes):
+                files = [n for n in names if n.startswith(f"{split}/{cls}/")][:per_class]
+                blobs += [archive.read(n) for n in files]
+                labels += [c] * len(files)
+            arrays[f"{split}_jpeg"] = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+            arrays[f"{split}_offsets"] = np.cumsum([0] + [len(b) for b in blobs])
+            arrays[f"{split}_labels"] = np.array(labels, dtype=np.int64)
+    np.savez(out_path, classes=np.array(classes), **arrays)
+
+
+def _load_mini():
+    from torchvision.io import decode_jpeg
+
+    stored = np.load(MINI_PATH)
+    data = {"classes": [str(c) for c in stored["classes"]], "mean": CIFAR_MEAN, "std": CIFAR_STD}
+    for split in ("train", "test"):
+        blob, offsets = torch.from_numpy(stored[f"{split}_jpeg"]), stored[f"{split}_offsets"]
+        jpegs = [blob[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        data[split] = (torch.stack(decode_jpeg(jpegs)), torch.from_numpy(stored[f"{split}_labels"]))
+    return data
+
+
+# --- torchvision CIFAR -----------------------------------------------------
+
+
+def _load_torchvision_cifar(name, data_dir):
+    import torchvision
+
+    if data_dir is None:
+        raise UserError(f"--dataset {name} needs --data-dir (where the data set is, or is to be downloaded)")
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    splits = {}
+    for split, train in (("train", True), ("test", False)):
+        try:
+            ds = cls(data_dir, train=train, download=False)
+        except RuntimeError:
+            try:
+                ds = cls(data_dir, train=train, download=True)
+            except Exception as error:
+                raise UserError(
+                    f"{name} is not in {data_dir} and could not be downloaded ({type(error).__name__}); "
+                    f"put {cls.filename} from {cls.url.rsplit('/', 1)[0]} into {data_dir} and unpack it there"
+                ) from None
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        splits[split] = (images, torch.tensor(ds.targets))
+    return {**splits, "classes": list(ds.classes), "mean": CIFAR_MEAN, "std": CIFAR_STD}
+
+
+# --- ImageFolder -----------------------------------------------------------
+
+
+def _scan_folder(root, classes=None):
+    """Image paths and labels of `root/<class>/*`, with a clear error for each way it can be wrong."""
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not found:
+        raise UserError(f"data folder {root} has no class folders")
+    if classes is not None and found != classes:
+        raise UserError(f"the class folders of {root} differ from those of the training split")
+    paths, labels = [], []
+    for label, cls in enumerate(found):
+        files = sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UserError(f"class folder {root / cls} has no images")
+        paths += files
+        labels += [label] * len(files)
+    return paths, torch.tensor(labels), found
+
+
+def read_rgb(path):
+    """Decode one image file to RGB, naming the file if it is corrupt."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as error:
+        raise UserError(f"cannot read image {path}: {type(error).__name__}") from None
+
+
+def _resize_center_crop(image, short_side, crop):
+    """PIL image -> uint8 tensor 3×crop×crop: shorter side to `short_side`, centre crop."""
+    w, h = image.size
+    scale = short_side / min(w, h)
+    image = image.resize((max(crop, round(w * scale)), max(crop, round(h * scale))), Image.BICUBIC)
+    w, h = image.size
+    left, top = (w - crop) // 2, (h - crop) // 2
+    image = image.crop((left, top, left + crop, top + crop))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+class _DecodeFiles(torch.utils.data.Dataset):
+    def __init__(self, paths, short_side, crop):
+        self.paths, self.short_side, self.crop = paths, short_side, crop
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return _resize_center_crop(read_rgb(self.paths[i]), self.short_side, self.crop)
+
+
+def _decode_all(paths, short_side, crop):
+    loader = torch.utils.data.DataLoader(_DecodeFiles(paths, short_side, crop), batch_size=256, num_workers=2)
+    return torch.cat(list(loader))
+
+
+def _load_image_folder(data_dir, img_size):
+    if data_dir is None:
+        raise UserError("--dataset imagefolder needs --data-dir DIR with DIR/train/<class>/ and DIR/val/<class>/")
+    root = Path(data_dir)
+    train_paths, train_labels, classes = _scan_folder(root / "train")
+    test_paths, test_labels, _ = _scan_folder(root / "val", classes)
+    data = {"classes": classes, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    # Large images are stored a little larger than the training size (the usual
+    # 0.875 crop ratio), so that random resized crops have pixels to take.
+    store = img_size if img_size <= SMALL_SIDE else math.ceil(img_size / 0.875)
+    if len(train_paths) * 3 * store * store > IN_MEMORY_BYTES:
+        data["train"], data["test"] = (train_paths, train_labels), (test_paths, test_labels)
+        data["streamed"] = True
+        return data
+    data["train"] = (_decode_all(train_paths, store, store), train_labels)
+    data["test"] = (_decode_all(test_paths, store, img_size), test_labels)
+    return data
+
+
+# --- batches on the device -------------------------------------------------
+
+
+def augment(images, out_size, generator):
+    """uint8 N×3×S×S on the device -> float N×3×out×out in [0, 255], randomly cropped and flipped."""
+    n, _, side, _ = images.shape
+    device = images.device
+    flip = torch.rand(n, device=device, generator=generator) < 0.5
+    if side <= SMALL_SIDE:  # random crop with side/8 zero padding, then flip
+        pad = side // 8
+        padded = F.pad(images, (pad, pad, pad, pad))
+        dy, dx = (torch.randint(0, 2 * pad + 1, (2, n), device=device, generator=generator))
+        steps = torch.arange(side, device=device)
+        rows = (dy[:, None] + steps)[:, None, :, None]
+        cols = (dx[:, None] + steps)[:, None, None, :]
+        cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
+        channels = torch.arange(3, device=device)[None, :, None, None]
+        out = padded[torch.arange(n, device=device)[:, None, None, None], channels, rows, cols].float()
+        return resize(out, out_size)
+    # Random resized crop (scale 0.08-1, ratio 3/4-4/3) and flip as one affine resampling.
+    area = torch.empty(n, device=device).uniform_(0.08, 1.0, generator=generator)
+    log_ratio = torch.empty(n, device=device).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+    width = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
+    height = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    centre = (torch.rand(2, n, device=device, generator=generator) * 2 - 1) * torch.stack([1 - width, 1 - height])
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0] = torch.where(flip, -width, width)
+    theta[:, 1, 1] = height
+    theta[:, :, 2] = centre.T
+    grid = F.affine_grid(theta, (n, 3, out_size, out_size), align_corners=False)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def resize(images, size):
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+class DeviceLoader:
+    """Batches of a uint8 data set kept on the device, this rank's shard of a seeded permutation.
+
+    Training batches are augmented; test batches are only resized. Yields
+    normalised float images and int64 labels.
+    """
+
+    def __init__(self, split, data, batch_size, device, train, seed=0, rank=0, world_size=1):
+        images, labels = split
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.rank, self.world_size, self.img_size = rank, world_size, data["img_size"]
+        self.mean = torch.tensor(data["mean"], device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(data["std"], device=device).view(1, 3, 1, 1) * 255
+        per_rank = len(self.labels) // world_size if train else math.ceil(len(self.labels) / world_size)
+        self.num_batches = max(1, per_rank // batch_size) if train else math.ceil(per_rank / batch_size)
+
+    def __len__(self):
+        return self.num_batches
+
+    def indices(self, epoch):
+        """This rank's sample indices for `epoch`: the same for the same seed, whatever the mode."""
+        n = len(self.labels)
+        if not self.train:
+            return torch.arange(self.rank, n, self.world_size)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        per_rank = n // self.world_size
+        return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def epoch(self, epoch=0):
+        indices = self.indices(epoch).to(self.images.device)
+        generator = torch.Generator(self.images.device).manual_seed(self.seed * 100_003 + epoch * 101 + self.rank)
+        for b in range(self.num_batches):
+            batch = indices[b * self.batch_size:(b + 1) * self.batch_size]
+            images = self.images[batch]
+            if self.train:
+                images = augment(images, self.img_size, generator)
+            else:
+                images = resize(images.float(), self.img_size)
+            yield (images - self.mean) / self.std, self.labels[batch]
+
+
+class _TransformFiles(torch.utils.data.Dataset):
+    def __init__(self, paths, labels, transform):
+        self.paths, self.labels, self.transform = paths, labels, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(read_rgb(self.paths[i])), self.labels[i]
+
+
+class StreamLoader:
+    """A data set too large for memory, read by DataLoader workers with timm's transforms."""
+
+    def __init__(self, split, data, batch_size, device, train, seed=0, rank=0, world_size=1, workers=8):
+        from timm.data import create_transform
+
+        paths, labels = split
+        transform = create_transform(data["img_size"], is_training=train, mean=data["mean"], std=data["std"],
+                                     color_jitter=0.0 if train else None)
+        dataset = _TransformFiles(paths, labels, transform)
+        self.sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train)
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=self.sampler, num_workers=workers,
+                                                  pin_memory=True, drop_last=train, persistent_workers=True)
+        self.device = device
+
+    def __len__(self):
+        return len(self.loader)
+
+    def epoch(self, epoch=0):
+        self.sampler.set_epoch(epoch)
+        for images, labels in self.loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+def make_loader(data, split, batch_size, fabric, seed=0):
+    """The training (augmented, shuffled) or test loader of `split` for this rank."""
+    loader = StreamLoader if data.get("streamed") else DeviceLoader
+    return loader(data[split], data, batch_size, fabric.device, train=split == "train", seed=seed,
+                  rank=fabric.global_rank, world_size=fabric.world_size)
+
+
+if __name__ == "__main__":
+    import sys
+
+    # python -m common.data ../shared/data/cifar10.zip   (re)builds the embedded set
+    build_cifar10_mini(sys.argv[1])
+    print(f"wrote {MINI_PATH} ({MINI_PATH.stat().st_size / 1e6:.1f} MB)")

@@ -1,0 +1,115 @@
+"""Loss landscape (seed 000, Fig. 3): the training loss of a trained model against
+the scale σ of Gaussian noise added to its weights, several draws per σ.
+
+The noise of each weight tensor is scaled by that tensor's RMS,
+θ' = θ + σ·rms(θ)·ε with ε ~ N(0, I), so σ is a relative perturbation and two
+models with different weight norms are compared fairly (in the spirit of the
+filter normalisation of Li et al., NeurIPS 2018). A wider minimum is a curve
+that rises more slowly.
+
+Compare finished run folders (e.g. Independent and DML) on one plot:
+
+    python -m common.landscape runs/independent runs/dml --out landscape_compare.png
+"""
+import argparse
+import csv
+from pathlib import Path
+
+import torch
+
+from common.losses import cross_entropy
+from common.models import prediction
+
+SIGMAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+
+
+@torch.no_grad()
+def loss_curve(model, loader, fabric, sigmas=SIGMAS, draws=5, seed=0):
+    """[{sigma, loss_mean, loss_std}] of the CE loss on `loader`'s batches (summed over ranks)."""
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    original = [p.detach().clone() for p in params]
+    scales = [p.float().pow(2).mean().sqrt() for p in original]
+    # The same generator on every rank: all replicas get the same noise.
+    generator = torch.Generator(fabric.device).manual_seed(seed)
+    rows = []
+    for sigma in sigmas:
+        losses = []
+        for _ in range(draws if sigma > 0 else 1):
+            for p, p0, scale in zip(params, original, scales):
+                noise = torch.randn(p.shape, device=p.device, generator=generator)
+                p.copy_(p0 + sigma * scale * noise)
+            total = torch.zeros(2, device=fabric.device)
+            for images, labels in loader.epoch():
+                logits = prediction(model(images)).float()
+                total[0] += cross_entropy(logits, labels) * len(labels)
+                total[1] += len(labels)
+            total = fabric.all_reduce(total, reduce_op="sum")
+            losses.append((total[0] / total[1]).item())
+        losses = torch.tensor(losses)
+        rows.append({"sigma": sigma, "loss_mean": losses.mean().item(),
+                     "loss_std": losses.std().item() if len(losses) > 1 else 0.0})
+    for p, p0 in zip(params, original):
+        p.copy_(p0)
+    return rows
+
+
+def write_csv(path, curves):
+    """`curves` maps a label (student) to its rows."""
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["student", "sigma", "loss_mean", "loss_std"])
+        for label, rows in curves.items():
+            for row in rows:
+                writer.writerow([label, row["sigma"], row["loss_mean"], row["loss_std"]])
+
+
+def read_csv(path):
+    curves = {}
+    with open(path) as file:
+        for row in csv.DictReader(file):
+            curves.setdefault(row["student"], []).append({k: float(row[k]) for k in ("sigma", "loss_mean", "loss_std")})
+    return curves
+
+
+def plot(path, curves):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, rows in curves.items():
+        sigma = [r["sigma"] for r in rows]
+        mean = torch.tensor([r["loss_mean"] for r in rows])
+        std = torch.tensor([r["loss_std"] for r in rows])
+        ax.plot(sigma, mean, marker="o", label=label)
+        ax.fill_between(sigma, mean - std, mean + std, alpha=0.2)
+    ax.set(xlabel="noise scale σ (relative to each tensor's RMS)", ylabel="training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def compare(folders, out):
+    """Draw the landscape curves of several run folders on one plot."""
+    curves = {}
+    for folder in map(Path, folders):
+        if not (folder / "landscape.csv").is_file():
+            raise SystemExit(f"error: {folder} has no landscape.csv (train it with --landscape)")
+        mode = ""
+        if (folder / "args.json").is_file():
+            import json
+            mode = json.loads((folder / "args.json").read_text()).get("mode", "")
+        for student, rows in read_csv(folder / "landscape.csv").items():
+            curves[f"{folder.name} {mode} {student}".replace("  ", " ")] = rows
+    plot(out, curves)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Plot the loss landscapes of finished run folders together.")
+    parser.add_argument("folders", nargs="+", help="run folders trained with --landscape")
+    parser.add_argument("--out", default="landscape_compare.png", help="the PNG to write")
+    args = parser.parse_args()
+    compare(args.folders, args.out)

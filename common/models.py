@@ -1,0 +1,148 @@
+"""Models by name: timm ViTs and DeiTs, CIFAR ResNets, and any other timm model.
+
+Nothing is downloaded: weights start random unless `pretrained` names a local file.
+A DeiT (`deit_*`) has a distillation token and returns `(class_logits,
+distill_logits)` in training; in eval mode it returns their average, which is
+the model's prediction (DeiT, section 5).
+"""
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.run import UserError
+
+# alias -> (timm name, overrides). The `mini`/`micro` sizes are for quick CPU runs.
+VIT_ALIASES = {
+    "vit_micro": ("vit_tiny_patch16_224", dict(embed_dim=64, depth=4, num_heads=2)),
+    "vit_mini": ("vit_tiny_patch16_224", dict(embed_dim=128, depth=6, num_heads=4)),
+    "vit_tiny": ("vit_tiny_patch16_224", {}),
+    "vit_small": ("vit_small_patch16_224", {}),
+    "vit_base": ("vit_base_patch16_224", {}),
+    "deit_micro": ("deit_tiny_distilled_patch16_224", dict(embed_dim=64, depth=4, num_heads=2)),
+    "deit_mini": ("deit_tiny_distilled_patch16_224", dict(embed_dim=128, depth=6, num_heads=4)),
+    "deit_tiny": ("deit_tiny_distilled_patch16_224", {}),
+    "deit_small": ("deit_small_distilled_patch16_224", {}),
+    "deit_base": ("deit_base_distilled_patch16_224", {}),
+}
+CIFAR_RESNET_DEPTHS = (8, 14, 20, 26, 32, 44, 56, 110)
+ALIASES = list(VIT_ALIASES) + [f"resnet{d}" for d in CIFAR_RESNET_DEPTHS]
+
+
+def create_model(name, num_classes, img_size, patch_size=None, drop_path=0.0, pretrained=None):
+    """A model by alias (see ALIASES) or timm name, for `img_size` inputs.
+
+    ViT patch size follows the image size (4 up to 64 pixels, else 16) unless given.
+    """
+    if name in VIT_ALIASES:
+        timm_name, overrides = VIT_ALIASES[name]
+        patch_size = patch_size or (4 if img_size <= 64 else 16)
+        model = timm.create_model(timm_name, num_classes=num_classes, img_size=img_size, patch_size=patch_size,
+                                  drop_path_rate=drop_path, **overrides)
+        if hasattr(model, "set_distilled_training"):
+            model.set_distilled_training(True)  # else timm averages both heads in training too
+    elif name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) in CIFAR_RESNET_DEPTHS:
+        model = CifarResNet(int(name[6:]), num_classes)
+    elif timm.is_model(name):
+        try:
+            model = timm.create_model(name, num_classes=num_classes, img_size=img_size, drop_path_rate=drop_path)
+        except TypeError:  # CNNs take no img_size
+            model = timm.create_model(name, num_classes=num_classes, drop_path_rate=drop_path)
+    else:
+        raise UserError(f"unknown model {name!r}: use one of {', '.join(ALIASES)} or a timm model name")
+    if pretrained:
+        load_weights(model, pretrained, strict=False)
+    return model
+
+
+def load_weights(model, path, strict=True):
+    """Load a state dict from a `.pth`/`.safetensors` file or a run folder's checkpoint.
+
+    With strict=False, tensors whose shape does not fit (a new classifier head,
+    another resolution) are left at their initial values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise UserError(f"cannot read weights {path}: {type(error).__name__}") from None
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    own = model.state_dict()
+    if not strict:
+        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError as error:
+        first = str(error).split("\n\t")[1] if "\n\t" in str(error) else str(error)
+        raise UserError(f"weights {path} do not fit {type(model).__name__}: {first.strip()}") from None
+
+
+def has_distillation_token(model):
+    return getattr(model, "dist_token", None) is not None
+
+
+def split_heads(output):
+    """(class_logits, distill_logits); a model with one head uses it for both."""
+    return output if isinstance(output, tuple) else (output, output)
+
+
+def prediction(output):
+    """The model's prediction: for a DeiT in training, the average of its two heads."""
+    class_logits, distill_logits = split_heads(output)
+    return (class_logits + distill_logits) / 2 if isinstance(output, tuple) else output
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --- CIFAR ResNets (He et al., CVPR 2016, section 4.2): 6n+2 layers, 16/32/64 channels ---
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels, channels, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != channels:  # projection shortcut (option B)
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
+                                          nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth, num_classes):
+        super().__init__()
+        blocks = (depth - 2) // 6
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        layers, in_channels = [], 16
+        for stage, channels in enumerate((16, 32, 64)):
+            for b in range(blocks):
+                layers.append(BasicBlock(in_channels, channels, 2 if stage > 0 and b == 0 else 1))
+                in_channels = channels
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

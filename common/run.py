@@ -1,0 +1,149 @@
+"""Run folders, checkpoints and the one-line error every script ends with on bad input.
+
+A run folder holds `args.json`, `metrics.csv`, `results.json`, `last.ckpt`,
+`best.ckpt` and plots. Checkpoints are written to a temporary file and renamed,
+so a kill at any moment leaves the last good one.
+"""
+import csv
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from lightning_fabric import Fabric
+from lightning_fabric.connector import _is_using_cli
+
+
+class UserError(Exception):
+    """Bad input: the scripts print its message as one line and exit with status 2."""
+
+
+def exit_on_user_error(main, args):
+    """Run `main(args)`; a UserError becomes one line on stderr and exit status 2."""
+    try:
+        main(args)
+    except UserError as error:
+        # A UserError raised in a DataLoader worker arrives wrapped with its
+        # traceback; its last line is the message.
+        message = str(error).strip().splitlines()[-1]
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def default_precision():
+    """bf16-mixed where the hardware computes in bf16 natively, else full precision."""
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "32-true"
+    return "bf16-mixed" if " avx512_bf16" in flags or " amx_bf16" in flags else "32-true"
+
+
+def make_fabric():
+    """A launched Fabric. Devices, strategy and precision come from `fabric run`
+    flags when given; plain `python script.py` runs on one device with
+    `default_precision()`."""
+    precision = None if "LT_PRECISION" in os.environ else default_precision()
+    fabric = Fabric(precision=precision)
+    if not _is_using_cli():  # under `fabric run` the processes exist already
+        fabric.launch()
+    return fabric
+
+
+def finish(fabric):
+    """End cleanly: two-process CPU DDP can abort at exit without this."""
+    fabric.barrier()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def require_positive(**values):
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def prepare_run_folder(out, resume, overwrite, is_rank_zero):
+    """Refuse a non-empty folder unless resuming or overwriting; return the folder."""
+    out = Path(out)
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    exists = out.is_dir() and any(out.iterdir())
+    if resume and not (out / "last.ckpt").is_file():
+        raise UserError(f"--resume: no checkpoint {out / 'last.ckpt'} to resume from")
+    if exists and not (resume or overwrite):
+        raise UserError(f"run folder {out} exists and is not empty: pass --resume or --overwrite, or another --out")
+    if is_rank_zero:
+        if exists and overwrite:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def save_checkpoint(fabric, path, state):
+    """Write through a temporary file and rename: never a half-written checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fabric.save(tmp, state)
+    if fabric.is_global_zero:
+        os.replace(tmp, path)
+    fabric.barrier()
+
+
+def load_checkpoint(fabric, path, state, expect):
+    """Load `path` into `state` in place; `expect` maps keys of the saved args that must match."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise UserError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
+    if not isinstance(raw, dict) or "args" not in raw:
+        raise UserError(f"{path} is not a checkpoint of this project")
+    for key, value in expect.items():
+        if raw["args"].get(key) != value:
+            raise UserError(f"cannot resume {path}: it was made with {key}={raw['args'].get(key)}, not {value}")
+    try:  # read a second time, now by Fabric, into the (possibly distributed) modules
+        remainder = fabric.load(path, state)
+    except Exception as error:
+        raise UserError(f"checkpoint {path} does not fit this run: {type(error).__name__}: {error}") from None
+    return remainder
+
+
+def write_json(path, data):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def write_csv(path, rows):
+    """Rewrite the whole table each time (rows are dicts with the same keys)."""
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def plot_curves(path, rows, names):
+    """Training loss and test top-1 against the epoch, one line per student and the ensemble."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in rows]
+    fig, (ax_loss, ax_top1) = plt.subplots(1, 2, figsize=(10, 4))
+    for k, name in enumerate(names):
+        ax_loss.plot(epochs, [row[f"loss_{k}"] for row in rows], label=f"{k}: {name}")
+        ax_top1.plot(epochs, [row[f"top1_{k}"] for row in rows], label=f"{k}: {name}")
+    if "top1_ensemble" in rows[0]:
+        ax_top1.plot(epochs, [row["top1_ensemble"] for row in rows], "k--", label="ensemble")
+    ax_loss.set(xlabel="epoch", ylabel="training loss")
+    ax_top1.set(xlabel="epoch", ylabel="test top-1 (%)")
+    ax_top1.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

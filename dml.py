@@ -1,0 +1,266 @@
+"""Deep Mutual Learning of K vision transformers (and CNNs), with its Independent baseline.
+
+Zhang et al., "Deep Mutual Learning", CVPR 2018; for ViTs, seed 000. K >= 2
+students see the same batch; student k minimises (eq. 1-2)
+
+    L_k = CE(p_k, y) + 1/(K-1) · Σ_{j≠k} KL(p_j ‖ p_k)
+
+with the peers' p_j detached, and each student has its own optimizer. All
+students are updated on the same batch at once (the peers' predictions of this
+step, not of a peer already updated in this step). `--mode independent` trains
+the same students with CE only: with the same `--seed` both modes start from the
+same weights and see the same data in the same order.
+
+DeiT students (`deit_*`, seed 000's "DML (DeiT)" row): the CE goes to the
+class-token head and the KL to the distillation-token head, towards each
+peer's prediction (a DeiT peer's prediction is its inference output, the average
+of its two heads). In `independent` mode a DeiT has no peer to mimic, so both of
+its heads learn from the label (their CEs averaged), as a DeiT without teacher.
+
+Recipe (seed 000): AdamW, weight decay 0.05, cosine schedule with 5 warm-up
+epochs, batch 512, 300 epochs, label smoothing 0.1, drop-path 0.1. The learning
+rate: the seed writes a maximum of 0.005; DeiT's rule gives 5e-4 × batch/512.
+On cifar10-mini (vit_mini × 2, 30 epochs, batch 128) 0.005 scaled to the
+batch ... TODO
+
+    python dml.py                                             # vit_tiny × 2 on cifar10-mini
+    fabric run dml.py --students vit_tiny vit_small
+    fabric run --devices 2 dml.py --students vit_tiny vit_tiny --mode independent
+    fabric run --accelerator cuda --devices 8 --precision bf16-mixed dml.py \\
+        --dataset imagefolder --data-dir /data/imagenet --students deit_tiny deit_tiny
+
+Expect (seed 000, ImageNet, Tiny/Tiny): Independent 65.8, DML (ViT) 71.6/71.8,
+DML (DeiT) 69.1/69.2 top-1.
+"""
+import argparse
+import time
+from datetime import datetime
+
+import torch
+from timm.scheduler import CosineLRScheduler
+from tqdm import tqdm
+
+from common.data import DATASETS, load_dataset, make_loader
+from common.landscape import loss_curve, plot as plot_landscape, write_csv as write_landscape_csv
+from common.losses import cross_entropy, dml_loss
+from common.models import count_parameters, create_model, has_distillation_token, prediction, split_heads
+from common.run import (UserError, exit_on_user_error, finish, load_checkpoint, make_fabric, plot_curves,
+                        prepare_run_folder, require_positive, save_checkpoint, write_csv, write_json)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--students", nargs="+", default=["vit_tiny", "vit_tiny"],
+                        help="K >= 2 models: vit_*, deit_*, resnet<depth> or any timm name")
+    parser.add_argument("--mode", choices=["dml", "independent"], default="dml",
+                        help="dml: CE + KL to the peers; independent: CE only (the baseline)")
+    parser.add_argument("--dataset", choices=DATASETS, default="cifar10-mini", help="the data set")
+    parser.add_argument("--data-dir", help="where cifar10/cifar100/imagefolder data is")
+    parser.add_argument("--img-size", type=int, help="training resolution (default: 32 for CIFAR, 224 for ImageFolder)")
+    parser.add_argument("--patch-size", type=int, help="ViT patch size (default: 4 up to 64 pixels, else 16)")
+    parser.add_argument("--train-subset", type=int, help="train on a class-balanced subset of this many images")
+    parser.add_argument("--epochs", type=int, default=300, help="training epochs")
+    parser.add_argument("--batch-size", type=int, default=512, help="batch size over all devices")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate for batch 512 (scaled by batch/512)")
+    parser.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    parser.add_argument("--warmup-epochs", type=float, default=5, help="linear warm-up (at most a fifth of the run)")
+    parser.add_argument("--smoothing", type=float, default=0.1, help="label smoothing of the CE")
+    parser.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the ViTs")
+    parser.add_argument("--pretrained", nargs="+", help="local weights file(s): one for all students or one each")
+    parser.add_argument("--compile", action="store_true", help="wrap the students in torch.compile")
+    parser.add_argument("--landscape", action="store_true", help="after training, write each student's loss landscape")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
+    parser.add_argument("--out", help="run folder (default: runs/dml/<date-time>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.ckpt")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    if len(args.students) < 2:
+        raise UserError(f"DML needs at least two students, got --students {' '.join(args.students)}")
+    require_positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size,
+                     patch_size=args.patch_size)
+    if args.pretrained and len(args.pretrained) not in (1, len(args.students)):
+        raise UserError(f"--pretrained takes one file or one per student ({len(args.students)})")
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out, the run folder to continue")
+
+
+# --- training and evaluation -------------------------------------------------
+
+
+def train_step(students, optimizers, images, labels, args):
+    """One DML (or Independent) step for all students; returns the (K, 2) tensor of CE and KL."""
+    outputs = [student(images) for student in students]
+    predictions = [prediction(output).detach() for output in outputs]  # the peers' targets
+    terms = []
+    for k, output in enumerate(outputs):
+        class_logits, mimic_logits = split_heads(output)
+        if args.mode == "dml":
+            peers = predictions[:k] + predictions[k + 1:]
+            ce, kl = dml_loss(class_logits, mimic_logits, peers, labels, args.smoothing)
+        else:
+            heads = output if isinstance(output, tuple) else (output,)
+            ce = sum(cross_entropy(head, labels, args.smoothing) for head in heads) / len(heads)
+            kl = torch.zeros_like(ce)
+        terms.append(torch.stack([ce, kl]))
+    terms = torch.stack(terms)
+    # One backward for all: each L_k reaches only student k, the peers being detached.
+    return terms
+
+
+@torch.no_grad()
+def evaluate(students, loader, fabric):
+    """Top-1 and top-5 (%) of each student and of the ensemble (the mean of their logits)."""
+    for student in students:
+        student.eval()
+    correct = torch.zeros(len(students) + 1, 2, device=fabric.device)
+    seen = torch.zeros((), device=fabric.device)
+    for images, labels in loader.epoch():
+        logits = [prediction(student(images)).float() for student in students]
+        logits.append(torch.stack(logits).mean(0))
+        for i, scores in enumerate(logits):
+            top = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]
+            correct[i] += torch.stack([top[:, 0].sum(), top.any(1).sum()])
+        seen += len(labels)
+    return (100 * fabric.all_reduce(correct, reduce_op="sum") / fabric.all_reduce(seen, reduce_op="sum")).tolist()
+
+
+def main(args):
+    check_args(args)
+    fabric = make_fabric()
+    fabric.seed_everything(args.seed)
+    args.out = args.out or f"runs/dml/{datetime.now():%Y%m%d-%H%M%S}"
+    out = prepare_run_folder(args.out, args.resume, args.overwrite, fabric.is_global_zero)
+
+    data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
+    args.img_size = data["img_size"]
+    per_device_batch = max(1, args.batch_size // fabric.world_size)
+    train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed)
+    test_loader = make_loader(data, "test", per_device_batch, fabric)
+
+    students, optimizers, schedulers = [], [], []
+    steps_per_epoch = len(train_loader)
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = int(min(args.warmup_epochs, args.epochs / 5) * steps_per_epoch)
+    lr = args.lr * args.batch_size / 512
+    for k, name in enumerate(args.students):
+        pretrained = args.pretrained and args.pretrained[k % len(args.pretrained)]
+        model = create_model(name, len(data["classes"]), args.img_size, args.patch_size, args.drop_path, pretrained)
+        if args.compile:
+            model = torch.compile(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+        model, optimizer = fabric.setup(model, optimizer)
+        students.append(model)
+        optimizers.append(optimizer)
+        schedulers.append(CosineLRScheduler(optimizer, t_initial=total_steps - warmup_steps, lr_min=args.min_lr,
+                                            warmup_t=warmup_steps, warmup_lr_init=lr / 100, warmup_prefix=True,
+                                            t_in_epochs=False))
+
+    state = {f"student{k}": s for k, s in enumerate(students)}
+    state.update({f"optimizer{k}": o for k, o in enumerate(optimizers)})
+    state.update(epoch=0, history=[], best_top1=-1.0, args=vars(args))
+    if args.resume:
+        load_checkpoint(fabric, out / "last.ckpt", state,
+                        expect={"students": args.students, "dataset": args.dataset, "img_size": args.img_size,
+                                "train_subset": args.train_subset, "mode": args.mode})
+        fabric.print(f"resuming {out} at epoch {state['epoch']}")
+    elif fabric.is_global_zero:
+        write_json(out / "args.json", vars(args))
+    state["args"] = vars(args)
+
+    K = len(students)
+    start = time.perf_counter()
+    for epoch in range(state["epoch"], args.epochs):
+        torch.manual_seed(args.seed * 1000 + epoch)  # drop-path: the same draws after a resume
+        for student in students:
+            student.train()
+        sums = torch.zeros(K, 2, device=fabric.device)
+        images_seen, train_time = 0, 0.0
+        bar = tqdm(train_loader.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
+                   disable=not fabric.is_global_zero, leave=False)
+        tick = time.perf_counter()
+        for step, (images, labels) in enumerate(bar):
+            global_step = epoch * steps_per_epoch + step
+            for scheduler in schedulers:
+                scheduler.step_update(global_step)
+            terms = train_step(students, optimizers, images, labels, args)
+            loss = terms.sum()
+            if not torch.isfinite(loss):
+                raise UserError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: stopped; "
+                                f"the last good checkpoint is {out / 'last.ckpt'}")
+            fabric.backward(loss)
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            sums += terms.detach()
+            images_seen += len(labels) * fabric.world_size
+            train_time = time.perf_counter() - tick
+            bar.set_postfix(loss=f"{loss.item() / K:.3f}", img_s=f"{images_seen / train_time:.0f}")
+
+        accuracy = evaluate(students, test_loader, fabric)
+        mean_terms = (fabric.all_reduce(sums, reduce_op="mean") / steps_per_epoch).tolist()
+        row = {"epoch": epoch + 1, "lr": optimizers[0].param_groups[0]["lr"]}
+        for k in range(K):
+            ce, kl = mean_terms[k]
+            row.update({f"loss_{k}": ce + kl, f"ce_{k}": ce, f"kl_{k}": kl})
+        row.update({f"top1_{k}": accuracy[k][0] for k in range(K)})
+        row.update(top1_ensemble=accuracy[K][0], img_per_s=images_seen / train_time)
+        fabric.print(f"epoch {epoch + 1}: " + " ".join(f"{k}={row[f'top1_{k}']:.2f}" for k in range(K))
+                     + f" ensemble={accuracy[K][0]:.2f} loss={sum(row[f'loss_{k}'] for k in range(K)) / K:.3f}"
+                     f" {row['img_per_s']:.0f} img/s")
+
+        state["history"].append(row)
+        state["epoch"] = epoch + 1
+        is_best = accuracy[K][0] > state["best_top1"]
+        state["best_top1"] = max(state["best_top1"], accuracy[K][0])
+        save_checkpoint(fabric, out / "last.ckpt", state)
+        if is_best:
+            save_checkpoint(fabric, out / "best.ckpt", state)
+        if fabric.is_global_zero:
+            write_csv(out / "metrics.csv", state["history"])
+            plot_curves(out / "curves.png", state["history"], args.students)
+
+    # --- results ------------------------------------------------------------
+    accuracy = evaluate(students, test_loader, fabric)
+    last = state["history"][-1]
+    results = {
+        "method": "dml", "mode": args.mode, "dataset": args.dataset, "epochs": args.epochs, "seed": args.seed,
+        "students": [{"name": name, "params": count_parameters(student), "top1": accuracy[k][0],
+                      "top5": accuracy[k][1], "distillation_token": has_distillation_token(student)}
+                     for k, (name, student) in enumerate(zip(args.students, students))],
+        "ensemble_top1": accuracy[K][0], "ensemble_top5": accuracy[K][1],
+        "train_img_per_s": last["img_per_s"], "wall_s": time.perf_counter() - start,
+        "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
+    }
+    if args.landscape:
+        landscape_data = load_dataset(args.dataset, args.data_dir, args.img_size, min(1000, len(data["train"][1])),
+                                      seed=args.seed)
+        landscape_loader = make_loader({**landscape_data, "test": landscape_data["train"]}, "test",
+                                       per_device_batch, fabric)
+        curves = {f"{k}:{name}": loss_curve(student, landscape_loader, fabric, seed=args.seed)
+                  for k, (name, student) in enumerate(zip(args.students, students))}
+        if fabric.is_global_zero:
+            write_landscape_csv(out / "landscape.csv", curves)
+            plot_landscape(out / "landscape.png", curves)
+    if fabric.is_global_zero:
+        write_json(out / "results.json", results)
+        print_summary(results, out)
+    finish(fabric)
+
+
+def print_summary(results, out):
+    print(f"\n{results['mode']} on {results['dataset']}, {results['epochs']} epochs -> {out}")
+    print(f"{'student':<20}{'params':>10}{'top-1':>8}{'top-5':>8}")
+    for k, student in enumerate(results["students"]):
+        print(f"{f'{k}: ' + student['name']:<20}{student['params'] / 1e6:>9.2f}M"
+              f"{student['top1']:>8.2f}{student['top5']:>8.2f}")
+    print(f"{'ensemble':<20}{'':>10}{results['ensemble_top1']:>8.2f}{results['ensemble_top5']:>8.2f}")
+    print(f"train {results['train_img_per_s']:.0f} img/s, wall {results['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main, parse_args())
