@@ -162,7 +162,7 @@ def main(args):
 
     state = {f"student{k}": s for k, s in enumerate(students)}
     state.update({f"optimizer{k}": o for k, o in enumerate(optimizers)})
-    state.update(epoch=0, history=[], best_top1=-1.0, args=vars(args))
+    state.update(epoch=0, history=[], best_top1=-1.0, wall_s=0.0, args=vars(args))
     if args.resume:
         load_checkpoint(fabric, out / "last.ckpt", state,
                         expect={"students": args.students, "dataset": args.dataset, "img_size": args.img_size,
@@ -173,7 +173,7 @@ def main(args):
     state["args"] = vars(args)
 
     K = len(students)
-    start = time.perf_counter()
+    accuracy = None
     for epoch in range(state["epoch"], args.epochs):
         torch.manual_seed(args.seed * 1000 + epoch)  # drop-path: the same draws after a resume
         for student in students:
@@ -182,7 +182,7 @@ def main(args):
         images_seen, train_time = 0, 0.0
         bar = tqdm(train_loader.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
                    disable=not fabric.is_global_zero, leave=False)
-        tick = time.perf_counter()
+        tick = epoch_start = time.perf_counter()
         for step, (images, labels) in enumerate(bar):
             global_step = epoch * steps_per_epoch + step
             for scheduler in schedulers:
@@ -215,6 +215,7 @@ def main(args):
 
         state["history"].append(row)
         state["epoch"] = epoch + 1
+        state["wall_s"] += time.perf_counter() - epoch_start
         is_best = accuracy[K][0] > state["best_top1"]
         state["best_top1"] = max(state["best_top1"], accuracy[K][0])
         save_checkpoint(fabric, out / "last.ckpt", state)
@@ -225,7 +226,8 @@ def main(args):
             plot_curves(out / "curves.png", state["history"], args.students)
 
     # --- results ------------------------------------------------------------
-    accuracy = evaluate(students, test_loader, fabric)
+    if accuracy is None:  # resumed a finished run
+        accuracy = evaluate(students, test_loader, fabric)
     last = state["history"][-1]
     results = {
         "method": "dml", "mode": args.mode, "dataset": args.dataset, "epochs": args.epochs, "seed": args.seed,
@@ -233,7 +235,7 @@ def main(args):
                       "top5": accuracy[k][1], "distillation_token": has_distillation_token(student)}
                      for k, (name, student) in enumerate(zip(args.students, students))],
         "ensemble_top1": accuracy[K][0], "ensemble_top5": accuracy[K][1],
-        "train_img_per_s": last["img_per_s"], "wall_s": time.perf_counter() - start,
+        "train_img_per_s": last["img_per_s"], "wall_s": state["wall_s"],
         "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
     }
     if args.landscape:

@@ -11,8 +11,8 @@ Training augmentation: for CIFAR-sized images (side <= 64) random crop with
 padding + horizontal flip; for larger ones random resized crop + flip. Under
 DDP each rank takes its own shard of the same seeded permutation.
 """
-import io
 import math
+import os
 import zipfile
 from pathlib import Path
 
@@ -99,6 +99,8 @@ def build_cifar10_mini(zip_path, out_path=MINI_PATH, train_per_class=500, test_p
 
 
 def _load_mini():
+    import warnings
+
     from torchvision.io import decode_jpeg
 
     stored = np.load(MINI_PATH)
@@ -106,7 +108,10 @@ def _load_mini():
     for split in ("train", "test"):
         blob, offsets = torch.from_numpy(stored[f"{split}_jpeg"]), stored[f"{split}_offsets"]
         jpegs = [blob[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-        data[split] = (torch.stack(decode_jpeg(jpegs)), torch.from_numpy(stored[f"{split}_labels"]))
+        with warnings.catch_warnings():  # deprecated in torchvision 0.29, and still the fastest decoder here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            images = torch.stack(decode_jpeg(jpegs))
+        data[split] = (images, torch.from_numpy(stored[f"{split}_labels"]))
     return data
 
 
@@ -308,7 +313,7 @@ class _TransformFiles(torch.utils.data.Dataset):
 class StreamLoader:
     """A data set too large for memory, read by DataLoader workers with timm's transforms."""
 
-    def __init__(self, split, data, batch_size, device, train, seed=0, rank=0, world_size=1, workers=8):
+    def __init__(self, split, data, batch_size, device, train, seed=0, rank=0, world_size=1):
         from timm.data import create_transform
 
         paths, labels = split
@@ -317,8 +322,10 @@ class StreamLoader:
         dataset = _TransformFiles(paths, labels, transform)
         self.sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train)
+        workers = min(8, os.cpu_count() or 1)
         self.loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=self.sampler, num_workers=workers,
-                                                  pin_memory=True, drop_last=train, persistent_workers=True)
+                                                  pin_memory=device.type == "cuda", drop_last=train,
+                                                  persistent_workers=True)
         self.device = device
 
     def __len__(self):

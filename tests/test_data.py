@@ -1,0 +1,139 @@
+import pytest
+import torch
+from PIL import Image
+
+import common.data as data_module
+from common.data import DeviceLoader, augment, load_dataset, make_loader
+from common.run import UserError
+
+
+class FakeFabric:
+    def __init__(self, rank=0, world_size=1):
+        self.device, self.global_rank, self.world_size = torch.device("cpu"), rank, world_size
+
+
+def test_embedded_dataset():
+    data = load_dataset("cifar10-mini")
+    images, labels = data["train"]
+    assert images.shape == (5000, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.dtype == torch.int64 and torch.bincount(labels).tolist() == [500] * 10
+    assert data["test"][0].shape == (1000, 3, 32, 32)
+    assert len(data["classes"]) == 10 and data["img_size"] == 32
+    assert 100 < images.float().mean() < 150  # real photos, not blank
+
+
+def test_train_subset_is_class_balanced_and_seeded():
+    a = load_dataset("cifar10-mini", train_subset=250, seed=1)
+    b = load_dataset("cifar10-mini", train_subset=250, seed=1)
+    c = load_dataset("cifar10-mini", train_subset=250, seed=2)
+    assert torch.bincount(a["train"][1]).tolist() == [25] * 10
+    assert torch.equal(a["train"][0], b["train"][0])
+    assert not torch.equal(a["train"][0], c["train"][0])
+    with pytest.raises(UserError, match="train-subset"):
+        load_dataset("cifar10-mini", train_subset=0)
+
+
+def test_order_depends_on_seed_and_epoch_only():
+    data = load_dataset("cifar10-mini", train_subset=200)
+    first = make_loader(data, "train", 32, FakeFabric(), seed=3)
+    second = make_loader(data, "train", 32, FakeFabric(), seed=3)
+    assert torch.equal(first.indices(0), second.indices(0))
+    assert not torch.equal(first.indices(0), first.indices(1))
+    batches_a = [labels for _, labels in first.epoch(0)]
+    batches_b = [labels for _, labels in second.epoch(0)]
+    assert all(torch.equal(x, y) for x, y in zip(batches_a, batches_b))
+    images, labels = next(first.epoch(0))
+    assert images.shape == (32, 3, 32, 32) and images.dtype == torch.float32
+    assert -3 < images.mean() < 3  # normalised
+
+
+def test_ranks_get_disjoint_shards():
+    data = load_dataset("cifar10-mini", train_subset=100)
+    shards = [make_loader(data, "train", 10, FakeFabric(rank, 2), seed=0).indices(0) for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 50
+    assert len(set(shards[0].tolist()) | set(shards[1].tolist())) == 100
+    tests = [make_loader(data, "test", 10, FakeFabric(rank, 2)).indices(0) for rank in (0, 1)]
+    assert sorted(torch.cat(tests).tolist()) == list(range(1000))
+
+
+def test_crop_with_padding_and_flip():
+    image = torch.arange(8 * 8, dtype=torch.uint8).view(1, 1, 8, 8).expand(64, 3, 8, 8).contiguous()
+    out = augment(image, 8, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(image[0, 0].float(), (1, 1, 1, 1))
+    windows = {padded[y:y + 8, x:x + 8] for y in range(3) for x in range(3)}
+    windows = [w for w in windows] + [w.flip(-1) for w in windows]
+    for sample in out:
+        assert any(torch.equal(sample[0], w) for w in windows)  # a shifted, maybe mirrored window
+    assert len({tuple(s[0].flatten().tolist()) for s in out}) > 5  # and they differ
+
+
+def test_random_resized_crop_for_large_images():
+    images = torch.randint(0, 256, (4, 3, 80, 80), dtype=torch.uint8)
+    out = augment(images, 64, torch.Generator().manual_seed(0))
+    assert out.shape == (4, 3, 64, 64) and out.min() >= 0 and out.max() <= 255
+
+
+def write_folder(root, sizes=((40, 30), (32, 32)), grayscale_every=3):
+    """A small ImageFolder of real CIFAR images, some grayscale, of several sizes."""
+    data = load_dataset("cifar10-mini")
+    for split, source in (("train", data["train"]), ("val", data["test"])):
+        for c in range(3):
+            folder = root / split / data["classes"][c]
+            folder.mkdir(parents=True)
+            picks = torch.nonzero(source[1] == c).flatten()[:6]
+            for i, index in enumerate(picks):
+                image = Image.fromarray(source[0][index].permute(1, 2, 0).numpy())
+                image = image.resize(sizes[i % len(sizes)])
+                if i % grayscale_every == 0:
+                    image = image.convert("L")
+                image.save(folder / f"{i}.jpg")
+    return root
+
+
+def test_image_folder_in_memory(tmp_path):
+    write_folder(tmp_path)
+    data = load_dataset("imagefolder", tmp_path, img_size=32)
+    assert data["train"][0].shape == (18, 3, 32, 32) and data["train"][0].dtype == torch.uint8
+    assert data["test"][0].shape == (18, 3, 32, 32)
+    assert torch.bincount(data["train"][1]).tolist() == [6, 6, 6]
+    assert data["classes"] == ["airplane", "automobile", "bird"]
+    images, labels = next(make_loader(data, "train", 8, FakeFabric(), seed=0).epoch(0))
+    assert images.shape == (8, 3, 32, 32)
+
+
+def test_image_folder_streamed(tmp_path, monkeypatch):
+    write_folder(tmp_path)
+    monkeypatch.setattr(data_module, "IN_MEMORY_BYTES", 0)
+    data = load_dataset("imagefolder", tmp_path, img_size=48)
+    assert data.get("streamed")
+    loader = make_loader(data, "train", 4, FakeFabric(), seed=0)
+    loader.loader.num_workers = 0
+    images, labels = next(loader.epoch(0))
+    assert images.shape == (4, 3, 48, 48) and labels.shape == (4,)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_dataset("imagefolder", tmp_path / "nowhere")
+    with pytest.raises(UserError, match="needs --data-dir"):
+        load_dataset("imagefolder")
+    write_folder(tmp_path)
+    (tmp_path / "train" / "empty_class").mkdir()
+    with pytest.raises(UserError, match="empty_class has no images"):
+        load_dataset("imagefolder", tmp_path, img_size=32)
+    (tmp_path / "train" / "empty_class").rmdir()
+    corrupt = tmp_path / "train" / "bird" / "broken.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    with pytest.raises(UserError, match="broken.jpg"):
+        load_dataset("imagefolder", tmp_path, img_size=32)
+
+
+def test_cifar_offline_and_missing(tmp_path):
+    with pytest.raises(UserError, match="could not be downloaded"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_device_loader_test_split_covers_everything():
+    data = load_dataset("cifar10-mini")
+    loader = DeviceLoader(data["test"], data, 300, torch.device("cpu"), train=False)
+    assert sum(len(labels) for _, labels in loader.epoch()) == 1000 and len(loader) == 4

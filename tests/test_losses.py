@@ -1,0 +1,65 @@
+"""Each loss against numbers computed by hand."""
+import math
+
+import pytest
+import torch
+
+from common.losses import cross_entropy, dml_loss, kl_divergence
+
+
+def test_cross_entropy_by_hand():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    target = torch.tensor([0, 1])
+    # sample 1: -log(e^2 / (e^2 + 1)); sample 2: -log(1/2)
+    expected = (math.log(1 + math.exp(-2)) + math.log(2)) / 2
+    assert cross_entropy(logits, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_label_smoothing_by_hand():
+    logits = torch.tensor([[2.0, 0.0]])
+    log_p = [2 - math.log(math.exp(2) + 1), -math.log(math.exp(2) + 1)]
+    # ε = 0.2 over 2 classes: target (0.9, 0.1)
+    expected = -(0.9 * log_p[0] + 0.1 * log_p[1])
+    assert cross_entropy(logits, torch.tensor([0]), 0.2).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_soft_target_cross_entropy():
+    logits = torch.tensor([[0.0, 0.0]])
+    assert cross_entropy(logits, torch.tensor([[0.3, 0.7]])).item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_kl_is_batchmean():
+    target = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+    logits = torch.log(torch.tensor([[0.25, 0.75], [0.9, 0.1]]))
+    per_sample = [0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75), 0.0]
+    assert kl_divergence(target, logits).item() == pytest.approx(sum(per_sample) / 2, rel=1e-5)
+
+
+def test_dml_loss_averages_the_peers():
+    logits = torch.log(torch.tensor([[0.25, 0.75]]))
+    peer_a = torch.log(torch.tensor([[0.5, 0.5]]))
+    peer_b = torch.log(torch.tensor([[0.25, 0.75]]))  # identical to the student: KL 0
+    ce, kl = dml_loss(logits, logits, [peer_a, peer_b], torch.tensor([1]))
+    kl_a = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert ce.item() == pytest.approx(-math.log(0.75), rel=1e-6)
+    assert kl.item() == pytest.approx(kl_a / 2, rel=1e-5)  # 1/(K-1) Σ, K = 3
+
+
+def test_kl_goes_to_the_mimic_head_only():
+    class_logits = torch.randn(4, 5, requires_grad=True)
+    mimic_logits = torch.randn(4, 5, requires_grad=True)
+    peer = torch.randn(4, 5, requires_grad=True)
+    ce, kl = dml_loss(class_logits, mimic_logits, [peer], torch.tensor([0, 1, 2, 3]))
+    kl.backward()
+    assert class_logits.grad is None and mimic_logits.grad.abs().sum() > 0
+    assert peer.grad is None  # the peer is a detached target
+
+
+def test_no_gradient_into_the_peer():
+    student = torch.nn.Linear(3, 4)
+    peer = torch.nn.Linear(3, 4)
+    x = torch.randn(8, 3)
+    ce, kl = dml_loss(student(x), student(x), [peer(x)], torch.randint(0, 4, (8,)))
+    (ce + kl).backward()
+    assert all(p.grad is None for p in peer.parameters())
+    assert all(p.grad.abs().sum() > 0 for p in student.parameters())

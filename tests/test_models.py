@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from common.models import (ALIASES, CifarResNet, count_parameters, create_model, load_weights, prediction,
+                           split_heads)
+from common.run import UserError
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_every_alias_trains(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, img_size=32)
+    model.train()
+    output = model(torch.randn(2, 3, 32, 32))
+    if name.startswith("deit"):
+        assert isinstance(output, tuple) and len(output) == 2  # both heads in training
+    class_logits, distill_logits = split_heads(output)
+    assert class_logits.shape == (2, 10)
+    loss = class_logits.logsumexp(1).sum() + distill_logits.logsumexp(1).sum()
+    loss.backward()
+    assert torch.isfinite(loss)
+    for param_name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), param_name
+
+
+def test_deit_predicts_the_average_of_its_heads():
+    model = create_model("deit_micro", 10, 32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        expected = (model.head(features[:, 0]) + model.head_dist(features[:, 1])) / 2
+        assert torch.allclose(model(x), expected, atol=1e-5)
+    pair = (torch.ones(1, 2), 3 * torch.ones(1, 2))
+    assert torch.equal(prediction(pair), 2 * torch.ones(1, 2))
+
+
+def test_patch_size_follows_image_size():
+    assert create_model("vit_micro", 10, 32).patch_embed.patch_size == (4, 4)
+    assert create_model("vit_micro", 10, 224).patch_embed.patch_size == (16, 16)
+    assert create_model("vit_micro", 10, 32, patch_size=8).patch_embed.patch_size == (8, 8)
+
+
+def test_resnet_depth_and_parameters_grow():
+    counts = [count_parameters(CifarResNet(d, 10)) for d in (8, 20, 56, 110)]
+    assert counts == sorted(counts) and len(set(counts)) == 4
+    # resnet20 of He et al. has 0.27M parameters
+    assert 0.26e6 < counts[1] < 0.29e6
+
+
+def test_unknown_model_lists_the_aliases():
+    with pytest.raises(UserError, match="vit_tiny.*resnet110"):
+        create_model("vit_gigantic_typo", 10, 32)
+
+
+def test_any_timm_model():
+    model = create_model("resnet18", 7, 64)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+
+
+def test_load_weights_roundtrip_and_mismatch(tmp_path):
+    source = create_model("resnet8", 10, 32)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "w.pth")
+    target = create_model("resnet8", 10, 32)
+    load_weights(target, tmp_path / "w.pth")
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+    with pytest.raises(UserError, match="do not fit"):
+        load_weights(create_model("resnet14", 10, 32), tmp_path / "w.pth")
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot read"):
+        load_weights(target, tmp_path / "bad.pth")
+    # --pretrained: a new head (100 classes) keeps its fresh init, the rest loads
+    other = create_model("resnet8", 100, 32, pretrained=tmp_path / "w.pth")
+    assert torch.equal(other.stem[0].weight, source.stem[0].weight)
