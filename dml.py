@@ -18,10 +18,13 @@ of its two heads). In `independent` mode a DeiT has no peer to mimic, so both of
 its heads learn from the label (their CEs averaged), as a DeiT without teacher.
 
 Recipe (seed 000): AdamW, weight decay 0.05, cosine schedule with 5 warm-up
-epochs, batch 512, 300 epochs, label smoothing 0.1, drop-path 0.1. The learning
-rate: the seed writes a maximum of 0.005; DeiT's rule gives 5e-4 × batch/512.
-On cifar10-mini (vit_mini × 2, 30 epochs, batch 128) 0.005 scaled to the
-batch ... TODO
+epochs, batch 512, 300 epochs; label smoothing 0.1 and drop-path 0.1 as in
+DeiT. The learning rate is `--lr` × batch/512. The seed writes a maximum of
+0.005, DeiT's rule gives 5e-4. On cifar10-mini (vit_micro × 2, 2,500 images,
+batch 128, 15 epochs) both trained stably and 0.005 learned faster (top-1
+35.3/35.5 against 28.6/29.0); vit_tiny × 2 was stable with both (4 epochs).
+So the default is the seed's 0.005; for long ImageNet runs without gradient
+clipping, DeiT's `--lr 5e-4` is the safer choice.
 
     python dml.py                                             # vit_tiny × 2 on cifar10-mini
     fabric run dml.py --students vit_tiny vit_small
@@ -62,7 +65,7 @@ def parse_args(argv=None):
     parser.add_argument("--train-subset", type=int, help="train on a class-balanced subset of this many images")
     parser.add_argument("--epochs", type=int, default=300, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=512, help="batch size over all devices")
-    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate for batch 512 (scaled by batch/512)")
+    parser.add_argument("--lr", type=float, default=5e-3, help="peak learning rate for batch 512 (scaled by batch/512)")
     parser.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     parser.add_argument("--warmup-epochs", type=float, default=5, help="linear warm-up (at most a fifth of the run)")
@@ -92,8 +95,8 @@ def check_args(args):
 # --- training and evaluation -------------------------------------------------
 
 
-def train_step(students, optimizers, images, labels, args):
-    """One DML (or Independent) step for all students; returns the (K, 2) tensor of CE and KL."""
+def student_losses(students, images, labels, args):
+    """Each student's CE and KL on one batch, as a (K, 2) tensor (KL = 0 in independent mode)."""
     outputs = [student(images) for student in students]
     predictions = [prediction(output).detach() for output in outputs]  # the peers' targets
     terms = []
@@ -107,9 +110,7 @@ def train_step(students, optimizers, images, labels, args):
             ce = sum(cross_entropy(head, labels, args.smoothing) for head in heads) / len(heads)
             kl = torch.zeros_like(ce)
         terms.append(torch.stack([ce, kl]))
-    terms = torch.stack(terms)
-    # One backward for all: each L_k reaches only student k, the peers being detached.
-    return terms
+    return torch.stack(terms)
 
 
 @torch.no_grad()
@@ -156,7 +157,7 @@ def main(args):
         model, optimizer = fabric.setup(model, optimizer)
         students.append(model)
         optimizers.append(optimizer)
-        schedulers.append(CosineLRScheduler(optimizer, t_initial=total_steps - warmup_steps, lr_min=args.min_lr,
+        schedulers.append(CosineLRScheduler(optimizer, t_initial=total_steps - warmup_steps, lr_min=min(args.min_lr, lr),
                                             warmup_t=warmup_steps, warmup_lr_init=lr / 100, warmup_prefix=True,
                                             t_in_epochs=False))
 
@@ -187,8 +188,8 @@ def main(args):
             global_step = epoch * steps_per_epoch + step
             for scheduler in schedulers:
                 scheduler.step_update(global_step)
-            terms = train_step(students, optimizers, images, labels, args)
-            loss = terms.sum()
+            terms = student_losses(students, images, labels, args)
+            loss = terms.sum()  # one backward for all: L_k reaches only student k, the peers being detached
             if not torch.isfinite(loss):
                 raise UserError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: stopped; "
                                 f"the last good checkpoint is {out / 'last.ckpt'}")

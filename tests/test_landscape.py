@@ -1,0 +1,28 @@
+import torch
+
+from common.data import load_dataset, make_loader
+from common.landscape import loss_curve
+from common.losses import cross_entropy
+
+
+class FakeFabric:
+    device, global_rank, world_size = torch.device("cpu"), 0, 1
+
+    @staticmethod
+    def all_reduce(tensor, reduce_op):
+        return tensor
+
+
+def test_loss_curve_rises_with_noise_and_restores_the_weights():
+    torch.manual_seed(0)
+    data = load_dataset("cifar10-mini", train_subset=200)
+    loader = make_loader({**data, "test": data["train"]}, "test", 100, FakeFabric())
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    with torch.no_grad():
+        clean = sum(cross_entropy(model(x), y) * len(y) for x, y in loader.epoch()) / 200
+    before = [p.clone() for p in model.parameters()]
+    rows = loss_curve(model, loader, FakeFabric(), sigmas=(0.0, 0.5, 5.0), draws=3)
+    assert [r["sigma"] for r in rows] == [0.0, 0.5, 5.0]
+    assert abs(rows[0]["loss_mean"] - clean.item()) < 1e-4 and rows[0]["loss_std"] == 0
+    assert rows[0]["loss_mean"] < rows[2]["loss_mean"] and rows[2]["loss_std"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
