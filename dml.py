@@ -43,7 +43,7 @@ import torch
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
-from common.data import DATASETS, load_dataset, make_loader
+from common.data import DATASETS, load_dataset, make_loader, subset
 from common.landscape import loss_curve, plot as plot_landscape, write_csv as write_landscape_csv
 from common.losses import cross_entropy, dml_loss
 from common.models import count_parameters, create_model, has_distillation_token, prediction, split_heads
@@ -134,8 +134,8 @@ def main(args):
     check_args(args)
     fabric = make_fabric()
     fabric.seed_everything(args.seed)
-    args.out = args.out or f"runs/dml/{datetime.now():%Y%m%d-%H%M%S}"
-    out = prepare_run_folder(args.out, args.resume, args.overwrite, fabric.is_global_zero)
+    args.out = args.out or fabric.broadcast(f"runs/dml/{datetime.now():%Y%m%d-%H%M%S}")
+    out = prepare_run_folder(fabric, args.out, args.resume, args.overwrite)
 
     data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
     args.img_size = data["img_size"]
@@ -240,10 +240,9 @@ def main(args):
         "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
     }
     if args.landscape:
-        landscape_data = load_dataset(args.dataset, args.data_dir, args.img_size, min(1000, len(data["train"][1])),
-                                      seed=args.seed)
-        landscape_loader = make_loader({**landscape_data, "test": landscape_data["train"]}, "test",
-                                       per_device_batch, fabric)
+        # a fixed, class-balanced part of the training set, without augmentation
+        fixed = subset(data, min(1000, len(data["train"][1])), args.seed)
+        landscape_loader = make_loader({**fixed, "test": fixed["train"]}, "test", per_device_batch, fabric)
         curves = {f"{k}:{name}": loss_curve(student, landscape_loader, fabric, seed=args.seed)
                   for k, (name, student) in enumerate(zip(args.students, students))}
         if fabric.is_global_zero:

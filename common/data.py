@@ -50,14 +50,13 @@ def load_dataset(name, data_dir=None, img_size=None, train_subset=None, seed=0):
     else:
         raise UserError(f"unknown --dataset {name!r}; choose from {', '.join(DATASETS)}")
     data["img_size"] = img_size
-    if train_subset is not None:
-        data["train"] = _balanced_subset(data["train"], train_subset, len(data["classes"]), seed)
-    return data
+    return subset(data, train_subset, seed) if train_subset is not None else data
 
 
-def _balanced_subset(split, size, num_classes, seed):
-    """`size` training images, as evenly spread over the classes as possible, chosen by `seed`."""
-    images, labels = split
+def subset(data, size, seed):
+    """The data set with `size` training images, spread over the classes as evenly as possible, chosen by `seed`."""
+    images, labels = data["train"]
+    num_classes = len(data["classes"])
     if not 0 < size <= len(labels):
         raise UserError(f"--train-subset must be between 1 and {len(labels)}, got {size}")
     generator = torch.Generator().manual_seed(seed)
@@ -67,9 +66,8 @@ def _balanced_subset(split, size, num_classes, seed):
     # Round-robin over the classes until `size` images are taken.
     order = torch.cat([torch.stack(col) for col in _round_robin(per_class)])[:size]
     order = order.sort().values
-    if isinstance(images, list):
-        return [images[i] for i in order], labels_t[order]
-    return images[order], labels_t[order]
+    images = [images[i] for i in order] if isinstance(images, list) else images[order]
+    return {**data, "train": (images, labels_t[order])}
 
 
 def _round_robin(lists):

@@ -67,8 +67,11 @@ def require_positive(**values):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
-def prepare_run_folder(out, resume, overwrite, is_rank_zero):
-    """Refuse a non-empty folder unless resuming or overwriting; return the folder."""
+def prepare_run_folder(fabric, out, resume, overwrite):
+    """Refuse a non-empty folder unless resuming or overwriting; return the folder.
+
+    Every process checks before rank 0 changes anything, so all agree.
+    """
     out = Path(out)
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other")
@@ -77,10 +80,12 @@ def prepare_run_folder(out, resume, overwrite, is_rank_zero):
         raise UserError(f"--resume: no checkpoint {out / 'last.ckpt'} to resume from")
     if exists and not (resume or overwrite):
         raise UserError(f"run folder {out} exists and is not empty: pass --resume or --overwrite, or another --out")
-    if is_rank_zero:
+    fabric.barrier()
+    if fabric.is_global_zero:
         if exists and overwrite:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+    fabric.barrier()
     return out
 
 
