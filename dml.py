@@ -150,7 +150,8 @@ def main(args):
     lr = args.lr * args.batch_size / 512
     for k, name in enumerate(args.students):
         pretrained = args.pretrained and args.pretrained[k % len(args.pretrained)]
-        model = create_model(name, len(data["classes"]), args.img_size, args.patch_size, args.drop_path, pretrained)
+        model = create_model(name, len(data["classes"]), args.img_size, args.patch_size, args.drop_path, pretrained,
+                             fabric.device)
         if args.compile:
             model = torch.compile(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
