@@ -40,15 +40,15 @@ import time
 from datetime import datetime
 
 import torch
-from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from common.data import DATASETS, load_dataset, make_loader, subset
 from common.landscape import loss_curve, plot as plot_landscape, write_csv as write_landscape_csv
 from common.losses import cross_entropy, dml_loss
 from common.models import count_parameters, create_model, has_distillation_token, prediction, split_heads
-from common.run import (UserError, exit_on_user_error, finish, load_checkpoint, make_fabric, plot_curves,
-                        prepare_run_folder, require_positive, save_checkpoint, write_csv, write_json)
+from common.run import (UserError, check_finite, cosine_schedule, exit_on_user_error, finish, load_checkpoint,
+                        make_fabric, plot_curves, prepare_run_folder, require_positive, save_checkpoint, seed_epoch,
+                        write_csv, write_json)
 
 
 def parse_args(argv=None):
@@ -145,8 +145,6 @@ def main(args):
 
     students, optimizers, schedulers = [], [], []
     steps_per_epoch = len(train_loader)
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = int(min(args.warmup_epochs, args.epochs / 5) * steps_per_epoch)
     lr = args.lr * args.batch_size / 512
     for k, name in enumerate(args.students):
         pretrained = args.pretrained and args.pretrained[k % len(args.pretrained)]
@@ -158,9 +156,8 @@ def main(args):
         model, optimizer = fabric.setup(model, optimizer)
         students.append(model)
         optimizers.append(optimizer)
-        schedulers.append(CosineLRScheduler(optimizer, t_initial=total_steps - warmup_steps, lr_min=min(args.min_lr, lr),
-                                            warmup_t=warmup_steps, warmup_lr_init=lr / 100, warmup_prefix=True,
-                                            t_in_epochs=False))
+        schedulers.append(cosine_schedule(optimizer, lr, args.min_lr, args.epochs, args.warmup_epochs,
+                                          steps_per_epoch))
 
     state = {f"student{k}": s for k, s in enumerate(students)}
     state.update({f"optimizer{k}": o for k, o in enumerate(optimizers)})
@@ -177,7 +174,7 @@ def main(args):
     K = len(students)
     accuracy = None
     for epoch in range(state["epoch"], args.epochs):
-        torch.manual_seed(args.seed * 1000 + epoch)  # drop-path: the same draws after a resume
+        seed_epoch(args.seed, epoch)
         for student in students:
             student.train()
         sums = torch.zeros(K, 2, device=fabric.device)
@@ -191,9 +188,7 @@ def main(args):
                 scheduler.step_update(global_step)
             terms = student_losses(students, images, labels, args)
             loss = terms.sum()  # one backward for all: L_k reaches only student k, the peers being detached
-            if not torch.isfinite(loss):
-                raise UserError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: stopped; "
-                                f"the last good checkpoint is {out / 'last.ckpt'}")
+            check_finite(loss, epoch, step, out)
             fabric.backward(loss)
             for optimizer in optimizers:
                 optimizer.step()
@@ -225,7 +220,7 @@ def main(args):
             save_checkpoint(fabric, out / "best.ckpt", state)
         if fabric.is_global_zero:
             write_csv(out / "metrics.csv", state["history"])
-            plot_curves(out / "curves.png", state["history"], args.students)
+            plot_curves(out / "curves.png", state["history"])
 
     # --- results ------------------------------------------------------------
     if accuracy is None:  # resumed a finished run

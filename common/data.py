@@ -262,10 +262,10 @@ class DeviceLoader:
     normalised float images and int64 labels.
     """
 
-    def __init__(self, split, data, batch_size, device, train, seed=0, rank=0, world_size=1):
+    def __init__(self, split, data, batch_size, device, train, seed=0, rank=0, world_size=1, augment=True):
         images, labels = split
         self.images, self.labels = images.to(device), labels.to(device)
-        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.batch_size, self.train, self.seed, self.augment = batch_size, train, seed, train and augment
         self.rank, self.world_size, self.img_size = rank, world_size, data["img_size"]
         self.mean = torch.tensor(data["mean"], device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(data["std"], device=device).view(1, 3, 1, 1) * 255
@@ -290,56 +290,79 @@ class DeviceLoader:
         for b in range(self.num_batches):
             batch = indices[b * self.batch_size:(b + 1) * self.batch_size]
             images = self.images[batch]
-            if self.train:
+            if self.augment:
                 images = augment(images, self.img_size, generator)
             else:
                 images = resize(images.float(), self.img_size)
             yield (images - self.mean) / self.std, self.labels[batch]
 
 
-class _TransformFiles(torch.utils.data.Dataset):
-    def __init__(self, paths, labels, transform):
-        self.paths, self.labels, self.transform = paths, labels, transform
+class _TransformImages(torch.utils.data.Dataset):
+    """Images (uint8 tensors or files) through a per-image PIL transform."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.labels)
 
     def __getitem__(self, i):
-        return self.transform(read_rgb(self.paths[i])), self.labels[i]
+        image = self.images[i]
+        image = read_rgb(image) if isinstance(image, Path) else Image.fromarray(image.permute(1, 2, 0).numpy())
+        return self.transform(image), self.labels[i]
 
 
-class StreamLoader:
-    """A data set too large for memory, read by DataLoader workers with timm's transforms."""
+def default_transform(data, train):
+    """timm's transforms: random resized crop + flip for training, resize + centre crop for testing."""
+    from timm.data import create_transform
 
-    def __init__(self, split, data, batch_size, device, train, seed=0, rank=0, world_size=1):
-        from timm.data import create_transform
+    return create_transform(data["img_size"], is_training=train, mean=data["mean"], std=data["std"],
+                            color_jitter=0.0 if train else None)
 
-        paths, labels = split
-        transform = create_transform(data["img_size"], is_training=train, mean=data["mean"], std=data["std"],
-                                     color_jitter=0.0 if train else None)
-        dataset = _TransformFiles(paths, labels, transform)
-        self.sampler = torch.utils.data.DistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train)
+
+class TransformLoader:
+    """Per-image transforms in DataLoader workers: for data sets too large for memory,
+    and for augmentations that exist only per image (RandAugment).
+
+    `repeats` > 1 uses timm's repeated-augmentation sampler (Hoffer et al. 2020).
+    """
+
+    def __init__(self, split, data, batch_size, device, train, seed, rank, world_size, transform, repeats=1):
+        from timm.data.distributed_sampler import RepeatAugSampler
+
+        images, labels = split
+        dataset = _TransformImages(images, labels, transform)
+        if train and repeats > 1:
+            self.sampler = RepeatAugSampler(dataset, world_size, rank, num_repeats=repeats)
+        else:
+            self.sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed,
+                                                               drop_last=train)
         workers = min(8, os.cpu_count() or 1)
         self.loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=self.sampler, num_workers=workers,
                                                   pin_memory=device.type == "cuda", drop_last=train,
                                                   persistent_workers=True)
-        self.device = device
+        self.device, self.seed = device, seed
 
     def __len__(self):
         return len(self.loader)
 
     def epoch(self, epoch=0):
-        self.sampler.set_epoch(epoch)
+        self.sampler.set_epoch(self.seed * 100_003 + epoch)
         for images, labels in self.loader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
-def make_loader(data, split, batch_size, fabric, seed=0):
-    """The training (augmented, shuffled) or test loader of `split` for this rank."""
-    loader = StreamLoader if data.get("streamed") else DeviceLoader
-    return loader(data[split], data, batch_size, fabric.device, train=split == "train", seed=seed,
-                  rank=fabric.global_rank, world_size=fabric.world_size)
+def make_loader(data, split, batch_size, fabric, seed=0, transform=None, repeats=1, augment=True):
+    """The training (shuffled, augmented unless `augment` is False) or test loader of
+    `split` for this rank: on the device, unless the data is streamed or a per-image
+    `transform` is asked for."""
+    train = split == "train"
+    if data.get("streamed") or transform is not None:
+        transform = transform or default_transform(data, train and augment)
+        return TransformLoader(data[split], data, batch_size, fabric.device, train, seed, fabric.global_rank,
+                               fabric.world_size, transform, repeats)
+    return DeviceLoader(data[split], data, batch_size, fabric.device, train, seed, fabric.global_rank,
+                        fabric.world_size, augment)
 
 
 if __name__ == "__main__":

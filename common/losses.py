@@ -11,6 +11,7 @@ def cross_entropy(logits, target, label_smoothing=0.0):
 
     label_smoothing ε puts ε/C on every class and 1-ε on top (Szegedy et al. 2016).
     """
+    logits = logits.float()  # bf16 logits lose too much in log-softmax
     if target.dtype.is_floating_point:
         return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
     return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
@@ -35,3 +36,16 @@ def dml_loss(class_logits, mimic_logits, peer_logits, target, label_smoothing=0.
     ce = cross_entropy(class_logits, target, label_smoothing)
     kl = sum(kl_divergence(peer, mimic_logits) for peer in peer_logits) / len(peer_logits)
     return ce, kl
+
+
+def soft_distillation_loss(student_logits, teacher_logits, tau):
+    """DeiT's soft distillation term (Hinton et al. 2015): τ²·KL(ψ(Z_t/τ) ‖ ψ(Z_s/τ)),
+    `batchmean` (DeiT's code divides by the number of elements instead: a factor
+    of the class count smaller). τ² keeps the gradient scale independent of τ."""
+    return tau ** 2 * kl_divergence(teacher_logits / tau, student_logits / tau)
+
+
+def hard_distillation_loss(student_logits, teacher_logits):
+    """DeiT's hard-label distillation: CE(ψ(Z_s), y_t) with y_t = argmax Z_t, the
+    teacher's decision on the same (augmented) image."""
+    return cross_entropy(student_logits, teacher_logits.argmax(dim=-1))

@@ -5,6 +5,7 @@ A DeiT (`deit_*`) has a distillation token and returns `(class_logits,
 distill_logits)` in training; in eval mode it returns their average, which is
 the model's prediction (DeiT, section 5).
 """
+from contextlib import contextmanager
 from pathlib import Path
 
 import timm
@@ -64,12 +65,8 @@ def create_model(name, num_classes, img_size, patch_size=None, drop_path=0.0, pr
     return model
 
 
-def load_weights(model, path, strict=True):
-    """Load a state dict from a `.pth`/`.safetensors` file or a run folder's checkpoint.
-
-    With strict=False, tensors whose shape does not fit (a new classifier head,
-    another resolution) are left at their initial values.
-    """
+def read_state_dict(path):
+    """The weights in a `.pth`/`.safetensors` file or a run folder's checkpoint (its first model)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist")
@@ -81,10 +78,21 @@ def load_weights(model, path, strict=True):
             state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
         raise UserError(f"cannot read weights {path}: {type(error).__name__}") from None
-    for key in ("model", "state_dict", "model_state_dict"):
+    for key in ("model", "student0", "state_dict", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} holds no state dict of weights")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def load_weights(model, path, strict=True):
+    """Load weights from `path` (see read_state_dict) into `model`.
+
+    With strict=False, tensors whose shape does not fit (a new classifier head,
+    another resolution) are left at their initial values.
+    """
+    state = read_state_dict(path)
     own = model.state_dict()
     if not strict:
         state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -95,8 +103,34 @@ def load_weights(model, path, strict=True):
         raise UserError(f"weights {path} do not fit {type(model).__name__}: {first.strip()}") from None
 
 
+def load_teacher(name, path, num_classes, img_size, patch_size=None, device=None):
+    """A frozen teacher from `path`, in eval mode; refuses weights made for another number of classes."""
+    model = create_model(name, num_classes, img_size, patch_size, device=device)
+    state = read_state_dict(path)
+    head = next((k for k in reversed(list(state)) if k.endswith("weight") and state[k].ndim == 2), None)
+    if head is not None and state[head].shape[0] != num_classes and head in model.state_dict():
+        raise UserError(f"teacher {path} was trained for {state[head].shape[0]} classes, the data set has "
+                        f"{num_classes}")
+    load_weights(model, path)
+    return model.eval().requires_grad_(False)
+
+
 def has_distillation_token(model):
     return getattr(model, "dist_token", None) is not None
+
+
+@contextmanager
+def both_heads(model):
+    """In eval mode a DeiT returns the average of its heads; inside this context it
+    returns both, while everything else (drop-path, BN) stays in eval mode."""
+    distilled = [m for m in model.modules() if hasattr(m, "set_distilled_training")]
+    for module in distilled:
+        module.training = True
+    try:
+        yield
+    finally:
+        for module in distilled:
+            module.training = False
 
 
 def split_heads(output):

@@ -61,6 +61,30 @@ def finish(fabric):
         torch.distributed.destroy_process_group()
 
 
+def cosine_schedule(optimizer, lr, min_lr, epochs, warmup_epochs, steps_per_epoch):
+    """timm's per-step cosine schedule with linear warm-up (at most a fifth of the run).
+    Stateless: `step_update(global_step)` gives the same rate after a resume."""
+    from timm.scheduler import CosineLRScheduler
+
+    warmup = int(min(warmup_epochs, epochs / 5) * steps_per_epoch)
+    return CosineLRScheduler(optimizer, t_initial=epochs * steps_per_epoch - warmup, lr_min=min(min_lr, lr),
+                             warmup_t=warmup, warmup_lr_init=lr / 100, warmup_prefix=True, t_in_epochs=False)
+
+
+def seed_epoch(seed, epoch):
+    """Seed torch, numpy and random for one epoch: drop-path, Mixup and the
+    DataLoader workers draw the same after a resume as in one go."""
+    from lightning_fabric.utilities.seed import seed_everything
+
+    seed_everything(seed * 1000 + epoch, verbose=False)
+
+
+def check_finite(loss, epoch, step, out):
+    if not torch.isfinite(loss):
+        raise UserError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: stopped; "
+                        f"the last good checkpoint is {Path(out) / 'last.ckpt'}")
+
+
 def require_positive(**values):
     for name, value in values.items():
         if value is not None and not value > 0:
@@ -133,22 +157,19 @@ def write_csv(path, rows):
     os.replace(tmp, path)
 
 
-def plot_curves(path, rows, names):
-    """Training loss and test top-1 against the epoch, one line per student and the ensemble."""
+def plot_curves(path, rows):
+    """Every `loss*` column (left) and `top1*` column (right) of the metrics against the epoch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [row["epoch"] for row in rows]
-    fig, (ax_loss, ax_top1) = plt.subplots(1, 2, figsize=(10, 4))
-    for k, name in enumerate(names):
-        ax_loss.plot(epochs, [row[f"loss_{k}"] for row in rows], label=f"{k}: {name}")
-        ax_top1.plot(epochs, [row[f"top1_{k}"] for row in rows], label=f"{k}: {name}")
-    if "top1_ensemble" in rows[0]:
-        ax_top1.plot(epochs, [row["top1_ensemble"] for row in rows], "k--", label="ensemble")
-    ax_loss.set(xlabel="epoch", ylabel="training loss")
-    ax_top1.set(xlabel="epoch", ylabel="test top-1 (%)")
-    ax_top1.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, prefix, label in zip(axes, ("loss", "top1"), ("training loss", "test top-1 (%)")):
+        for column in (c for c in rows[0] if c.startswith(prefix)):
+            ax.plot(epochs, [row[column] for row in rows], "--" if "ensemble" in column else "-", label=column)
+        ax.set(xlabel="epoch", ylabel=label)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

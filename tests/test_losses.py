@@ -63,3 +63,24 @@ def test_no_gradient_into_the_peer():
     (ce + kl).backward()
     assert all(p.grad is None for p in peer.parameters())
     assert all(p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+def test_soft_distillation_by_hand():
+    from common.losses import soft_distillation_loss
+    student = torch.log(torch.tensor([[0.25, 0.75]]))
+    teacher = torch.log(torch.tensor([[0.5, 0.5]]))
+    kl = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert soft_distillation_loss(student, teacher, 1.0).item() == pytest.approx(kl, rel=1e-5)
+    # τ = 2: both distributions softened, then scaled by τ² = 4
+    soft_s = torch.softmax(student / 2, -1)[0]
+    soft_t = torch.softmax(teacher / 2, -1)[0]
+    kl2 = sum(t * math.log(t / s) for t, s in zip(soft_t.tolist(), soft_s.tolist()))
+    assert soft_distillation_loss(student, teacher, 2.0).item() == pytest.approx(4 * kl2, rel=1e-5)
+
+
+def test_hard_distillation_uses_the_teacher_decision():
+    from common.losses import hard_distillation_loss
+    student = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    teacher = torch.tensor([[0.0, 0.0, 5.0], [0.0, 3.0, 1.0]])  # decisions: 2, 1
+    expected = (math.log(math.exp(1) + 2) - 0.0 + math.log(math.exp(2) + 2) - 2.0) / 2
+    assert hard_distillation_loss(student, teacher).item() == pytest.approx(expected, rel=1e-6)

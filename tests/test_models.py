@@ -71,3 +71,14 @@ def test_load_weights_roundtrip_and_mismatch(tmp_path):
     # --pretrained: a new head (100 classes) keeps its fresh init, the rest loads
     other = create_model("resnet8", 100, 32, pretrained=tmp_path / "w.pth")
     assert torch.equal(other.stem[0].weight, source.stem[0].weight)
+
+
+def test_cpu_attention_matches_the_fused_kernel():
+    torch.manual_seed(0)
+    fused = create_model("vit_micro", 10, 32).eval()
+    explicit = create_model("vit_micro", 10, 32, device="cpu").eval()
+    explicit.load_state_dict(fused.state_dict())
+    assert fused.blocks[0].attn.fused_attn and not explicit.blocks[0].attn.fused_attn
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), explicit(x), atol=1e-5)

@@ -1,0 +1,316 @@
+"""DeiT: a ViT student with a distillation token, distilled from a frozen CNN teacher.
+
+Touvron et al., "Training data-efficient image transformers & distillation
+through attention", ICML 2021 (seeds 001, 003). The student has a class token
+and a distillation token, each with its own head. The class head learns from
+the label, the distillation head from the teacher (`--distillation-type`):
+
+    none:  CE(ψ(Z_s), y)                                      (no teacher)
+    soft:  (1-λ)·CE(ψ(Z_s), y) + λ·τ²·KL(ψ(Z_t/τ) ‖ ψ(Z_s^dist/τ))
+    hard:  (1-λ)·CE(ψ(Z_s), y) + λ·CE(ψ(Z_s^dist), y_t),  y_t = argmax Z_t   (λ = ½: the paper's)
+
+The teacher is frozen, runs in inference mode under `fabric.autocast()` and
+sees the same augmented (and Mixup-ed) batch as the student, so y_t is its
+decision on this very image. At test time the student predicts with the
+average of its two heads; each head alone is reported too. A plain ViT or a
+CNN as student (an ablation of the paper) gets both terms on its only head.
+A DeiT trained with `none` has no teacher to mimic, so both heads learn from
+the label (their CEs averaged).
+
+Recipe (the paper's defaults): AdamW, lr 5e-4 × batch/512, weight decay 0.05,
+cosine schedule, 5 warm-up epochs, 300 epochs, batch 1024, drop-path 0.1,
+label smoothing 0.1; `--recipe deit` adds RandAugment rand-m9-mstd0.5-inc1,
+Mixup 0.8, CutMix 1.0, Random Erasing 0.25 and repeated augmentation ×3 (the
+default for ImageFolder), `--recipe cifar` random crop with padding + flip
+(the default for CIFAR-sized data), `--recipe none` nothing.
+
+    # 1. a teacher, trained by this script without distillation
+    python deit.py --model resnet56 --distillation-type none --recipe cifar --out runs/teacher
+    # 2. the DeiT student, distilled from it
+    fabric run deit.py --model deit_tiny --teacher resnet56 \\
+        --teacher-ckpt runs/teacher/best.ckpt --distillation-type hard
+    # ImageNet, as in the paper, with a teacher whose weights you downloaded
+    fabric run --devices 8 --precision bf16-mixed deit.py --dataset imagefolder \\
+        --data-dir /data/imagenet --model deit_small --teacher regnety_160 \\
+        --teacher-ckpt regnety_160.pth --distillation-type hard
+
+Expect (the paper, ImageNet top-1, no distillation -> hard): Ti 72.2 -> 74.5,
+S 79.9 -> 81.2, B 81.8 -> 83.4; hard > soft > none.
+"""
+import argparse
+import time
+from datetime import datetime
+
+import torch
+from tqdm import tqdm
+
+from common.data import DATASETS, SMALL_SIDE, load_dataset, make_loader
+from common.losses import cross_entropy, hard_distillation_loss, soft_distillation_loss
+from common.models import both_heads, count_parameters, create_model, has_distillation_token, load_teacher, split_heads
+from common.run import (UserError, check_finite, cosine_schedule, exit_on_user_error, finish, load_checkpoint,
+                        make_fabric, plot_curves, prepare_run_folder, require_positive, save_checkpoint, seed_epoch,
+                        write_csv, write_json)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="deit_tiny", help="the student: deit_*, vit_*, resnet<depth> or a timm name")
+    parser.add_argument("--teacher", help="the teacher's model name (with --teacher-ckpt)")
+    parser.add_argument("--teacher-ckpt", help="the teacher's weights: a run folder's .ckpt, a .pth or .safetensors")
+    parser.add_argument("--distillation-type", choices=["none", "soft", "hard"], default="none",
+                        help="what the distillation head learns from (hard: the paper's best)")
+    parser.add_argument("--distillation-alpha", type=float, default=0.5, help="λ, the weight of the distillation term")
+    parser.add_argument("--distillation-tau", type=float, default=1.0, help="τ, the temperature of soft distillation")
+    parser.add_argument("--recipe", choices=["deit", "cifar", "none"],
+                        help="augmentation (default: deit for ImageFolder, cifar for CIFAR-sized data)")
+    parser.add_argument("--randaugment", default="rand-m9-mstd0.5-inc1", help="timm RandAugment policy (recipe deit)")
+    parser.add_argument("--mixup", type=float, default=0.8, help="Mixup alpha (recipe deit; 0: off)")
+    parser.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (recipe deit; 0: off)")
+    parser.add_argument("--reprob", type=float, default=0.25, help="Random Erasing probability (recipe deit)")
+    parser.add_argument("--repeated-aug", type=int, default=3, help="repeated augmentation count (recipe deit; 1: off)")
+    parser.add_argument("--smoothing", type=float, default=0.1, help="label smoothing of the CE")
+    parser.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
+    parser.add_argument("--dataset", choices=DATASETS, default="cifar10-mini", help="the data set")
+    parser.add_argument("--data-dir", help="where cifar10/cifar100/imagefolder data is")
+    parser.add_argument("--img-size", type=int, help="training resolution (default: 32 for CIFAR, 224 for ImageFolder)")
+    parser.add_argument("--patch-size", type=int, help="ViT patch size (default: 4 up to 64 pixels, else 16)")
+    parser.add_argument("--train-subset", type=int, help="train on a class-balanced subset of this many images")
+    parser.add_argument("--epochs", type=int, default=300, help="training epochs")
+    parser.add_argument("--batch-size", type=int, default=1024, help="batch size over all devices")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate for batch 512 (scaled by batch/512)")
+    parser.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    parser.add_argument("--warmup-epochs", type=float, default=5, help="linear warm-up (at most a fifth of the run)")
+    parser.add_argument("--compile", action="store_true", help="wrap the student in torch.compile")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
+    parser.add_argument("--out", help="run folder (default: runs/deit/<date-time>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.ckpt")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    distilling = args.distillation_type != "none"
+    if distilling and not (args.teacher and args.teacher_ckpt):
+        raise UserError(f"--distillation-type {args.distillation_type} needs --teacher and --teacher-ckpt")
+    if not distilling and (args.teacher or args.teacher_ckpt):
+        raise UserError("--teacher is used only with --distillation-type soft or hard")
+    if not 0 <= args.distillation_alpha <= 1:
+        raise UserError(f"--distillation-alpha must be in [0, 1], got {args.distillation_alpha}")
+    require_positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size,
+                     patch_size=args.patch_size, distillation_tau=args.distillation_tau,
+                     repeated_aug=args.repeated_aug)
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out, the run folder to continue")
+
+
+# --- augmentation --------------------------------------------------------------
+
+
+def deit_augmentation(args, data, num_classes, device):
+    """The DeiT recipe, split where it runs best: per image in the DataLoader
+    workers (crop, flip, RandAugment: timm's works on PIL images), per batch on
+    the device (Random Erasing, Mixup/CutMix with soft targets)."""
+    from timm.data import Mixup, create_transform
+    from timm.data.random_erasing import RandomErasing
+
+    if data["img_size"] <= SMALL_SIDE:  # CIFAR-sized: crop with padding instead of random resized crop
+        import torchvision.transforms as T
+        from timm.data.auto_augment import rand_augment_transform
+
+        mean = tuple(round(255 * m) for m in data["mean"])
+        transform = T.Compose([
+            T.Resize(data["img_size"]), T.RandomCrop(data["img_size"], padding=data["img_size"] // 8),
+            T.RandomHorizontalFlip(), rand_augment_transform(args.randaugment, {"img_mean": mean}),
+            T.ToTensor(), T.Normalize(data["mean"], data["std"])])
+    else:
+        transform = create_transform(data["img_size"], is_training=True, auto_augment=args.randaugment,
+                                     mean=data["mean"], std=data["std"], re_prob=0.0)
+    erase = RandomErasing(args.reprob, mode="pixel", device=device) if args.reprob > 0 else None
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                      num_classes=num_classes)
+    return transform, erase, mixup
+
+
+# --- training and evaluation -------------------------------------------------
+
+
+def student_loss(output, teacher_logits, targets, args):
+    """(total, CE, distillation) for one batch; `targets` are labels or Mixup's soft targets."""
+    class_logits, distill_logits = split_heads(output)
+    if args.distillation_type == "none":
+        heads = output if isinstance(output, tuple) else (output,)
+        ce = sum(cross_entropy(head, targets, args.smoothing) for head in heads) / len(heads)
+        return ce, ce, torch.zeros_like(ce)
+    ce = cross_entropy(class_logits, targets, args.smoothing)
+    if args.distillation_type == "soft":
+        distill = soft_distillation_loss(distill_logits, teacher_logits, args.distillation_tau)
+    else:
+        distill = hard_distillation_loss(distill_logits, teacher_logits)
+    alpha = args.distillation_alpha
+    return (1 - alpha) * ce + alpha * distill, ce, distill
+
+
+@torch.no_grad()
+def teacher_predictions(teacher, loader, fabric):
+    """The teacher's decisions on the test batches (fixed, so made once) and its top-1 (%)."""
+    decisions, correct, seen = [], 0, 0
+    for images, labels in loader.epoch():
+        with fabric.autocast():
+            decisions.append(teacher(images).argmax(1))
+        correct += (decisions[-1] == labels).sum()
+        seen += len(labels)
+    counts = fabric.all_reduce(torch.stack([torch.as_tensor(correct), torch.as_tensor(seen)]).float(), "sum")
+    return decisions, (100 * counts[0] / counts[1]).item()
+
+
+@torch.no_grad()
+def evaluate(model, loader, fabric, teacher_decisions=None):
+    """Top-1 (%) of the prediction (the heads' average), of the class and the
+    distillation head, and the agreement (%) of the prediction with the teacher."""
+    model.eval()
+    counts = torch.zeros(5, device=fabric.device)  # prediction, class head, distillation head, agreement, seen
+    for batch, (images, labels) in enumerate(loader.epoch()):
+        with both_heads(model):
+            class_logits, distill_logits = split_heads(model(images))
+        predicted = (class_logits.float() + distill_logits.float()).argmax(1)
+        counts[0] += (predicted == labels).sum()
+        counts[1] += (class_logits.argmax(1) == labels).sum()
+        counts[2] += (distill_logits.argmax(1) == labels).sum()
+        if teacher_decisions is not None:
+            counts[3] += (teacher_decisions[batch] == predicted).sum()
+        counts[4] += len(labels)
+    counts = fabric.all_reduce(counts, reduce_op="sum")
+    return (100 * counts[:4] / counts[4]).tolist()
+
+
+def main(args):
+    check_args(args)
+    fabric = make_fabric()
+    fabric.seed_everything(args.seed)
+    args.out = args.out or fabric.broadcast(f"runs/deit/{datetime.now():%Y%m%d-%H%M%S}")
+    out = prepare_run_folder(fabric, args.out, args.resume, args.overwrite)
+
+    data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
+    args.img_size = data["img_size"]
+    args.recipe = args.recipe or ("deit" if args.dataset == "imagefolder" else "cifar")
+    num_classes = len(data["classes"])
+    per_device_batch = max(1, args.batch_size // fabric.world_size)
+    erase = mixup = None
+    if args.recipe == "deit":
+        transform, erase, mixup = deit_augmentation(args, data, num_classes, fabric.device)
+        train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed, transform, args.repeated_aug)
+    else:  # cifar: crop + flip on the device; none: only resized
+        train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed, augment=args.recipe == "cifar")
+    test_loader = make_loader(data, "test", per_device_batch, fabric)
+
+    teacher, teacher_decisions, teacher_top1 = None, None, None
+    if args.teacher:
+        teacher = fabric.to_device(load_teacher(args.teacher, args.teacher_ckpt, num_classes, args.img_size,
+                                                device=fabric.device))  # not set up: it has nothing to train
+        teacher_decisions, teacher_top1 = teacher_predictions(teacher, test_loader, fabric)
+        fabric.print(f"teacher {args.teacher}: top-1 {teacher_top1:.2f} % on the test split")
+
+    model = create_model(args.model, num_classes, args.img_size, args.patch_size, args.drop_path,
+                         device=fabric.device)
+    if args.compile:
+        model = torch.compile(model)
+    lr = args.lr * args.batch_size / 512
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+    model, optimizer = fabric.setup(model, optimizer)
+    steps_per_epoch = len(train_loader)
+    scheduler = cosine_schedule(optimizer, lr, args.min_lr, args.epochs, args.warmup_epochs, steps_per_epoch)
+
+    state = {"model": model, "optimizer": optimizer, "epoch": 0, "history": [], "best_top1": -1.0, "wall_s": 0.0}
+    if args.resume:
+        load_checkpoint(fabric, out / "last.ckpt", state,
+                        expect={"model": args.model, "dataset": args.dataset, "img_size": args.img_size,
+                                "train_subset": args.train_subset, "teacher": args.teacher,
+                                "distillation_type": args.distillation_type, "recipe": args.recipe})
+        fabric.print(f"resuming {out} at epoch {state['epoch']}")
+    elif fabric.is_global_zero:
+        write_json(out / "args.json", vars(args))
+    state["args"] = vars(args)
+
+    accuracy = None
+    for epoch in range(state["epoch"], args.epochs):
+        seed_epoch(args.seed, epoch)
+        model.train()
+        sums = torch.zeros(3, device=fabric.device)
+        images_seen, train_time = 0, 0.0
+        bar = tqdm(train_loader.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
+                   disable=not fabric.is_global_zero, leave=False)
+        tick = epoch_start = time.perf_counter()
+        for step, (images, labels) in enumerate(bar):
+            scheduler.step_update(epoch * steps_per_epoch + step)
+            targets = labels
+            if erase is not None:
+                images = erase(images)
+            if mixup is not None and len(images) % 2 == 0:
+                images, targets = mixup(images, labels)
+            teacher_logits = None
+            if teacher is not None:
+                with torch.no_grad(), fabric.autocast():  # the teacher sees the same, mixed batch
+                    teacher_logits = teacher(images)
+            loss, ce, distill = student_loss(model(images), teacher_logits, targets, args)
+            check_finite(loss, epoch, step, out)
+            fabric.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sums += torch.stack([loss.detach(), ce.detach(), distill.detach()])
+            images_seen += len(labels) * fabric.world_size
+            train_time = time.perf_counter() - tick
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{images_seen / train_time:.0f}")
+
+        accuracy = evaluate(model, test_loader, fabric, teacher_decisions)
+        loss, ce, distill = (fabric.all_reduce(sums, reduce_op="mean") / steps_per_epoch).tolist()
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": loss, "loss_ce": ce,
+               "loss_distill": distill, "top1": accuracy[0], "top1_cls": accuracy[1], "top1_dist": accuracy[2],
+               "teacher_agreement": accuracy[3] if teacher is not None else None,
+               "img_per_s": images_seen / train_time}
+        fabric.print(f"epoch {epoch + 1}: top-1 {accuracy[0]:.2f} (class head {accuracy[1]:.2f}, distillation head "
+                     f"{accuracy[2]:.2f}) loss={loss:.3f} {row['img_per_s']:.0f} img/s")
+
+        state["history"].append(row)
+        state["epoch"] = epoch + 1
+        state["wall_s"] += time.perf_counter() - epoch_start
+        is_best = accuracy[0] > state["best_top1"]
+        state["best_top1"] = max(state["best_top1"], accuracy[0])
+        save_checkpoint(fabric, out / "last.ckpt", state)
+        if is_best:
+            save_checkpoint(fabric, out / "best.ckpt", state)
+        if fabric.is_global_zero:
+            write_csv(out / "metrics.csv", state["history"])
+            plot_curves(out / "curves.png", state["history"])
+
+    # --- results ------------------------------------------------------------
+    if accuracy is None:  # resumed a finished run
+        accuracy = evaluate(model, test_loader, fabric, teacher_decisions)
+    distilled = has_distillation_token(model)
+    results = {
+        "method": "deit", "model": args.model, "teacher": args.teacher,
+        "distillation_type": args.distillation_type, "recipe": args.recipe, "dataset": args.dataset,
+        "epochs": args.epochs, "seed": args.seed, "params": count_parameters(model),
+        "top1": accuracy[0], "top1_cls": accuracy[1] if distilled else None,
+        "top1_dist": accuracy[2] if distilled else None, "teacher_top1": teacher_top1,
+        "teacher_agreement": accuracy[3] if teacher is not None else None,
+        "train_img_per_s": state["history"][-1]["img_per_s"], "wall_s": state["wall_s"],
+        "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
+    }
+    if fabric.is_global_zero:
+        write_json(out / "results.json", results)
+        print(f"\n{args.model} ({args.distillation_type} distillation{' from ' + args.teacher if teacher else ''}) "
+              f"on {args.dataset}, {args.epochs} epochs -> {out}")
+        heads = f" (class head {results['top1_cls']:.2f}, distillation head {results['top1_dist']:.2f})" if distilled else ""
+        print(f"top-1 {results['top1']:.2f}{heads}")
+        if teacher is not None:
+            print(f"teacher top-1 {teacher_top1:.2f}, agreement {results['teacher_agreement']:.2f}")
+        print(f"train {results['train_img_per_s']:.0f} img/s, wall {results['wall_s']:.0f} s")
+    finish(fabric)
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main, parse_args())

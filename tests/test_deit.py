@@ -1,0 +1,138 @@
+"""deit.py end to end: a teacher run, then students distilled from it."""
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+
+SMALL = ["--train-subset", "600", "--batch-size", "50", "--lr", "2e-3"]
+
+
+def results(folder):
+    return json.loads((folder / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    run_script("deit.py", "--model", "resnet8", "--distillation-type", "none", "--recipe", "cifar", "--epochs", "3",
+               "--train-subset", "1000", "--batch-size", "50", "--lr", "2e-2", "--out", out)
+    return out
+
+
+def test_teacher_run(teacher):
+    res = results(teacher)
+    assert res["method"] == "deit" and res["model"] == "resnet8" and res["teacher"] is None
+    assert res["distillation_type"] == "none" and res["top1_cls"] is None and res["top1_dist"] is None
+    assert res["top1"] > 20  # chance is 10 %
+    for name in ("args.json", "metrics.csv", "results.json", "last.ckpt", "best.ckpt", "curves.png"):
+        assert (teacher / name).is_file()
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_students_distilled_from_the_teacher(teacher, tmp_path, kind):
+    out = tmp_path / kind
+    run_script("deit.py", "--model", "deit_micro", "--teacher", "resnet8", "--teacher-ckpt", teacher / "best.ckpt",
+               "--distillation-type", kind, "--epochs", "1", *SMALL, "--out", out)
+    res = results(out)
+    assert res["distillation_type"] == kind and res["teacher"] == "resnet8"
+    assert res["teacher_top1"] == pytest.approx(results(teacher)["top1"], abs=0.01)  # the same network, re-measured
+    for key in ("top1", "top1_cls", "top1_dist", "teacher_agreement"):
+        assert 0 <= res[key] <= 100, key
+    for key in ("epochs", "seed", "dataset", "train_img_per_s", "wall_s"):
+        assert key in res
+    metrics = (out / "metrics.csv").read_text().splitlines()
+    assert "loss_distill" in metrics[0] and "teacher_agreement" in metrics[0]
+
+
+def test_deit_recipe_with_mixup_runs(teacher, tmp_path):
+    out = tmp_path / "recipe"
+    run_script("deit.py", "--model", "deit_micro", "--teacher", "resnet8", "--teacher-ckpt", teacher / "last.ckpt",
+               "--distillation-type", "hard", "--recipe", "deit", "--repeated-aug", "3", "--epochs", "1",
+               "--train-subset", "512", "--batch-size", "64", "--out", out)
+    history = (out / "metrics.csv").read_text().splitlines()
+    loss = float(history[1].split(",")[history[0].split(",").index("loss")])
+    assert 0 < loss < 10 and results(out)["recipe"] == "deit"
+
+
+def test_a_step_leaves_the_teacher_alone():
+    import deit
+    from common.models import create_model
+
+    torch.manual_seed(0)
+    teacher = create_model("resnet8", 10, 32).eval().requires_grad_(False)
+    before = [p.clone() for p in teacher.parameters()]
+    student = create_model("deit_micro", 10, 32).train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        teacher_logits = teacher(images)
+    args = argparse.Namespace(distillation_type="hard", distillation_alpha=0.5, smoothing=0.1)
+    loss, ce, distill = deit.student_loss(student(images), teacher_logits, labels, args)
+    assert loss.item() == pytest.approx(0.5 * ce.item() + 0.5 * distill.item(), rel=1e-5)
+    loss.backward()
+    optimizer.step()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+    assert student.head_dist.weight.grad.abs().sum() > 0 and student.head.weight.grad.abs().sum() > 0
+
+
+def test_resume_after_sigkill(teacher, tmp_path):
+    args = ["deit.py", "--model", "deit_micro", "--teacher", "resnet8", "--teacher-ckpt", str(teacher / "best.ckpt"),
+            "--distillation-type", "hard", "--epochs", "3", "--train-subset", "600", "--batch-size", "30"]
+    run_script(*args, "--out", tmp_path / "whole")
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, *args, "--out", str(killed)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "metrics.csv").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "results.json").exists(), "the run ended before it was killed"
+    run_script(*args, "--out", killed, "--resume")
+    whole, resumed = results(tmp_path / "whole"), results(killed)
+    for key in ("top1", "top1_cls", "top1_dist", "teacher_agreement"):
+        assert resumed[key] == whole[key], key
+
+
+def test_two_process_ddp(tmp_path):
+    fabric = os.path.join(os.path.dirname(sys.executable), "fabric")
+    out = tmp_path / "ddp"
+    result = subprocess.run([fabric, "run", "--accelerator", "cpu", "--devices", "2", "deit.py", "--model",
+                             "deit_micro", "--epochs", "1", "--train-subset", "200", "--batch-size", "100",
+                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert results(out)["world_size"] == 2
+
+
+def bad(*flags):
+    result = run_script("deit.py", "--model", "deit_micro", "--epochs", "1", "--train-subset", "100", *flags,
+                        check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_bad_input(teacher, tmp_path):
+    assert "needs --teacher" in bad("--distillation-type", "soft")
+    hard = ["--distillation-type", "hard", "--out", tmp_path / "x"]
+    assert "does not exist" in bad("--teacher", "resnet8", "--teacher-ckpt", tmp_path / "missing.ckpt", *hard)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes((teacher / "best.ckpt").read_bytes()[:2000])
+    assert "cannot read" in bad("--teacher", "resnet8", "--teacher-ckpt", truncated, *hard)
+    assert "do not fit" in bad("--teacher", "resnet14", "--teacher-ckpt", teacher / "best.ckpt", *hard)
+    from common.models import create_model
+    torch.save(create_model("resnet8", 100, 32).state_dict(), tmp_path / "hundred.pth")
+    assert "100 classes" in bad("--teacher", "resnet8", "--teacher-ckpt", tmp_path / "hundred.pth", *hard)
+    assert "invalid choice" in bad("--recipe", "fancy")
+    assert "--distillation-tau must be positive" in bad("--distillation-tau", "0")
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
