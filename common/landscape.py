@@ -101,8 +101,9 @@ def compare(folders, out):
         if (folder / "args.json").is_file():
             import json
             mode = json.loads((folder / "args.json").read_text()).get("mode", "")
+        name = folder.name if mode in folder.name else f"{folder.name} ({mode})"
         for student, rows in read_csv(folder / "landscape.csv").items():
-            curves[f"{folder.name} {mode} {student}".replace("  ", " ")] = rows
+            curves[f"{name} {student}"] = rows
     plot(out, curves)
     print(f"wrote {out}")
 

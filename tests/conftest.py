@@ -1,5 +1,8 @@
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,3 +22,16 @@ def run_script(*args, check=True):
 @pytest.fixture
 def run():
     return run_script
+
+
+def kill_after_first_epoch(*args, out):
+    """Start a run, SIGKILL it in its second epoch (after the first checkpoint), return nothing."""
+    process = subprocess.Popen([sys.executable, *map(str, args), "--out", str(out)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "metrics.csv").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # into the second epoch
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "results.json").exists(), "the run ended before it was killed"

@@ -2,16 +2,15 @@
 import argparse
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+import deit
+from common.models import create_model
+from conftest import ROOT, kill_after_first_epoch, run_script
 
 SMALL = ["--train-subset", "600", "--batch-size", "50", "--lr", "2e-3"]
 
@@ -64,9 +63,6 @@ def test_deit_recipe_with_mixup_runs(teacher, tmp_path):
 
 
 def test_a_step_leaves_the_teacher_alone():
-    import deit
-    from common.models import create_model
-
     torch.manual_seed(0)
     teacher = create_model("resnet8", 10, 32).eval().requires_grad_(False)
     before = [p.clone() for p in teacher.parameters()]
@@ -90,15 +86,7 @@ def test_resume_after_sigkill(teacher, tmp_path):
             "--distillation-type", "hard", "--epochs", "3", "--train-subset", "600", "--batch-size", "30"]
     run_script(*args, "--out", tmp_path / "whole")
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, *args, "--out", str(killed)], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "metrics.csv").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (killed / "results.json").exists(), "the run ended before it was killed"
+    kill_after_first_epoch(*args, out=killed)
     run_script(*args, "--out", killed, "--resume")
     whole, resumed = results(tmp_path / "whole"), results(killed)
     for key in ("top1", "top1_cls", "top1_dist", "teacher_agreement"):
@@ -130,7 +118,6 @@ def test_bad_input(teacher, tmp_path):
     truncated.write_bytes((teacher / "best.ckpt").read_bytes()[:2000])
     assert "cannot read" in bad("--teacher", "resnet8", "--teacher-ckpt", truncated, *hard)
     assert "do not fit" in bad("--teacher", "resnet14", "--teacher-ckpt", teacher / "best.ckpt", *hard)
-    from common.models import create_model
     torch.save(create_model("resnet8", 100, 32).state_dict(), tmp_path / "hundred.pth")
     assert "100 classes" in bad("--teacher", "resnet8", "--teacher-ckpt", tmp_path / "hundred.pth", *hard)
     assert "invalid choice" in bad("--recipe", "fancy")

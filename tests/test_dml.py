@@ -1,15 +1,14 @@
 """dml.py end to end on the embedded data: run folders, modes, resume, DDP and bad input."""
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, kill_after_first_epoch, run_script
 
 QUICK = ["--epochs", "3", "--train-subset", "1000", "--batch-size", "50", "--lr", "2e-3"]
 
@@ -72,15 +71,7 @@ def test_resume_after_sigkill_matches_uninterrupted(run, tmp_path):
             "--batch-size", "30", "--lr", "2e-3"]
     run(*args, "--out", tmp_path / "whole")
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, *args, "--out", str(killed)], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "metrics.csv").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)  # into the second epoch
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (killed / "results.json").exists(), "the run ended before it was killed"
+    kill_after_first_epoch(*args, out=killed)
     run(*args, "--out", killed, "--resume")
     whole, resumed = results(tmp_path / "whole"), results(killed)
     assert [s["top1"] for s in resumed["students"]] == [s["top1"] for s in whole["students"]]
@@ -126,7 +117,6 @@ def test_bad_input(run, tmp_path, flags, message):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "run"
-    from conftest import run_script
     run_script("dml.py", "--students", "vit_micro", "vit_micro", "--epochs", "1", "--train-subset", "100",
                "--batch-size", "50", "--out", out)
     return out
@@ -159,7 +149,6 @@ def test_resume_with_other_students_is_refused(run, finished_run):
 
 @pytest.mark.parametrize("damage", ["truncate", "foreign"])
 def test_bad_checkpoint_on_resume(run, tmp_path, finished_run, damage):
-    import shutil
     out = tmp_path / "copy"
     shutil.copytree(finished_run, out)
     checkpoint = out / "last.ckpt"
@@ -174,7 +163,6 @@ def test_bad_checkpoint_on_resume(run, tmp_path, finished_run, damage):
 
 
 def test_nan_loss_stops_and_keeps_the_checkpoint(run, tmp_path, finished_run):
-    import shutil
     out = tmp_path / "copy"
     shutil.copytree(finished_run, out)
     before = snapshot(out)
