@@ -33,7 +33,9 @@ clipping, DeiT's `--lr 5e-4` is the safer choice.
         --dataset imagefolder --data-dir /data/imagenet --students deit_tiny deit_tiny
 
 Expect (seed 000, ImageNet, Tiny/Tiny): Independent 65.8, DML (ViT) 71.6/71.8,
-DML (DeiT) 69.1/69.2 top-1.
+DML (DeiT) 69.1/69.2 top-1. At the scale of a CPU the effect need not show: on
+cifar10-mini, vit_micro × 2, 30 epochs, batch 128, seed 0, DML gave 49.6/49.0
+(ensemble 49.9) and Independent 50.7/48.5 (ensemble 51.4).
 """
 import argparse
 import time
