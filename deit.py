@@ -256,7 +256,7 @@ def main(args):
                 with torch.no_grad(), fabric.autocast():  # the teacher sees the same, mixed batch
                     teacher_logits = teacher(images)
             loss, ce, distill = student_loss(model(images), teacher_logits, targets, args)
-            check_finite(loss, epoch, step, out)
+            check_finite(fabric, loss, epoch, step, out)
             fabric.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

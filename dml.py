@@ -190,7 +190,7 @@ def main(args):
                 scheduler.step_update(global_step)
             terms = student_losses(students, images, labels, args)
             loss = terms.sum()  # one backward for all: L_k reaches only student k, the peers being detached
-            check_finite(loss, epoch, step, out)
+            check_finite(fabric, loss, epoch, step, out)
             fabric.backward(loss)
             for optimizer in optimizers:
                 optimizer.step()

@@ -79,8 +79,11 @@ def seed_epoch(seed, epoch):
     seed_everything(seed * 1000 + epoch, verbose=False)
 
 
-def check_finite(loss, epoch, step, out):
-    if not torch.isfinite(loss):
+def check_finite(fabric, loss, epoch, step, out):
+    """Stop on a NaN/inf loss, before the optimizer step spoils the weights. Every
+    process learns of a bad loss on any of them, so none waits for the others."""
+    not_finite = fabric.all_reduce((~torch.isfinite(loss.detach())).float(), reduce_op="sum")
+    if not_finite > 0:
         raise UserError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: stopped; "
                         f"the last good checkpoint is {Path(out) / 'last.ckpt'}")
 
