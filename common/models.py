@@ -86,13 +86,13 @@ def read_state_dict(path):
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
-def load_weights(model, path, strict=True):
-    """Load weights from `path` (see read_state_dict) into `model`.
+def load_weights(model, path, strict=True, state=None):
+    """Load weights from `path` (see read_state_dict; `state` if already read) into `model`.
 
     With strict=False, tensors whose shape does not fit (a new classifier head,
     another resolution) are left at their initial values.
     """
-    state = read_state_dict(path)
+    state = read_state_dict(path) if state is None else state
     own = model.state_dict()
     if not strict:
         state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -111,7 +111,7 @@ def load_teacher(name, path, num_classes, img_size, patch_size=None, device=None
     if head is not None and state[head].shape[0] != num_classes and head in model.state_dict():
         raise UserError(f"teacher {path} was trained for {state[head].shape[0]} classes, the data set has "
                         f"{num_classes}")
-    load_weights(model, path)
+    load_weights(model, path, state=state)
     return model.eval().requires_grad_(False)
 
 
