@@ -49,3 +49,15 @@ def hard_distillation_loss(student_logits, teacher_logits):
     """DeiT's hard-label distillation: CE(ψ(Z_s), y_t) with y_t = argmax Z_t, the
     teacher's decision on the same (augmented) image."""
     return cross_entropy(student_logits, teacher_logits.argmax(dim=-1))
+
+
+def kd_loss(student_logits, teacher_logits, target, kd_lambda, tau):
+    """Knowledge distillation as in TAKD (Mirzadeh et al. 2020; Hinton et al. 2015):
+
+        L = (1-λ)·CE(ψ(Z_s), y) + λ·τ²·KL(ψ(Z_t/τ) ‖ ψ(Z_s/τ))
+
+    with the KL `batchmean` (TAKD's code uses 'mean', a factor of the class count
+    smaller) and the teacher detached. λ = 0 is plain CE.
+    """
+    ce = cross_entropy(student_logits, target)
+    return (1 - kd_lambda) * ce + kd_lambda * soft_distillation_loss(student_logits, teacher_logits, tau)

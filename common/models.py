@@ -29,7 +29,22 @@ VIT_ALIASES = {
     "deit_base": ("deit_base_distilled_patch16_224", {}),
 }
 CIFAR_RESNET_DEPTHS = (8, 14, 20, 26, 32, 44, 56, 110)
-ALIASES = list(VIT_ALIASES) + [f"resnet{d}" for d in CIFAR_RESNET_DEPTHS]
+# TAKD's plain CNNs (Mirzadeh et al. 2020, widths as in the authors' code): blocks
+# of 3×3 conv–BN–ReLU layers, each block ended by a 2×2 max-pool, then hidden FC
+# layers and the classifier; the number counts the conv layers. Data sets of more
+# than 10 classes get the authors' wider CIFAR-100 variants (their plain6 for
+# CIFAR-100 lacks the last max-pool; here every block has one).
+#   name: {10: (conv widths per block, hidden FC widths) up to 10 classes, 100: above}
+PLAIN_CNNS = {
+    "plain2": {10: ([[16], [16]], []), 100: ([[32], [32]], [])},
+    "plain4": {10: ([[16, 16], [32, 32]], []), 100: ([[32, 32], [64, 64]], [])},
+    "plain6": {10: ([[16, 16], [32, 32], [64, 64]], []), 100: ([[32, 32], [64, 64], [128, 128]], [])},
+    "plain8": {10: ([[16, 16], [32, 32], [64, 64], [128, 128]], [64]),
+               100: ([[32, 32], [64, 64], [128, 128], [256, 256]], [64])},
+    "plain10": {10: ([[32, 32], [64, 64], [128, 128], [256] * 4], [128]),
+                100: ([[32, 32], [64, 64], [128, 128], [256] * 4], [512])},
+}
+ALIASES = list(VIT_ALIASES) + [f"resnet{d}" for d in CIFAR_RESNET_DEPTHS] + list(PLAIN_CNNS)
 
 
 def create_model(name, num_classes, img_size, patch_size=None, drop_path=0.0, pretrained=None, device=None):
@@ -46,6 +61,9 @@ def create_model(name, num_classes, img_size, patch_size=None, drop_path=0.0, pr
             model.set_distilled_training(True)  # else timm averages both heads in training too
     elif name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) in CIFAR_RESNET_DEPTHS:
         model = CifarResNet(int(name[6:]), num_classes)
+    elif name in PLAIN_CNNS:
+        blocks, hidden = PLAIN_CNNS[name][10 if num_classes <= 10 else 100]
+        model = PlainCNN(blocks, hidden, num_classes, img_size)
     elif timm.is_model(name):
         try:
             model = timm.create_model(name, num_classes=num_classes, img_size=img_size, drop_path_rate=drop_path)
@@ -187,3 +205,29 @@ class CifarResNet(nn.Module):
     def forward(self, x):
         x = self.layers(self.stem(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class PlainCNN(nn.Module):
+    """TAKD's plain CNN: `blocks` of 3×3 conv–BN–ReLU widths, each block ending in a
+    2×2 max-pool, the flattened map through `hidden` FC–ReLU layers, then the classifier."""
+
+    def __init__(self, blocks, hidden, num_classes, img_size):
+        super().__init__()
+        layers, channels = [], 3
+        for widths in blocks:
+            for width in widths:
+                layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+                channels = width
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        side = img_size // 2 ** len(blocks)
+        if side < 1:
+            raise UserError(f"{img_size}-pixel images are too small for {len(blocks)} max-pools")
+        classifier, width = [nn.Flatten()], channels * side * side
+        for out in hidden:
+            classifier += [nn.Linear(width, out), nn.ReLU()]
+            width = out
+        self.classifier = nn.Sequential(*classifier, nn.Linear(width, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))

@@ -94,8 +94,9 @@ def require_positive(**values):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
-def prepare_run_folder(fabric, out, resume, overwrite):
+def prepare_run_folder(fabric, out, resume, overwrite, marker="last.ckpt"):
     """Refuse a non-empty folder unless resuming or overwriting; return the folder.
+    `--resume` needs the file `marker` in it.
 
     Every process checks before rank 0 changes anything, so all agree.
     """
@@ -103,8 +104,8 @@ def prepare_run_folder(fabric, out, resume, overwrite):
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other")
     exists = out.is_dir() and any(out.iterdir())
-    if resume and not (out / "last.ckpt").is_file():
-        raise UserError(f"--resume: no checkpoint {out / 'last.ckpt'} to resume from")
+    if resume and not (out / marker).is_file():
+        raise UserError(f"--resume: no {out / marker} to resume from")
     if exists and not (resume or overwrite):
         raise UserError(f"run folder {out} exists and is not empty: pass --resume or --overwrite, or another --out")
     fabric.barrier()

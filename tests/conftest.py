@@ -24,14 +24,16 @@ def run():
     return run_script
 
 
-def kill_after_first_epoch(*args, out):
-    """Start a run, SIGKILL it in its second epoch (after the first checkpoint), return nothing."""
+def kill_after_first_epoch(*args, out, metrics=None, delay=1.0):
+    """Start a run, SIGKILL it `delay` seconds after it wrote `metrics` (its first
+    epoch's metrics.csv, after the first checkpoint), return nothing."""
     process = subprocess.Popen([sys.executable, *map(str, args), "--out", str(out)], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = metrics or out / "metrics.csv"
     deadline = time.time() + 120
-    while not (out / "metrics.csv").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)  # into the second epoch
+    while not metrics.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(delay)  # into the second epoch
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (out / "results.json").exists(), "the run ended before it was killed"

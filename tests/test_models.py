@@ -82,3 +82,20 @@ def test_cpu_attention_matches_the_fused_kernel():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(fused(x), explicit(x), atol=1e-5)
+
+
+def test_plain_cnns_as_in_takd():
+    # TAKD's plain CNNs: the number counts the conv layers; parameters grow with depth
+    for classes in (10, 100):
+        models = [create_model(f"plain{depth}", classes, 32) for depth in (2, 4, 6, 8, 10)]
+        convs = [sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) for model in models]
+        assert convs == [2, 4, 6, 8, 10]
+        counts = [count_parameters(model) for model in models]
+        assert counts == sorted(counts) and len(set(counts)) == 5
+        assert models[0](torch.randn(2, 3, 32, 32)).shape == (2, classes)
+    # plain2 for CIFAR-10: two 3×3 convs of 16 (with BN), a linear layer on the 8×8×16 map
+    assert count_parameters(create_model("plain2", 10, 32)) == (3 * 9 * 16 + 16 + 32) + (16 * 9 * 16 + 16 + 32) \
+        + (8 * 8 * 16 * 10 + 10)
+    assert create_model("plain4", 10, 64)(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+    with pytest.raises(UserError, match="too small"):
+        create_model("plain10", 10, 8)

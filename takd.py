@@ -1,0 +1,338 @@
+"""Teacher Assistant Knowledge Distillation: teacher → assistant(s) → student chains.
+
+Mirzadeh et al., "Improved Knowledge Distillation via Teacher Assistant", AAAI
+2020 (arXiv 1902.03393; seed 004). The first network of `--chain` is the
+teacher, trained alone; each next one learns by ordinary KD from the one before:
+
+    L = (1-λ)·CE(ψ(Z_s), y) + λ·τ²·KL(ψ(Z_t/τ) ‖ ψ(Z_s/τ))
+
+A large gap between teacher and student hurts KD; an assistant (TA) of
+intermediate size closes it. The paper finds the best TA is the one whose
+*accuracy* lies midway between the teacher's and the student's, and leaves the
+automatic choice open. `auto` in the chain makes it: each `--ta-candidates`
+network is trained alone and the one nearest the midpoint of its neighbours'
+accuracies becomes the TA. `--compare` adds the paper's baselines: the student
+alone (NOKD) and distilled from the teacher directly (BLKD).
+
+Recipe (paper): SGD momentum 0.9, lr 0.1 at batch 128 (scaled linearly with
+`--batch-size`), 150 epochs, lr ÷10 at epochs 80 and 120 (scaled with
+`--epochs`), weight decay 1e-4, crop + flip. The paper keeps its plain CNNs at
+lr 0.1 without weight decay; here every network uses the ResNet recipe. One
+addition: a linear warm-up over the first epoch (Goyal et al. 2017). Without it
+plain4 died on cifar10-mini at lr 0.1 within the first epoch (every output
+constant, top-1 10 %, in fp32 as in bf16); with it, it reached 45.6 % in 8
+epochs. The
+authors searched λ and τ for each step (λ in [0.05, 1], τ in {1, 2, 5, 10, 15,
+20}); the defaults λ = 0.9, τ = 4 are the usual CIFAR KD setting (the KD
+baseline of Tian et al., CRD, ICLR 2020), which works without a search.
+
+Each trained network has a sub-folder named by its lineage (`plain10`,
+`plain10_to_plain4`, `plain10_to_plain4_to_plain2`), so the chain, the
+candidates and the baselines share what they can and nothing is trained twice.
+A teacher passes on its weights at the end of its training, not those of its
+best test epoch. `--resume` continues a killed run at the network it was
+training, from that network's last checkpoint.
+
+    python takd.py --chain plain10 plain4 plain2
+    python takd.py --chain resnet110 resnet20 resnet8 --compare --dataset cifar100 --data-dir data
+    python takd.py --chain plain10 auto plain2 --ta-candidates plain4 plain6 plain8
+    fabric run --devices 2 takd.py --chain resnet110 resnet20 resnet8 --teacher-ckpt runs/teacher/best.ckpt
+
+Expect (paper, CIFAR-100): resnet110 72.38, resnet20 67.03, resnet8 61.37
+alone; resnet110→resnet8 61.41; resnet110→resnet20→resnet8 61.82.
+"""
+import argparse
+import time
+from datetime import datetime
+
+import torch
+from tqdm import tqdm
+
+from common.data import DATASETS, load_dataset, make_loader
+from common.losses import cross_entropy, kd_loss
+from common.models import count_parameters, create_model, load_teacher
+from common.run import (UserError, check_finite, exit_on_user_error, finish, load_checkpoint, make_fabric,
+                        plot_curves, prepare_run_folder, require_positive, save_checkpoint, seed_epoch, write_csv,
+                        write_json)
+
+AUTO = "auto"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--chain", nargs="+", default=["plain10", "plain4", "plain2"],
+                        help="teacher, assistant(s), student: plain<2..10>, resnet<depth>, any model, or auto")
+    parser.add_argument("--ta-candidates", nargs="+", default=[], help="networks an `auto` in the chain chooses from")
+    parser.add_argument("--teacher-ckpt", help="weights of the chain's first network, instead of training it")
+    parser.add_argument("--compare", action="store_true",
+                        help="also train the student alone (NOKD) and from the teacher directly (BLKD)")
+    parser.add_argument("--kd-lambda", type=float, default=0.9, help="λ: weight of the KD term, 1-λ of the CE")
+    parser.add_argument("--kd-tau", type=float, default=4.0, help="τ: softmax temperature of the KD term")
+    parser.add_argument("--dataset", choices=DATASETS, default="cifar10-mini", help="the data set")
+    parser.add_argument("--data-dir", help="where cifar10/cifar100/imagefolder data is")
+    parser.add_argument("--img-size", type=int, help="training resolution (default: 32 for CIFAR, 224 for ImageFolder)")
+    parser.add_argument("--train-subset", type=int, help="train on a class-balanced subset of this many images")
+    parser.add_argument("--epochs", type=int, default=150, help="training epochs of every network")
+    parser.add_argument("--batch-size", type=int, default=128, help="batch size over all devices")
+    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate for batch 128 (scaled by batch/128)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    parser.add_argument("--warmup-epochs", type=float, default=1, help="linear warm-up of the learning rate")
+    parser.add_argument("--compile", action="store_true", help="wrap the trained networks in torch.compile")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
+    parser.add_argument("--out", help="run folder (default: runs/takd/<date-time>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    chain = args.chain
+    if len(chain) < 2:
+        raise UserError(f"--chain needs a teacher and a student, got {' '.join(chain)}")
+    if AUTO in (chain[0], chain[-1]):
+        raise UserError("--chain: the teacher and the student cannot be `auto`, only the networks between them")
+    if any(a == b == AUTO for a, b in zip(chain, chain[1:])):
+        # the midpoint rule needs the accuracies of both neighbours
+        raise UserError("--chain: two `auto`s in a row are not defined; put a network between them")
+    if AUTO in chain and not args.ta_candidates:
+        raise UserError("--chain has `auto` but --ta-candidates names no networks to choose from")
+    if AUTO in args.ta_candidates:
+        raise UserError("--ta-candidates must name networks, not `auto`")
+    if not 0 <= args.kd_lambda <= 1:
+        raise UserError(f"--kd-lambda must lie in [0, 1], got {args.kd_lambda}")
+    require_positive(kd_tau=args.kd_tau, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                     img_size=args.img_size)
+    if args.weight_decay < 0:
+        raise UserError(f"--weight-decay must not be negative, got {args.weight_decay}")
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out, the run folder to continue")
+
+
+def learning_rate(args, epoch, step, steps_per_epoch):
+    """The paper's step schedule, lr ÷10 at epochs 80 and 120 of 150 (scaled to
+    --epochs), after a linear warm-up over the first --warmup-epochs."""
+    milestones = [round(args.epochs * 80 / 150), round(args.epochs * 120 / 150)]
+    warmup = min(1.0, (epoch * steps_per_epoch + step + 1) / max(1.0, args.warmup_epochs * steps_per_epoch))
+    return args.lr * args.batch_size / 128 * 0.1 ** sum(epoch >= m for m in milestones) * warmup
+
+
+def choose_assistant(candidates, teacher_top1, student_top1):
+    """The candidate whose accuracy (trained alone) lies nearest the midpoint of
+    the teacher's and the student's: the paper's rule for the best TA."""
+    midpoint = (teacher_top1 + student_top1) / 2
+    return min(candidates, key=lambda name: abs(candidates[name] - midpoint))
+
+
+# --- training and evaluation -------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, loader, fabric):
+    """Top-1 and top-5 (%) on the test split."""
+    model.eval()
+    correct = torch.zeros(2, device=fabric.device)
+    seen = torch.zeros((), device=fabric.device)
+    for images, labels in loader.epoch():
+        with fabric.autocast():
+            scores = model(images).float()
+        top = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]
+        correct += torch.stack([top[:, 0].sum(), top.any(1).sum()])
+        seen += len(labels)
+    accuracy = 100 * fabric.all_reduce(correct, reduce_op="sum") / fabric.all_reduce(seen, reduce_op="sum")
+    return [round(value, 2) for value in accuracy.tolist()]
+
+
+def train_network(name, teacher, folder, fabric, data, loaders, args):
+    """Train `name` alone (teacher None) or by KD from the frozen `teacher`, in
+    `folder`; continue from its last checkpoint if it has one. Returns the trained
+    network, frozen for use as the next teacher, and its results."""
+    train_loader, test_loader = loaders
+    torch.manual_seed(args.seed)  # the same initial weights alone and distilled
+    model = create_model(name, len(data["classes"]), args.img_size, device=fabric.device)
+    if args.compile:
+        model = torch.compile(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    model, optimizer = fabric.setup(model, optimizer)
+    state = dict(model=model, optimizer=optimizer, epoch=0, history=[], wall_s=0.0, images=0, train_s=0.0,
+                 args=vars(args))
+    if (folder / "last.ckpt").is_file():
+        load_checkpoint(fabric, folder / "last.ckpt", state,
+                        expect={key: getattr(args, key) for key in ("dataset", "img_size", "train_subset", "epochs",
+                                                                    "batch_size", "kd_lambda", "kd_tau", "seed")})
+        fabric.print(f"{folder.name}: continuing at epoch {state['epoch']}" if state["epoch"] < args.epochs
+                     else f"{folder.name}: trained already, reusing it")
+    elif fabric.is_global_zero:
+        folder.mkdir(parents=True, exist_ok=True)
+
+    steps_per_epoch = len(train_loader)
+    for epoch in range(state["epoch"], args.epochs):
+        seed_epoch(args.seed, epoch)
+        model.train()
+        loss_sum = torch.zeros((), device=fabric.device)
+        images_seen, train_time = 0, 0.0
+        bar = tqdm(train_loader.epoch(epoch), total=steps_per_epoch, leave=False,
+                   desc=f"{folder.name} {epoch + 1}/{args.epochs}", disable=not fabric.is_global_zero)
+        tick = epoch_start = time.perf_counter()
+        for step, (images, labels) in enumerate(bar):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(args, epoch, step, steps_per_epoch)
+            logits = model(images)
+            if teacher is None:
+                loss = cross_entropy(logits, labels)
+            else:
+                with torch.no_grad(), fabric.autocast():
+                    teacher_logits = teacher(images)
+                loss = kd_loss(logits, teacher_logits, labels, args.kd_lambda, args.kd_tau)
+            check_finite(fabric, loss, epoch, step, folder)
+            fabric.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            images_seen += len(labels) * fabric.world_size
+            train_time = time.perf_counter() - tick
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{images_seen / train_time:.0f}")
+
+        top1, top5 = evaluate(model, test_loader, fabric)
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+               "loss": fabric.all_reduce(loss_sum, reduce_op="mean").item() / steps_per_epoch,
+               "top1": top1, "top5": top5, "img_per_s": images_seen / train_time}
+        fabric.print(f"{folder.name} epoch {epoch + 1}: top1={top1:.2f} loss={row['loss']:.3f} "
+                     f"{row['img_per_s']:.0f} img/s")
+        state["history"].append(row)
+        state.update(epoch=epoch + 1, images=state["images"] + images_seen, train_s=state["train_s"] + train_time)
+        state["wall_s"] += time.perf_counter() - epoch_start
+        save_checkpoint(fabric, folder / "last.ckpt", state)
+        if fabric.is_global_zero:
+            write_csv(folder / "metrics.csv", state["history"])
+            plot_curves(folder / "curves.png", state["history"])
+
+    last = state["history"][-1]
+    result = {"model": name, "teacher": teacher.lineage if teacher is not None else None, "folder": folder.name,
+              "params": count_parameters(model), "top1": last["top1"], "top5": last["top5"],
+              "train_img_per_s": state["images"] / state["train_s"], "images": state["images"],
+              "train_s": state["train_s"], "wall_s": state["wall_s"]}
+    if fabric.is_global_zero:
+        write_json(folder / "results.json", result)
+    return freeze(model.module, folder.name), result
+
+
+def freeze(model, lineage):
+    """A trained network as a teacher: eval mode, no gradients, outside DDP."""
+    model = model.eval().requires_grad_(False)
+    model.lineage = lineage
+    return model
+
+
+def main(args):
+    check_args(args)
+    fabric = make_fabric()
+    fabric.seed_everything(args.seed)
+    args.out = args.out or fabric.broadcast(f"runs/takd/{datetime.now():%Y%m%d-%H%M%S}")
+    out = prepare_run_folder(fabric, args.out, args.resume, args.overwrite, marker="args.json")
+    start = time.perf_counter()
+
+    data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
+    args.img_size = data["img_size"]
+    for name in set(args.chain + args.ta_candidates) - {AUTO}:
+        create_model(name, len(data["classes"]), args.img_size)  # an unknown name stops the run before training
+    if fabric.is_global_zero:
+        write_json(out / "args.json", vars(args))
+    per_device_batch = max(1, args.batch_size // fabric.world_size)
+    loaders = (make_loader(data, "train", per_device_batch, fabric, args.seed),
+               make_loader(data, "test", per_device_batch, fabric))
+
+    trained = {}  # lineage -> (frozen network, results): each network is trained once
+
+    def network(lineage):
+        """The network `a_to_b_to_c`: c distilled from b distilled from a (trained alone)."""
+        if lineage not in trained:
+            *ancestors, name = lineage.split("_to_")
+            teacher = network("_to_".join(ancestors))[0] if ancestors else None
+            trained[lineage] = train_network(name, teacher, out / lineage, fabric, data, loaders, args)
+        return trained[lineage]
+
+    teacher_name, student_name = args.chain[0], args.chain[-1]
+    if args.teacher_ckpt:
+        teacher = load_teacher(teacher_name, args.teacher_ckpt, len(data["classes"]), args.img_size,
+                               device=fabric.device)
+        teacher_top1 = evaluate(teacher, loaders[1], fabric)[0]
+        trained[teacher_name] = (freeze(teacher, teacher_name),
+                                 {"model": teacher_name, "teacher": None, "folder": None, "top1": teacher_top1,
+                                  "checkpoint": args.teacher_ckpt, "params": count_parameters(teacher)})
+        fabric.print(f"teacher {teacher_name} from {args.teacher_ckpt}: top1={teacher_top1:.2f}")
+
+    # `auto`: train the candidates and both neighbours alone, take the one nearest the midpoint
+    chain, ta_choices = list(args.chain), []
+    for i, name in enumerate(chain):
+        if name != AUTO:
+            continue
+        before, after = network(chain[i - 1])[1]["top1"], network(chain[i + 1])[1]["top1"]
+        candidates = {candidate: network(candidate)[1]["top1"] for candidate in args.ta_candidates}
+        chain[i] = choose_assistant(candidates, before, after)
+        ta_choices.append({"candidates": candidates, "teacher_top1": before, "student_alone_top1": after,
+                           "chosen": chain[i], "position": i})
+        fabric.print(f"auto at position {i}: midpoint {(before + after) / 2:.2f} of {chain[i - 1]} and "
+                     f"{chain[i + 1]} -> {chain[i]} ({candidates[chain[i]]:.2f})")
+
+    lineages = ["_to_".join(chain[:i + 1]) for i in range(len(chain))]
+    steps = [{"model": name, "teacher": chain[i - 1] if i else None, "top1": network(lineage)[1]["top1"],
+              "folder": lineage} for i, (name, lineage) in enumerate(zip(chain, lineages))]
+    compare = None
+    if args.compare:
+        alone = {name: network(name)[1]["top1"] for name in chain}
+        compare = {"nokd_top1": alone[student_name],
+                   "blkd_top1": network(f"{teacher_name}_to_{student_name}")[1]["top1"],
+                   "takd_top1": steps[-1]["top1"], "alone_top1": alone}
+
+    # --- results ------------------------------------------------------------
+    results_of_trained = [result for _, result in trained.values() if "train_s" in result]
+    train_s = sum(result["train_s"] for result in results_of_trained)
+    results = {
+        "method": "takd", "chain": chain, "requested_chain": args.chain, "dataset": args.dataset,
+        "epochs": args.epochs, "seed": args.seed, "kd_lambda": args.kd_lambda, "kd_tau": args.kd_tau,
+        "steps": steps, "student_top1": steps[-1]["top1"], "compare": compare,
+        "ta_choice": (ta_choices[0] if len(ta_choices) == 1 else ta_choices) or None,
+        "networks": {lineage: result for lineage, (_, result) in trained.items()},
+        "train_img_per_s": sum(result["images"] for result in results_of_trained) / train_s if train_s else None,
+        "wall_s": time.perf_counter() - start,
+        "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
+    }
+    if fabric.is_global_zero:
+        write_json(out / "results.json", results)
+        if compare:
+            write_csv(out / "compare.csv", compare_rows(steps, compare))
+        print_summary(results, out)
+    finish(fabric)
+
+
+def compare_rows(steps, compare):
+    """The comparison table: each network of the chain alone and in the chain, then NOKD/BLKD/TAKD."""
+    rows = [{"network": step["model"], "alone_top1": compare["alone_top1"][step["model"]],
+             "in_chain_top1": step["top1"], "learned_from": step["teacher"] or "labels"} for step in steps]
+    student = steps[-1]["model"]
+    rows += [{"network": f"{student} {method}", "alone_top1": compare["nokd_top1"],
+              "in_chain_top1": compare[f"{method.lower()}_top1"], "learned_from": source}
+             for method, source in (("NOKD", "labels"), ("BLKD", steps[0]["model"]),
+                                    ("TAKD", " -> ".join(step["model"] for step in steps[:-1])))]
+    return rows
+
+
+def print_summary(results, out):
+    print(f"\ntakd on {results['dataset']}, {results['epochs']} epochs -> {out}")
+    print(f"{'step':<6}{'network':<14}{'learned from':<14}{'top-1':>8}")
+    for i, step in enumerate(results["steps"]):
+        print(f"{i:<6}{step['model']:<14}{step['teacher'] or 'labels':<14}{step['top1']:>8.2f}")
+    if results["compare"]:
+        compare = results["compare"]
+        print(f"\n{'':<14}{'alone':>8}" + "".join(f"{name:>8}" for name in ("NOKD", "BLKD", "TAKD")))
+        for name, top1 in compare["alone_top1"].items():
+            print(f"{name:<14}{top1:>8.2f}")
+        print(f"{'student':<14}{'':>8}" + "".join(f"{compare[key]:>8.2f}"
+                                                  for key in ("nokd_top1", "blkd_top1", "takd_top1")))
+    if results["train_img_per_s"]:
+        print(f"train {results['train_img_per_s']:.0f} img/s, wall {results['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main, parse_args())

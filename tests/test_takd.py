@@ -1,0 +1,157 @@
+"""takd.py end to end on the embedded data: chains, --compare, auto, resume, DDP and bad input."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common.run import UserError
+from conftest import ROOT, kill_after_first_epoch, run_script
+
+QUICK = ["--epochs", "2", "--train-subset", "500", "--batch-size", "50", "--lr", "0.05"]
+
+
+def results(folder):
+    return json.loads((folder / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("takd") / "run"
+    result = run_script("takd.py", "--chain", "plain6", "plain4", "plain2", "--compare", *QUICK, "--out", out)
+    return out, result.stdout
+
+
+def test_three_step_chain_with_compare(compared):
+    out, stdout = compared
+    res = results(out)
+    assert res["method"] == "takd" and res["chain"] == ["plain6", "plain4", "plain2"]
+    assert res["dataset"] == "cifar10-mini" and res["epochs"] == 2 and res["seed"] == 0
+    assert [(s["model"], s["teacher"]) for s in res["steps"]] == [("plain6", None), ("plain4", "plain6"),
+                                                                   ("plain2", "plain4")]
+    assert res["student_top1"] == res["steps"][-1]["top1"]
+    assert res["train_img_per_s"] > 0 and res["wall_s"] > 0 and res["ta_choice"] is None
+    assert res["steps"][0]["top1"] > 15  # the teacher learned something: chance is 10 %
+    # one folder per trained network, named by its lineage; the chain's student is the TAKD figure
+    folders = {"plain6", "plain6_to_plain4", "plain6_to_plain4_to_plain2", "plain4", "plain2", "plain6_to_plain2"}
+    assert {p.name for p in out.iterdir() if p.is_dir()} == folders
+    for folder in folders:
+        for name in ("last.ckpt", "metrics.csv", "curves.png", "results.json"):
+            assert (out / folder / name).is_file(), (folder, name)
+        assert len((out / folder / "metrics.csv").read_text().splitlines()) == 3
+    networks = res["networks"]
+    compare = res["compare"]
+    assert compare["nokd_top1"] == networks["plain2"]["top1"]
+    assert compare["blkd_top1"] == networks["plain6_to_plain2"]["top1"]
+    assert compare["takd_top1"] == networks["plain6_to_plain4_to_plain2"]["top1"] == res["student_top1"]
+    assert compare["alone_top1"] == {name: networks[name]["top1"] for name in ("plain6", "plain4", "plain2")}
+    table = (out / "compare.csv").read_text().splitlines()
+    assert table[0] == "network,alone_top1,in_chain_top1,learned_from" and len(table) == 1 + 3 + 3
+    assert "NOKD" in stdout and "BLKD" in stdout and "TAKD" in stdout
+
+
+def test_auto_picks_the_candidate_nearest_the_midpoint(run, tmp_path):
+    out = tmp_path / "auto"
+    run("takd.py", "--chain", "plain6", "auto", "plain2", "--ta-candidates", "plain4", "resnet8", "plain2", *QUICK,
+        "--out", out)
+    res = results(out)
+    choice = res["ta_choice"]
+    assert set(choice["candidates"]) == {"plain4", "resnet8", "plain2"}
+    assert choice["teacher_top1"] == res["networks"]["plain6"]["top1"]
+    assert choice["student_alone_top1"] == res["networks"]["plain2"]["top1"]
+    midpoint = (choice["teacher_top1"] + choice["student_alone_top1"]) / 2
+    distances = {name: abs(top1 - midpoint) for name, top1 in choice["candidates"].items()}
+    assert distances[choice["chosen"]] == min(distances.values())
+    assert res["chain"] == ["plain6", choice["chosen"], "plain2"] and res["requested_chain"][1] == "auto"
+    assert (out / f"plain6_to_{choice['chosen']}_to_plain2" / "results.json").is_file()
+
+
+def test_reuse_a_teacher_trained_elsewhere(run, tmp_path, compared):
+    out, _ = compared
+    teacher = out / "plain6" / "last.ckpt"
+    run("takd.py", "--chain", "plain6", "plain2", "--teacher-ckpt", teacher, "--epochs", "1", "--train-subset",
+        "200", "--batch-size", "50", "--out", tmp_path / "reuse")
+    res = results(tmp_path / "reuse")
+    assert res["steps"][0]["top1"] == results(out)["networks"]["plain6"]["top1"]  # the same weights, evaluated
+    assert sorted(p.name for p in (tmp_path / "reuse").iterdir() if p.is_dir()) == ["plain6_to_plain2"]
+
+
+def test_resume_after_sigkill_in_the_second_step(run, tmp_path):
+    args = ["takd.py", "--chain", "plain4", "plain10", "plain2", "--epochs", "3", "--train-subset", "500",
+            "--batch-size", "50", "--lr", "0.05"]
+    run(*args, "--out", tmp_path / "whole")
+    killed = tmp_path / "killed"
+    kill_after_first_epoch(*args, out=killed, metrics=killed / "plain4_to_plain10" / "metrics.csv", delay=0.5)
+    first = (killed / "plain4" / "last.ckpt").read_bytes()
+    assert torch.load(killed / "plain4_to_plain10" / "last.ckpt", weights_only=False)["epoch"] < 3
+    result = run(*args, "--out", killed, "--resume")
+    assert "plain4: trained already" in result.stdout and "plain4_to_plain10: continuing at epoch" in result.stdout
+    assert (killed / "plain4" / "last.ckpt").read_bytes() == first  # the finished step was not retrained
+    whole, resumed = results(tmp_path / "whole"), results(killed)
+    assert [s["top1"] for s in resumed["steps"]] == [s["top1"] for s in whole["steps"]]
+    strip = lambda text: [line.rsplit(",", 1)[0] for line in text.splitlines()]  # all but img_per_s
+    for folder in ("plain4", "plain4_to_plain10", "plain4_to_plain10_to_plain2"):
+        assert strip((killed / folder / "metrics.csv").read_text()) == \
+            strip((tmp_path / "whole" / folder / "metrics.csv").read_text()), folder
+
+
+def test_two_process_ddp(tmp_path):
+    out = tmp_path / "ddp"
+    fabric = os.path.join(os.path.dirname(sys.executable), "fabric")
+    result = subprocess.run([fabric, "run", "--accelerator", "cpu", "--devices", "2", "takd.py", "--chain", "plain4",
+                             "plain2", "--epochs", "1", "--train-subset", "200", "--batch-size", "50", "--out",
+                             str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    res = results(out)
+    assert res["world_size"] == 2 and [s["model"] for s in res["steps"]] == ["plain4", "plain2"]
+
+
+# --- bad input: one line, non-zero exit, nothing overwritten -------------------
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--chain", "plain4"], "--chain needs a teacher and a student"),
+    (["--chain", "plain6", "auto", "plain2"], "--ta-candidates names no networks"),
+    (["--chain", "plain8", "auto", "auto", "plain2", "--ta-candidates", "plain4"], "two `auto`s in a row"),
+    (["--chain", "auto", "plain2", "--ta-candidates", "plain4"], "cannot be `auto`"),
+    (["--kd-lambda", "1.5"], "--kd-lambda must lie in [0, 1]"),
+    (["--kd-lambda", "-0.1"], "--kd-lambda must lie in [0, 1]"),
+    (["--kd-tau", "0"], "--kd-tau must be positive"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--resume"], "--resume needs --out"),
+])
+def test_bad_flags(flags, message):
+    import takd
+    with pytest.raises(UserError, match=re.escape(message)):
+        takd.check_args(takd.parse_args(["--chain", "plain4", "plain2", *flags]))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--chain", "plain4", "plain_typo"], "unknown model 'plain_typo'"),
+    (["--kd-tau", "-1"], "--kd-tau must be positive"),
+    (["--teacher-ckpt", "/nonexistent/teacher.ckpt"], "does not exist"),
+    (["--dataset", "imagefolder", "--data-dir", "/nonexistent/data"], "does not exist"),
+])
+def test_bad_input_is_one_line(run, tmp_path, flags, message):
+    result = run("takd.py", "--chain", "plain4", "plain2", "--train-subset", "50", *flags, "--out", tmp_path / "run",
+                 check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+
+
+def test_teacher_checkpoint_of_another_network_is_refused(run, tmp_path, compared):
+    out, _ = compared
+    result = run("takd.py", "--chain", "plain8", "plain2", "--teacher-ckpt", out / "plain6" / "last.ckpt",
+                 "--train-subset", "50", "--out", tmp_path / "run", check=False)
+    assert result.returncode == 2 and "do not fit" in result.stderr.strip().splitlines()[-1]
+
+
+def test_existing_run_folder_is_refused(run, compared):
+    out, _ = compared
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = run("takd.py", "--chain", "plain6", "plain2", *QUICK, "--out", out, check=False)
+    assert result.returncode == 2 and "exists and is not empty" in result.stderr.splitlines()[-1]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
