@@ -70,6 +70,26 @@ def subset(data, size, seed):
     return {**data, "train": (images, labels_t[order])}
 
 
+def validation_split(data, fraction, seed):
+    """Hold out `fraction` of every class of the training set: returns the data set
+    with the rest as `train` and the held-out part as `test`, so that a search
+    never sees the test split."""
+    images, labels = data["train"]
+    labels = torch.as_tensor(labels)
+    generator = torch.Generator().manual_seed(seed)
+    held_out = []
+    for c in range(len(data["classes"])):
+        idx = torch.nonzero(labels == c).flatten()
+        held_out.append(idx[torch.randperm(len(idx), generator=generator)][:round(fraction * len(idx))])
+    is_val = torch.zeros(len(labels), dtype=torch.bool)
+    is_val[torch.cat(held_out)] = True
+    if is_val.all() or not is_val.any():
+        raise UserError(f"--val-split {fraction} leaves no training or no validation images")
+    pick = lambda mask: ([images[i] for i in torch.nonzero(mask).flatten()] if isinstance(images, list)
+                         else images[mask], labels[mask])
+    return {**data, "train": pick(~is_val), "test": pick(is_val)}
+
+
 def _round_robin(lists):
     for i in range(max(len(x) for x in lists)):
         yield [x[i] for x in lists if i < len(x)]

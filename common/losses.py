@@ -61,3 +61,102 @@ def kd_loss(student_logits, teacher_logits, target, kd_lambda, tau):
     """
     ce = cross_entropy(student_logits, target)
     return (1 - kd_lambda) * ce + kd_lambda * soft_distillation_loss(student_logits, teacher_logits, tau)
+
+
+# --- Knowledge Transfer Graph edges (Minami et al. 2020; Okamoto et al., seed 002) ---
+# Each loss returns one value per sample, so that a gate can weight or mask them.
+# The source is always detached: an edge trains its target only (Fig. 1(c)).
+
+
+def prob_attract(source_logits, target_logits):
+    """Eq. 1: KL(p_s ‖ p_t) = Σ_c p_s^c log(p_s^c / p_t^c), per sample."""
+    source = F.log_softmax(source_logits.detach().float(), dim=-1)
+    target = F.log_softmax(target_logits.float(), dim=-1)
+    return (source.exp() * (source - target)).sum(-1)
+
+
+def prob_repel(source_logits, target_logits):
+    """Eq. 2: the cosine similarity of p_s and p_t, per sample; minimised, it pushes them apart."""
+    source = F.softmax(source_logits.detach().float(), dim=-1)
+    return F.cosine_similarity(source, F.softmax(target_logits.float(), dim=-1), dim=-1)
+
+
+def crop_windows(source_map, size):
+    """Top-left corners (rows, cols) of the `size`×`size` windows centred on the
+    argmax of each source map (B×H×W), shifted inside the map at its borders."""
+    height, width = source_map.shape[-2:]
+    peak = source_map.flatten(1).argmax(1)
+    top = (peak // width - size // 2).clamp(0, height - size)
+    left = (peak % width - size // 2).clamp(0, width - size)
+    return top, left
+
+
+def attention_crops(source_map, target_map, sizes):
+    """For each crop size, the same window cut from both maps (source detached),
+    flattened and L2-normalised: a list of (source B×s², target B×s²)."""
+    source_map = source_map.detach().float()
+    target_map = target_map.float()
+    batch = torch.arange(len(source_map), device=source_map.device)[:, None, None]
+    crops = []
+    for size in sizes:
+        size = min(size, *source_map.shape[-2:])
+        top, left = crop_windows(source_map, size)
+        offsets = torch.arange(size, device=source_map.device)
+        rows, cols = (top[:, None] + offsets)[:, :, None], (left[:, None] + offsets)[:, None, :]
+        crops.append(tuple(F.normalize(m[batch, rows, cols].flatten(1), dim=1) for m in (source_map, target_map)))
+    return crops
+
+
+def att_attract(source_map, target_map, sizes=(3, 7, 11)):
+    """Eq. 3: the squared distance of the L2-normalised crops, averaged over the crop sizes, per sample."""
+    crops = attention_crops(source_map, target_map, sizes)
+    return sum(((s - t) ** 2).sum(1) for s, t in crops) / len(crops)
+
+
+def att_repel(source_map, target_map, sizes=(3, 7, 11)):
+    """Eq. 4: the cosine similarity of the crops, averaged over the crop sizes, per sample."""
+    crops = attention_crops(source_map, target_map, sizes)
+    return sum((s * t).sum(1) for s, t in crops) / len(crops)
+
+
+def edge_loss(kind, source, target, sizes=(3, 7, 11)):
+    """The per-sample loss of one edge between network nodes; `source` and
+    `target` are (logits, attention map) pairs. `both_*` adds the probability
+    and attention terms (eq. 6: L_p + L_map)."""
+    (source_logits, source_map), (target_logits, target_map) = source, target
+    loss = 0
+    if kind in ("prob_attract", "both_attract"):
+        loss = loss + prob_attract(source_logits, target_logits)
+    if kind in ("prob_repel", "both_repel"):
+        loss = loss + prob_repel(source_logits, target_logits)
+    if kind in ("att_attract", "both_attract"):
+        loss = loss + att_attract(source_map, target_map, sizes)
+    if kind in ("att_repel", "both_repel"):
+        loss = loss + att_repel(source_map, target_map, sizes)
+    return loss
+
+
+def label_loss(logits, attention_logits, target):
+    """The label edge: CE per sample; for an ABN, CE on both branches (its own training loss)."""
+    loss = F.cross_entropy(logits.float(), target, reduction="none")
+    if attention_logits is not None:
+        loss = loss + F.cross_entropy(attention_logits.float(), target, reduction="none")
+    return loss
+
+
+def gate(kind, per_sample_loss, step, total_steps, source_correct):
+    """Eq. 6's gate G: the edge's per-sample losses to one scalar.
+
+    through: the batch mean; cutoff: 0, with no gradient (the edge is off);
+    linear: (k/K)·mean, k the global step (from 1) of K; correct: the loss kept
+    where the source predicts the true label, summed and divided by the batch size.
+    """
+    if kind == "through":
+        return per_sample_loss.mean()
+    if kind == "cutoff":
+        return torch.zeros((), device=per_sample_loss.device)
+    if kind == "linear":
+        return step / total_steps * per_sample_loss.mean()
+    if kind == "correct":
+        return (per_sample_loss * source_correct).sum() / len(per_sample_loss)
+    raise ValueError(f"unknown gate {kind!r}")

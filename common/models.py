@@ -44,7 +44,8 @@ PLAIN_CNNS = {
     "plain10": {10: ([[32, 32], [64, 64], [128, 128], [256] * 4], [128]),
                 100: ([[32, 32], [64, 64], [128, 128], [256] * 4], [512])},
 }
-ALIASES = list(VIT_ALIASES) + [f"resnet{d}" for d in CIFAR_RESNET_DEPTHS] + list(PLAIN_CNNS)
+ABN_ALIASES = [f"resnet{d}_abn" for d in CIFAR_RESNET_DEPTHS] + ["resnet18_abn"]
+ALIASES = list(VIT_ALIASES) + [f"resnet{d}" for d in CIFAR_RESNET_DEPTHS] + list(PLAIN_CNNS) + ABN_ALIASES
 
 
 def create_model(name, num_classes, img_size, patch_size=None, drop_path=0.0, pretrained=None, device=None):
@@ -61,6 +62,9 @@ def create_model(name, num_classes, img_size, patch_size=None, drop_path=0.0, pr
             model.set_distilled_training(True)  # else timm averages both heads in training too
     elif name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) in CIFAR_RESNET_DEPTHS:
         model = CifarResNet(int(name[6:]), num_classes)
+    elif name in ABN_ALIASES:
+        model = AttentionBranchNetwork.cifar(int(name[6:-4]), num_classes) if name != "resnet18_abn" \
+            else AttentionBranchNetwork.resnet18(num_classes)
     elif name in PLAIN_CNNS:
         blocks, hidden = PLAIN_CNNS[name][10 if num_classes <= 10 else 100]
         model = PlainCNN(blocks, hidden, num_classes, img_size)
@@ -186,6 +190,11 @@ class BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
+def resnet_stage(in_channels, channels, blocks, stride):
+    return nn.Sequential(*[BasicBlock(in_channels if b == 0 else channels, channels, stride if b == 0 else 1)
+                           for b in range(blocks)])
+
+
 class CifarResNet(nn.Module):
     def __init__(self, depth, num_classes):
         super().__init__()
@@ -231,3 +240,56 @@ class PlainCNN(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
+
+
+class AttentionBranchNetwork(nn.Module):
+    """Attention Branch Network (Fukui et al., CVPR 2019) on a ResNet.
+
+    The attention branch repeats the last ResNet stage at stride 1 on the
+    features before it, turns them into K class maps (BN, 1×1 conv, BN, ReLU),
+    and from those into the attention logits (1×1 conv, global average) and one
+    attention map (3×3 conv, BN, sigmoid). The perception branch runs the last
+    stage on the features weighted by the map, residually: x·M + x.
+
+    forward: (perception logits, attention logits, attention map B×H×W);
+    the map is 16×16 for a CIFAR ResNet at 32 pixels, 14×14 for resnet18 at 224.
+    """
+
+    def __init__(self, stem, front, attention_stage, perception_stage, channels, num_classes):
+        super().__init__()
+        self.stem, self.front = stem, front
+        self.attention_stage = attention_stage
+        self.class_maps = nn.Sequential(nn.BatchNorm2d(channels), nn.Conv2d(channels, num_classes, 1, bias=False),
+                                        nn.BatchNorm2d(num_classes), nn.ReLU())
+        self.attention_head = nn.Conv2d(num_classes, num_classes, 1, bias=False)
+        self.map_head = nn.Sequential(nn.Conv2d(num_classes, 1, 3, padding=1, bias=False), nn.BatchNorm2d(1),
+                                      nn.Sigmoid())
+        self.perception_stage = perception_stage
+        self.fc = nn.Linear(channels, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @classmethod
+    def cifar(cls, depth, num_classes):
+        """On the CIFAR ResNet of `depth` (6n+2): the branch starts after the 32-channel stage."""
+        n = (depth - 2) // 6
+        stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        front = nn.Sequential(resnet_stage(16, 16, n, 1), resnet_stage(16, 32, n, 2))
+        return cls(stem, front, resnet_stage(32, 64, n, 1), resnet_stage(32, 64, n, 2), 64, num_classes)
+
+    @classmethod
+    def resnet18(cls, num_classes):
+        """On ResNet-18 (He et al. 2016) for 224-pixel images: the branch starts after the third stage."""
+        stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                             nn.MaxPool2d(3, 2, 1))
+        front = nn.Sequential(resnet_stage(64, 64, 2, 1), resnet_stage(64, 128, 2, 2), resnet_stage(128, 256, 2, 2))
+        return cls(stem, front, resnet_stage(256, 512, 2, 1), resnet_stage(256, 512, 2, 2), 512, num_classes)
+
+    def forward(self, x):
+        x = self.front(self.stem(x))
+        class_maps = self.class_maps(self.attention_stage(x))
+        attention_logits = self.attention_head(class_maps).mean((2, 3))
+        attention = self.map_head(class_maps)
+        features = self.perception_stage(x * attention + x)
+        return self.fc(features.mean((2, 3))), attention_logits, attention[:, 0]

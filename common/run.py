@@ -84,8 +84,8 @@ def check_finite(fabric, loss, epoch, step, out):
     process learns of a bad loss on any of them, so none waits for the others."""
     not_finite = fabric.all_reduce((~torch.isfinite(loss.detach())).float(), reduce_op="sum")
     if not_finite > 0:
-        raise UserError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: stopped; "
-                        f"the last good checkpoint is {Path(out) / 'last.ckpt'}")
+        kept = f"; the last good checkpoint is {Path(out) / 'last.ckpt'}" if out is not None else ""
+        raise UserError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: stopped{kept}")
 
 
 def require_positive(**values):

@@ -111,3 +111,90 @@ def test_kd_loss_reaches_the_student_only():
     kd_loss(student(x), teacher(x), torch.randint(0, 4, (8,)), 0.9, 4.0).backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+# --- Knowledge Transfer Graph edges and gates ---
+
+
+def test_prob_attract_and_repel_by_hand():
+    from common.losses import prob_attract, prob_repel
+    source = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+    target = torch.log(torch.tensor([[0.25, 0.75], [0.5, 0.5]]))
+    kl = [0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75), 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)]
+    assert prob_attract(source, target).tolist() == pytest.approx(kl, rel=1e-5)  # eq. 1, KL(p_s ‖ p_t), per sample
+    cosine = [(0.5 * 0.25 + 0.5 * 0.75) / (math.sqrt(0.5) * math.sqrt(0.25 ** 2 + 0.75 ** 2)),
+              (0.9 * 0.5 + 0.1 * 0.5) / (math.sqrt(0.82) * math.sqrt(0.5))]
+    assert prob_repel(source, target).tolist() == pytest.approx(cosine, rel=1e-5)  # eq. 2
+
+
+def test_crop_windows_at_the_centre_and_clamped_at_each_border():
+    from common.losses import crop_windows
+    maps = torch.zeros(5, 16, 16)
+    for i, (row, col) in enumerate([(8, 8), (0, 8), (15, 8), (8, 0), (8, 15)]):
+        maps[i, row, col] = 1.0
+    top, left = crop_windows(maps, 7)
+    assert top.tolist() == [5, 0, 9, 5, 5]  # centred at row 8: rows 5..11; clamped to 0..6 and 9..15
+    assert left.tolist() == [5, 5, 5, 0, 9]
+    top, left = crop_windows(maps, 3)
+    assert (top[0].item(), left[0].item()) == (7, 7)
+
+
+def test_attention_losses_by_hand():
+    from common.losses import att_attract, att_repel
+    source = torch.zeros(1, 16, 16)
+    source[0, 8, 8] = 1.0  # the peak: a 3×3 window at rows/cols 7..9
+    target = torch.zeros(1, 16, 16)
+    target[0, 7:10, 7:10] = 1.0  # uniform in the window
+    target[0, 0, 0] = 5.0  # outside it: not seen
+    # normalised crops: source e_centre, target all 1/3; distance² = (1 - 1/3)² + 8·(1/3)² = 4/3, cosine 1/3
+    assert att_attract(source, target, sizes=(3,)).item() == pytest.approx(4 / 3, rel=1e-5)
+    assert att_repel(source, target, sizes=(3,)).item() == pytest.approx(1 / 3, rel=1e-5)
+    # averaged over sizes; the same maps give 0 and 1
+    assert att_attract(source, source, sizes=(3, 7)).item() == pytest.approx(0.0, abs=1e-6)
+    assert att_repel(target, target, sizes=(3, 7, 11)).item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_edge_losses_reach_the_target_only():
+    from common.graph import LOSSES
+    from common.losses import edge_loss
+    for kind in LOSSES:
+        source = (torch.randn(4, 5, requires_grad=True), torch.rand(4, 16, 16, requires_grad=True))
+        target = (torch.randn(4, 5, requires_grad=True), torch.rand(4, 16, 16, requires_grad=True))
+        loss = edge_loss(kind, source, target)
+        assert loss.shape == (4,)
+        loss.sum().backward()
+        assert all(t.grad is None for t in source), kind
+        uses_prob, uses_att = not kind.startswith("att"), not kind.startswith("prob")
+        assert (target[0].grad is not None) == uses_prob and (target[1].grad is not None) == uses_att, kind
+
+
+def test_both_is_the_sum_of_prob_and_att():
+    from common.losses import edge_loss
+    source, target = (torch.randn(3, 4), torch.rand(3, 16, 16)), (torch.randn(3, 4), torch.rand(3, 16, 16))
+    for direction in ("attract", "repel"):
+        both = edge_loss(f"both_{direction}", source, target)
+        parts = edge_loss(f"prob_{direction}", source, target) + edge_loss(f"att_{direction}", source, target)
+        assert torch.allclose(both, parts)
+
+
+def test_gates_by_hand():
+    from common.losses import gate
+    per_sample = torch.tensor([1.0, 2.0, 3.0, 6.0], requires_grad=True)
+    correct = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    assert gate("through", per_sample, 5, 10, correct).item() == 3.0
+    assert gate("linear", per_sample, 5, 10, correct).item() == pytest.approx(1.5)  # (k/K)·mean
+    assert gate("linear", per_sample, 1, 10, correct).item() == pytest.approx(0.3)
+    assert gate("linear", per_sample, 10, 10, correct).item() == pytest.approx(3.0)
+    assert gate("correct", per_sample, 5, 10, correct).item() == pytest.approx((1 + 3) / 4)  # ÷ batch size
+    cut = gate("cutoff", per_sample, 5, 10, correct)
+    assert cut.item() == 0.0 and not cut.requires_grad  # no gradient at all
+    gate("correct", per_sample, 5, 10, correct).backward()
+    assert per_sample.grad.tolist() == [0.25, 0.0, 0.25, 0.0]  # only samples the source gets right
+
+
+def test_label_loss_is_ce_on_both_branches():
+    from common.losses import label_loss
+    logits, attention_logits = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3), 0.0]])
+    labels = torch.tensor([0])
+    assert label_loss(logits, None, labels).item() == pytest.approx(math.log(2))
+    assert label_loss(logits, attention_logits, labels).item() == pytest.approx(math.log(2) - math.log(0.75))

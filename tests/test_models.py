@@ -12,6 +12,10 @@ def test_every_alias_trains(name):
     model = create_model(name, num_classes=10, img_size=32)
     model.train()
     output = model(torch.randn(2, 3, 32, 32))
+    if name.endswith("_abn"):  # perception logits, attention logits, attention map
+        logits, attention_logits, attention = output
+        assert attention.shape[0] == 2 and attention.ndim == 3 and 0 <= attention.min() <= attention.max() <= 1
+        output = (logits, attention_logits)
     if name.startswith("deit"):
         assert isinstance(output, tuple) and len(output) == 2  # both heads in training
     class_logits, distill_logits = split_heads(output)
@@ -99,3 +103,18 @@ def test_plain_cnns_as_in_takd():
     assert create_model("plain4", 10, 64)(torch.randn(1, 3, 64, 64)).shape == (1, 10)
     with pytest.raises(UserError, match="too small"):
         create_model("plain10", 10, 8)
+
+
+def test_attention_branch_network():
+    model = create_model("resnet20_abn", 10, 32)
+    logits, attention_logits, attention = model(torch.randn(2, 3, 32, 32))
+    assert logits.shape == attention_logits.shape == (2, 10) and attention.shape == (2, 16, 16)
+    # the perception branch sees the features weighted by the map: it depends on the map
+    model.eval()
+    x = torch.randn(1, 3, 32, 32)
+    before = model(x)[0]
+    torch.nn.init.constant_(model.map_head[1].bias, -20.0)  # sigmoid -> 0: the attention adds nothing
+    after = model(x)[0]
+    assert not torch.allclose(before, after)
+    resnet18 = create_model("resnet18_abn", 5, 224)
+    assert resnet18(torch.randn(1, 3, 224, 224))[2].shape == (1, 14, 14)

@@ -1,0 +1,409 @@
+"""Knowledge Transfer Graph ensembles: networks that teach each other along a graph, and the search for it.
+
+Minami et al., "Knowledge Transfer Graph for Deep Collaborative Learning", ACCV
+2020; Okamoto et al., diverse distillation for ensembles (seed 002). M network
+nodes, the label and an ensemble node (the mean of the nodes' logits, eq. 5).
+Each edge s → t adds to node t's loss, the source detached (Fig. 1(c)):
+
+    L_{s,t}(x) = G_{s,t}(L_p(x) + L_map(x))                                (eq. 6)
+
+L_p attracts (KL, eq. 1) or repels (cosine similarity, eq. 2) the class
+probabilities; L_map attracts (squared distance, eq. 3) or repels (cosine, eq. 4)
+crops of the Attention Branch Networks' maps, cut around the source map's peak
+(`--crop-sizes`). Six loss types: prob, att or both, each attract or repel. The
+gate G is through, cutoff, linear (k/K) or correct (only samples the source
+gets right). Label edges are CE (an ABN's own loss: CE on both branches).
+
+`--graph dml` and `--graph independent` are presets; a JSON file (see
+common/graph.py) gives any graph. `--search N` samples the loss type and gate of
+every edge at random (Optuna's random sampler), trains each graph, reports the
+ensemble's error on `--val-split` of the training set every epoch, and prunes by
+successive halving, as the authors' code does. Workers share a study through
+`--storage`; then the best graph is retrained on the whole training set and
+tested once.
+
+Recipe (the authors' CIFAR code): SGD with Nesterov momentum 0.9, lr 0.1 at batch
+64 (scaled with `--batch-size`), weight decay 5e-4, 200 epochs, each node its own
+optimizer. The schedule is theirs too, lr ÷10 at epochs 60, 120 and 180 (scaled
+with `--epochs`): a step schedule, so that graphs searched and retrained here
+compare with the paper's.
+
+    python ktg_ensemble.py --nodes resnet20_abn resnet20_abn resnet20_abn --graph dml
+    python ktg_ensemble.py --nodes resnet20_abn resnet20_abn resnet20_abn --search 200
+    python ktg_ensemble.py --graph runs/ktg/search/best_graph.json --dataset imagefolder --data-dir /data/dogs
+    fabric run --devices 4 ktg_ensemble.py --graph dml --nodes resnet18_abn resnet18_abn resnet18_abn \\
+        --dataset imagefolder --data-dir /data/dogs
+
+Expect (seed 002, Stanford Dogs, ABN × 3, ensemble top-1): Independent 71.41,
+DML 72.08, the searched graph 73.41.
+"""
+import argparse
+import fcntl
+import os
+import time
+import warnings
+from datetime import datetime
+
+import torch
+from tqdm import tqdm
+
+from common.data import DATASETS, load_dataset, make_loader, resize, validation_split
+from common.graph import LABEL, LOSSES, check_graph, draw_attention, draw_graph, load_graph, preset, sample_graph
+from common.losses import edge_loss, gate, label_loss
+from common.models import ABN_ALIASES, count_parameters, create_model
+from common.run import (UserError, check_finite, exit_on_user_error, finish, load_checkpoint, make_fabric,
+                        plot_curves, prepare_run_folder, require_positive, save_checkpoint, seed_epoch, write_csv,
+                        write_json)
+
+HEARTBEAT_S = 5  # a search trial whose process stops beating for 3 heartbeats is marked failed
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--nodes", nargs="+", help="the network nodes (default: the graph file's, else "
+                                                   "resnet20_abn × 3); attention losses need *_abn models")
+    parser.add_argument("--graph", default="dml", help="independent, dml, or a graph JSON file")
+    parser.add_argument("--crop-sizes", type=int, nargs="+", default=[3, 7, 11],
+                        help="attention crops around the source map's peak")
+    parser.add_argument("--search", type=int, default=0, help="search this many graphs (0: train --graph)")
+    parser.add_argument("--val-split", type=float, default=0.2, help="part of the training set a search scores on")
+    parser.add_argument("--storage", help="Optuna storage URL shared by search workers (default: SQLite in --out)")
+    parser.add_argument("--study-name", default="ktg", help="the Optuna study in --storage")
+    parser.add_argument("--dataset", choices=DATASETS, default="cifar10-mini", help="the data set")
+    parser.add_argument("--data-dir", help="where cifar10/cifar100/imagefolder data is")
+    parser.add_argument("--img-size", type=int, help="training resolution (default: 32 for CIFAR, 224 for ImageFolder)")
+    parser.add_argument("--train-subset", type=int, help="train on a class-balanced subset of this many images")
+    parser.add_argument("--epochs", type=int, default=200, help="training epochs (of every search trial too)")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size over all devices")
+    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate for batch 64 (scaled by batch/64)")
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    parser.add_argument("--compile", action="store_true", help="wrap the nodes in torch.compile")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order, augmentation and "
+                                                            "sampler (give each search worker its own)")
+    parser.add_argument("--out", help="run folder (default: runs/ktg/<date-time>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run (or the search) in --out")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    require_positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size)
+    if args.search < 0:
+        raise UserError(f"--search must be a number of trials, got {args.search}")
+    if not 0 < args.val_split < 1:
+        raise UserError(f"--val-split must lie between 0 and 1, got {args.val_split}")
+    if any(size < 1 for size in args.crop_sizes):
+        raise UserError(f"--crop-sizes must be positive, got {args.crop_sizes}")
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out, the run folder to continue")
+    if args.graph in ("independent", "dml"):
+        graph = preset(args.graph, args.nodes or ["resnet20_abn"] * 3)
+    else:
+        graph = load_graph(args.graph, args.nodes)
+    check_graph(graph)
+    for edge in graph["edges"]:
+        if edge["loss"].startswith(("att", "both")):
+            for end in (edge["source"], edge["target"]):
+                if graph["nodes"][end] not in ABN_ALIASES:
+                    raise UserError(f"edge {edge}: attention losses need attention maps, but node {end} is "
+                                    f"{graph['nodes'][end]}, not an *_abn model")
+    return graph
+
+
+def learning_rate(args, epoch):
+    """The authors' step schedule: ÷10 at epochs 60, 120 and 180 of 200, scaled to --epochs."""
+    milestones = [round(args.epochs * f) for f in (0.3, 0.6, 0.9)]
+    return args.lr * args.batch_size / 64 * 0.1 ** sum(epoch >= m for m in milestones)
+
+
+# --- training and evaluation -------------------------------------------------
+
+
+def node_outputs(node, images):
+    """(logits, attention logits, attention map) of a node; the last two None without an attention branch."""
+    output = node(images)
+    return output if isinstance(output, tuple) else (output, None, None)
+
+
+def graph_loss(graph, outputs, labels, step, total_steps, crop_sizes):
+    """Σ over the edges of eq. 6. A node's loss comes only from its incoming edges:
+    every source is detached, so the sum can go through one backward."""
+    correct = [logits.argmax(1) == labels for logits, _, _ in outputs]
+    # Every parameter joins the backward (zero gradient at least), as DDP needs,
+    # even in a node whose edges are all cut off.
+    loss = sum(0.0 * sum(t.float().sum() for t in output if t is not None) for output in outputs)
+    for edge in graph["edges"]:
+        if edge["gate"] == "cutoff":
+            continue  # G = 0: nothing to compute
+        target, source = edge["target"], edge["source"]
+        logits, attention_logits, attention = outputs[target]
+        if source == LABEL:
+            per_sample = label_loss(logits, attention_logits, labels)
+            source_correct = torch.ones_like(correct[target])
+        else:
+            source_logits, _, source_attention = outputs[source]
+            per_sample = edge_loss(edge["loss"], (source_logits, source_attention), (logits, attention), crop_sizes)
+            source_correct = correct[source]
+        loss = loss + gate(edge["gate"], per_sample, step, total_steps, source_correct.float())
+    return loss
+
+
+@torch.no_grad()
+def evaluate(nodes, loader, fabric):
+    """Top-1 (%) of each node and of the ensemble (the mean of their logits, eq. 5)."""
+    for node in nodes:
+        node.eval()
+    correct = torch.zeros(len(nodes) + 1, device=fabric.device)
+    seen = torch.zeros((), device=fabric.device)
+    for images, labels in loader.epoch():
+        logits = [node_outputs(node, images)[0].float() for node in nodes]
+        logits.append(torch.stack(logits).mean(0))
+        correct += torch.stack([(scores.argmax(1) == labels).sum() for scores in logits])
+        seen += len(labels)
+    accuracy = 100 * fabric.all_reduce(correct, reduce_op="sum") / fabric.all_reduce(seen, reduce_op="sum")
+    return [round(value, 2) for value in accuracy.tolist()]
+
+
+def train_graph(graph, data, fabric, args, out=None, report=None):
+    """Train the graph's nodes together, evaluating on data["test"] after every
+    epoch. With `out`: checkpoints, metrics and --resume. `report(epoch, error)`
+    receives the ensemble's error (a search trial prunes there). Returns the
+    nodes, the last accuracies and the state."""
+    per_device_batch = max(1, args.batch_size // fabric.world_size)
+    train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed)
+    test_loader = make_loader(data, "test", per_device_batch, fabric)
+    torch.manual_seed(args.seed)  # every graph starts from the same weights
+    nodes, optimizers = [], []
+    for name in graph["nodes"]:
+        node = create_model(name, len(data["classes"]), args.img_size, device=fabric.device)
+        if args.compile:
+            node = torch.compile(node)
+        optimizer = torch.optim.SGD(node.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                    weight_decay=args.weight_decay)
+        node, optimizer = fabric.setup(node, optimizer)
+        nodes.append(node)
+        optimizers.append(optimizer)
+
+    state = {f"node{m}": node for m, node in enumerate(nodes)}
+    state.update({f"optimizer{m}": optimizer for m, optimizer in enumerate(optimizers)})
+    state.update(epoch=0, history=[], best_top1=-1.0, wall_s=0.0, args=vars(args), graph=graph)
+    if out is not None and args.resume and (out / "last.ckpt").is_file():
+        load_checkpoint(fabric, out / "last.ckpt", state,
+                        expect={"dataset": args.dataset, "img_size": args.img_size, "train_subset": args.train_subset,
+                                "epochs": args.epochs, "batch_size": args.batch_size})
+        if state["graph"] != graph:
+            raise UserError(f"cannot resume {out / 'last.ckpt'}: it trained another graph")
+        fabric.print(f"resuming {out} at epoch {state['epoch']}")
+
+    M, steps_per_epoch = len(nodes), len(train_loader)
+    total_steps = args.epochs * steps_per_epoch
+    accuracy = None
+    for epoch in range(state["epoch"], args.epochs):
+        seed_epoch(args.seed, epoch)
+        for node, optimizer in zip(nodes, optimizers):
+            node.train()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(args, epoch)
+        loss_sum = torch.zeros((), device=fabric.device)
+        images_seen, train_time = 0, 0.0
+        bar = tqdm(train_loader.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
+                   disable=not fabric.is_global_zero, leave=False)
+        tick = epoch_start = time.perf_counter()
+        for step, (images, labels) in enumerate(bar):
+            outputs = [node_outputs(node, images) for node in nodes]
+            loss = graph_loss(graph, outputs, labels, epoch * steps_per_epoch + step + 1, total_steps,
+                              args.crop_sizes)
+            check_finite(fabric, loss, epoch, step, out)
+            fabric.backward(loss)
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            images_seen += len(labels) * fabric.world_size
+            train_time = time.perf_counter() - tick
+            bar.set_postfix(loss=f"{loss.item() / M:.3f}", img_s=f"{images_seen / train_time:.0f}")
+
+        accuracy = evaluate(nodes, test_loader, fabric)
+        row = {"epoch": epoch + 1, "lr": optimizers[0].param_groups[0]["lr"],
+               "loss": fabric.all_reduce(loss_sum, reduce_op="mean").item() / steps_per_epoch / M}
+        row.update({f"top1_{m}": accuracy[m] for m in range(M)})
+        row.update(top1_ensemble=accuracy[M], img_per_s=images_seen / train_time)
+        fabric.print(f"epoch {epoch + 1}: " + " ".join(f"{m}={accuracy[m]:.2f}" for m in range(M))
+                     + f" ensemble={accuracy[M]:.2f} loss={row['loss']:.3f} {row['img_per_s']:.0f} img/s")
+        state["history"].append(row)
+        state["epoch"] = epoch + 1
+        state["wall_s"] += time.perf_counter() - epoch_start
+        if report is not None:
+            report(epoch, 100 - accuracy[M])
+        if out is not None:
+            is_best = accuracy[M] > state["best_top1"]
+            state["best_top1"] = max(state["best_top1"], accuracy[M])
+            save_checkpoint(fabric, out / "last.ckpt", state)
+            if is_best:
+                save_checkpoint(fabric, out / "best.ckpt", state)
+            if fabric.is_global_zero:
+                write_csv(out / "metrics.csv", state["history"])
+                plot_curves(out / "curves.png", state["history"])
+    if accuracy is None:  # resumed a finished run
+        accuracy = evaluate(nodes, test_loader, fabric)
+    return nodes, accuracy, state
+
+
+# --- search ------------------------------------------------------------------
+
+
+def open_study(args, out):
+    """The Optuna study in --storage (created if new), with the authors' random
+    sampler and successive-halving pruner. Heartbeats let a later worker mark
+    the trial of a killed process as failed."""
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    url = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    # Workers starting together on a new SQLite file race to create its tables: take turns.
+    with open(out / ".study.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                                 grace_period=3 * HEARTBEAT_S)
+            study = optuna.create_study(storage=storage, study_name=args.study_name, direction="minimize",
+                                        load_if_exists=True)
+        except Exception as error:
+            raise UserError(f"cannot open study {args.study_name!r} in {url}: {type(error).__name__}: {error}") from None
+    # Seeded by the trials already there: one worker is reproducible, a resumed one draws new graphs.
+    study.sampler = optuna.samplers.RandomSampler(seed=args.seed * 100_003 + len(study.trials))
+    study.pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+    return study
+
+
+def search(nodes, data, fabric, args, out):
+    """Run trials until --search of them have finished (completed or pruned) in the study; return the best graph."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = open_study(args, out)
+    val_data = validation_split(data, args.val_split, args.seed)
+    attention = all(name in ABN_ALIASES for name in nodes)
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+
+    def objective(trial):
+        graph = sample_graph(trial, nodes, LOSSES if attention else LOSSES[:2])
+        trial.set_user_attr("graph", graph)
+        trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
+
+        def report(epoch, error):
+            trial.report(error, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        fabric.print(f"trial {trial.number}")
+        return 100 - train_graph(graph, val_data, fabric, args, report=report)[1][-1]
+
+    if len(study.get_trials(deepcopy=False, states=finished)) < args.search:
+        # a trial whose loss turns NaN fails alone; the search goes on
+        study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(args.search, states=finished)],
+                       catch=(UserError,))
+    optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials()
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not completed:
+        raise UserError(f"no trial of study {args.study_name!r} completed")
+    write_csv(out / "trials.csv", [trial_row(t, study) for t in trials])
+    best = study.best_trial
+    summary = {"study_name": args.study_name, "trials": len(trials), "completed": len(completed),
+               "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+               "failed": sum(t.state == TrialState.FAIL for t in trials),
+               "best_trial": best.number, "best_val_error": best.value, "best_graph": best.user_attrs["graph"]}
+    write_json(out / "best_graph.json", best.user_attrs["graph"])
+    return best.user_attrs["graph"], summary
+
+
+def trial_row(trial, study):
+    names = sorted(study.best_trial.params)
+    return {"number": trial.number, "state": trial.state.name, "val_error": trial.value,
+            "epochs": (trial.last_step + 1) if trial.last_step is not None else 0,
+            "duration_s": trial.duration.total_seconds() if trial.duration else None,
+            "worker": trial.user_attrs.get("worker"), **{name: trial.params.get(name) for name in names}}
+
+
+# --- main --------------------------------------------------------------------
+
+
+def main(args):
+    graph = check_args(args)
+    fabric = make_fabric()
+    if args.search and fabric.world_size > 1:
+        raise UserError("--search runs one worker per process: start several, sharing --storage")
+    fabric.seed_everything(args.seed)
+    args.out = args.out or fabric.broadcast(f"runs/ktg/{datetime.now():%Y%m%d-%H%M%S}")
+    out = prepare_run_folder(fabric, args.out, args.resume, args.overwrite, marker="args.json")
+    data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
+    args.img_size = data["img_size"]
+    for name in set(graph["nodes"]):
+        create_model(name, len(data["classes"]), args.img_size)  # an unknown name stops the run before training
+    if fabric.is_global_zero:
+        write_json(out / "args.json", vars(args))
+
+    search_summary = None
+    if args.search:
+        graph, search_summary = search(graph["nodes"], data, fabric, args, out)
+        fabric.print(f"best graph: trial {search_summary['best_trial']}, validation error "
+                     f"{search_summary['best_val_error']:.2f} %; retraining it on the whole training set")
+    nodes, accuracy, state = train_graph(graph, data, fabric, args, out=out)
+
+    # --- results ------------------------------------------------------------
+    M = len(nodes)
+    results = {
+        "method": "ktg_ensemble", "graph": graph, "dataset": args.dataset, "epochs": args.epochs,
+        "seed": args.seed,
+        "nodes": [{"name": name, "params": count_parameters(node), "top1": accuracy[m]}
+                  for m, (name, node) in enumerate(zip(graph["nodes"], nodes))],
+        "node_mean_top1": sum(accuracy[:M]) / M, "ensemble_top1": accuracy[M],
+        "train_img_per_s": state["history"][-1]["img_per_s"], "wall_s": state["wall_s"],
+        "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
+    }
+    if search_summary:
+        results["search"] = search_summary
+    if fabric.is_global_zero:
+        write_json(out / "results.json", results)
+        draw_graph(out / "graph.png", graph, {**dict(enumerate(accuracy[:M])), "ensemble": accuracy[M]})
+        attention_picture(out / "attention.png", nodes, graph, data, fabric)
+        print_summary(results, out)
+    finish(fabric)
+
+
+@torch.no_grad()
+def attention_picture(path, nodes, graph, data, fabric, count=4):
+    """Each ABN node's attention map on the first test images (seed 002, Fig. 3)."""
+    images = data["test"][0]
+    shown = [m for m, name in enumerate(graph["nodes"]) if name in ABN_ALIASES]
+    if not shown or isinstance(images, list):
+        return  # no attention branch, or images streamed from files
+    images = images[:count]
+    mean = torch.tensor(data["mean"], device=fabric.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(data["std"], device=fabric.device).view(1, 3, 1, 1) * 255
+    batch = (resize(images.to(fabric.device).float(), data["img_size"]) - mean) / std
+    maps = []
+    for m in shown:
+        nodes[m].eval()
+        with fabric.autocast():
+            maps.append(node_outputs(nodes[m], batch)[2].float())
+    draw_attention(path, images, maps, [f"{m}: {graph['nodes'][m]}" for m in shown])
+
+
+def print_summary(results, out):
+    print(f"\nktg_ensemble on {results['dataset']}, {results['epochs']} epochs -> {out}")
+    for m, node in enumerate(results["nodes"]):
+        print(f"{f'{m}: ' + node['name']:<20}{node['top1']:>8.2f}")
+    print(f"{'node mean':<20}{results['node_mean_top1']:>8.2f}\n{'ensemble':<20}{results['ensemble_top1']:>8.2f}")
+    if "search" in results:
+        search = results["search"]
+        print(f"search: {search['trials']} trials, {search['completed']} completed, {search['pruned']} pruned, "
+              f"best validation error {search['best_val_error']:.2f} % (trial {search['best_trial']})")
+    print(f"train {results['train_img_per_s']:.0f} img/s, wall {results['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main, parse_args())

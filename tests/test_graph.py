@@ -1,0 +1,91 @@
+"""Knowledge Transfer Graphs: JSON round trip, presets, bad graphs, one training step's gradients."""
+import json
+
+import pytest
+import torch
+
+from common.graph import GATES, LOSSES, check_graph, draw_graph, load_graph, preset, sample_graph
+from common.models import create_model
+from common.run import UserError
+
+
+def test_presets():
+    independent = preset("independent", ["resnet8", "resnet8", "resnet8"])
+    assert [(e["source"], e["target"], e["loss"]) for e in independent["edges"]] == [("label", t, "ce")
+                                                                                      for t in range(3)]
+    dml = preset("dml", ["resnet8"] * 3)
+    peer_edges = [e for e in dml["edges"] if e["source"] != "label"]
+    assert len(peer_edges) == 6 and all(e["loss"] == "prob_attract" and e["gate"] == "through" for e in peer_edges)
+
+
+def test_json_round_trip(tmp_path):
+    graph = preset("dml", ["resnet20_abn", "resnet8"])
+    graph["edges"][2].update(loss="both_repel", gate="correct")
+    path = tmp_path / "graph.json"
+    path.write_text(json.dumps(graph))
+    assert load_graph(path) == graph
+    assert load_graph(path, nodes=["resnet20_abn", "resnet8"]) == graph
+
+
+def edge(source, target, loss="prob_attract", gate="through"):
+    return {"source": source, "target": target, "loss": loss, "gate": gate}
+
+
+@pytest.mark.parametrize("edges, message", [
+    ([edge(1, 0, loss="prob_magnet")], "unknown loss 'prob_magnet'"),
+    ([edge(1, 0, gate="sometimes")], "unknown gate 'sometimes'"),
+    ([edge("label", 0, loss="prob_attract")], "unknown loss 'prob_attract'"),  # label edges are CE
+    ([edge(3, 0)], "node 3 is not the label or a node index"),
+    ([edge(0, -1)], "node -1 is not"),
+    ([edge(0, "label")], "no edge can go into the label"),
+    ([edge(1, 0), edge(1, 0, gate="linear")], "a second edge from 1 to 0"),
+    ([edge(1, 1)], "cannot teach itself"),
+    ([{"source": 1, "target": 0}], "exactly source, target, loss and gate"),
+])
+def test_bad_graphs_are_refused(edges, message):
+    with pytest.raises(UserError, match=message):
+        check_graph({"nodes": ["resnet8", "resnet8", "resnet8"], "edges": edges})
+
+
+def test_bad_node_lists_are_refused(tmp_path):
+    with pytest.raises(UserError, match="2 to 8 network nodes"):
+        check_graph({"nodes": ["resnet8"], "edges": []})
+    with pytest.raises(UserError, match="2 to 8 network nodes"):
+        check_graph({"nodes": ["resnet8"] * 9, "edges": []})
+    with pytest.raises(UserError, match="do not match --nodes"):
+        check_graph(preset("dml", ["resnet8", "resnet8"]), nodes=["resnet8", "resnet14"])
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match="is not JSON"):
+        load_graph(tmp_path / "bad.json")
+    with pytest.raises(UserError, match="neither a preset"):
+        load_graph(tmp_path / "missing.json")
+
+
+def test_sampled_graph_has_every_edge():
+    import optuna
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    graph = check_graph(sample_graph(study.ask(), ["resnet20_abn"] * 3))
+    assert len(graph["edges"]) == 3 + 6
+    assert all(e["loss"] in LOSSES and e["gate"] in GATES for e in graph["edges"] if e["source"] != "label")
+
+
+def test_graph_picture(tmp_path):
+    graph = preset("dml", ["resnet8"] * 3)
+    graph["edges"][3]["gate"] = "cutoff"
+    draw_graph(tmp_path / "graph.png", graph, {0: 50.0, 1: 51.0, 2: 52.0, "ensemble": 55.0})
+    assert (tmp_path / "graph.png").stat().st_size > 10_000
+
+
+def test_an_edge_trains_its_target_only():
+    from ktg_ensemble import graph_loss, node_outputs
+    torch.manual_seed(0)
+    nodes = [create_model("resnet8_abn", 10, 32) for _ in range(2)]
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    for kind in LOSSES:
+        graph = {"nodes": ["resnet8_abn"] * 2, "edges": [edge(0, 1, loss=kind)]}
+        outputs = [node_outputs(node, images) for node in nodes]
+        graph_loss(graph, outputs, labels, 1, 10, (3, 7)).backward()
+        assert all(p.grad.abs().sum() == 0 for p in nodes[0].parameters()), kind  # the source: zero gradient
+        assert sum(p.grad.abs().sum() for p in nodes[1].parameters()) > 0, kind
+        for node in nodes:
+            node.zero_grad()

@@ -1,0 +1,152 @@
+"""ktg_ensemble.py end to end on the embedded data: presets, a graph file, the search and its workers, bad input."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from common.run import UserError
+from conftest import ROOT, run_script
+
+NODES = ["--nodes", "resnet8_abn", "resnet8_abn"]
+QUICK = ["--epochs", "2", "--train-subset", "300", "--batch-size", "50"]
+SEARCH = [*NODES, "--epochs", "2", "--train-subset", "200", "--batch-size", "50"]
+
+
+def results(folder):
+    return json.loads((folder / "results.json").read_text())
+
+
+def study_trials(storage, name="ktg"):
+    return optuna.load_study(study_name=name, storage=storage).get_trials()
+
+
+def finished(trials):
+    return [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+
+
+@pytest.mark.parametrize("preset", ["dml", "independent"])
+def test_presets_end_to_end(run, tmp_path, preset):
+    out = tmp_path / preset
+    run("ktg_ensemble.py", *NODES, "--graph", preset, *QUICK, "--out", out)
+    for name in ("args.json", "metrics.csv", "results.json", "last.ckpt", "best.ckpt", "curves.png", "graph.png",
+                 "attention.png"):
+        assert (out / name).is_file(), name
+    res = results(out)
+    assert res["method"] == "ktg_ensemble" and res["dataset"] == "cifar10-mini" and res["epochs"] == 2
+    assert res["graph"]["nodes"] == ["resnet8_abn", "resnet8_abn"] and res["seed"] == 0
+    assert len(res["graph"]["edges"]) == (4 if preset == "dml" else 2)
+    assert [node["name"] for node in res["nodes"]] == ["resnet8_abn", "resnet8_abn"]
+    assert res["node_mean_top1"] == pytest.approx(sum(node["top1"] for node in res["nodes"]) / 2)
+    assert res["ensemble_top1"] > 10 and res["train_img_per_s"] > 0 and res["wall_s"] > 0
+    assert (out / "attention.png").stat().st_size > 20_000 and (out / "graph.png").stat().st_size > 10_000
+
+
+def test_graph_from_a_file(run, tmp_path):
+    graph = {"nodes": ["resnet8_abn", "resnet8"],
+             "edges": [{"source": "label", "target": 0, "loss": "ce", "gate": "through"},
+                       {"source": "label", "target": 1, "loss": "ce", "gate": "linear"},
+                       {"source": 1, "target": 0, "loss": "prob_repel", "gate": "correct"},
+                       {"source": 0, "target": 1, "loss": "prob_attract", "gate": "cutoff"}]}
+    (tmp_path / "graph.json").write_text(json.dumps(graph))
+    run("ktg_ensemble.py", "--graph", tmp_path / "graph.json", "--epochs", "1", "--train-subset", "100",
+        "--batch-size", "50", "--out", tmp_path / "run")
+    assert results(tmp_path / "run")["graph"] == graph
+
+
+def test_search_writes_study_table_and_best_graph(run, tmp_path):
+    out = tmp_path / "search"
+    run("ktg_ensemble.py", *SEARCH, "--search", "3", "--out", out)
+    for name in ("study.db", "trials.csv", "best_graph.json", "results.json", "graph.png", "last.ckpt"):
+        assert (out / name).is_file(), name
+    trials = study_trials(f"sqlite:///{out / 'study.db'}")
+    assert len(finished(trials)) == 3
+    table = (out / "trials.csv").read_text().splitlines()
+    assert table[0].startswith("number,state,val_error,epochs,duration_s,worker") and len(table) == 1 + len(trials)
+    assert "0_to_1_loss" in table[0] and "label_to_0_gate" in table[0]
+    res = results(out)
+    search = res["search"]
+    best = min((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert search["best_val_error"] == best.value and search["completed"] + search["pruned"] == 3
+    assert json.loads((out / "best_graph.json").read_text()) == search["best_graph"] == res["graph"]
+    assert best.user_attrs["graph"] == res["graph"]
+
+
+def test_killed_search_keeps_its_finished_trials(run, tmp_path):
+    out = tmp_path / "search"
+    storage = f"sqlite:///{out / 'study.db'}"
+    args = ["ktg_ensemble.py", *SEARCH, "--search", "4", "--out", out]
+    process = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline:  # kill it inside its second trial
+        time.sleep(0.5)
+        if (out / "study.db").exists():
+            trials = study_trials(storage)
+            if len(finished(trials)) >= 1 and any(t.state.name == "RUNNING" for t in trials):
+                break
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    before = {t.number: t.state.name for t in finished(study_trials(storage))}
+    assert 1 <= len(before) < 4
+    time.sleep(16)  # the killed trial's heartbeat goes stale (3 × 5 s)
+    run(*args, "--resume")
+    trials = study_trials(storage)
+    assert {t.number: t.state.name for t in trials if t.number in before} == before  # kept, not rerun
+    assert len(finished(trials)) == 4
+    assert [t.state.name for t in trials].count("FAIL") == 1  # the trial the kill interrupted
+    assert (out / "best_graph.json").is_file()
+
+
+def test_two_workers_share_one_study(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    workers = [subprocess.Popen([sys.executable, "ktg_ensemble.py", *SEARCH, "--search", "4", "--storage", storage,
+                                 "--study-name", "shared", "--seed", str(seed), "--out", str(tmp_path / f"w{seed}")],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for seed in (0, 1)]
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=400)
+        assert worker.returncode == 0, stderr[-2000:]
+    trials = study_trials(storage, "shared")
+    assert 4 <= len(finished(trials)) <= 5  # a worker may finish one trial past the target
+    assert len({t.user_attrs["worker"] for t in trials}) == 2
+    for seed in (0, 1):
+        assert results(tmp_path / f"w{seed}")["search"]["study_name"] == "shared"
+
+
+# --- bad input: one line, non-zero exit ----------------------------------------
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--nodes", "resnet8_abn"], "2 to 8 network nodes"),
+    (["--graph", "/nonexistent/graph.json"], "neither a preset"),
+    (["--val-split", "1.5"], "--val-split must lie between 0 and 1"),
+    (["--search", "-2"], "--search must be a number of trials"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--crop-sizes", "3", "0"], "--crop-sizes must be positive"),
+])
+def test_bad_flags(flags, message):
+    import ktg_ensemble
+    with pytest.raises(UserError, match=re.escape(message)):
+        ktg_ensemble.check_args(ktg_ensemble.parse_args(flags))
+
+
+def test_bad_input_is_one_line(run, tmp_path):
+    result = run("ktg_ensemble.py", "--nodes", "resnet8_abn", "resnet_typo", "--train-subset", "50",
+                 "--out", tmp_path / "run", check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "unknown model 'resnet_typo'" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+
+
+def test_attention_edge_between_plain_resnets_is_refused(run, tmp_path):
+    graph = {"nodes": ["resnet8", "resnet8"], "edges": [{"source": 0, "target": 1, "loss": "att_attract",
+                                                         "gate": "through"}]}
+    (tmp_path / "graph.json").write_text(json.dumps(graph))
+    result = run("ktg_ensemble.py", "--graph", tmp_path / "graph.json", "--out", tmp_path / "run", check=False)
+    assert result.returncode == 2 and "attention losses need attention maps" in result.stderr.splitlines()[-1]
