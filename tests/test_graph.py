@@ -7,6 +7,7 @@ import torch
 from common.graph import GATES, LOSSES, check_graph, draw_graph, load_graph, preset, sample_graph
 from common.models import create_model
 from common.run import UserError
+from ktg_ensemble import graph_loss, node_outputs
 
 
 def test_presets():
@@ -77,7 +78,6 @@ def test_graph_picture(tmp_path):
 
 
 def test_an_edge_trains_its_target_only():
-    from ktg_ensemble import graph_loss, node_outputs
     torch.manual_seed(0)
     nodes = [create_model("resnet8_abn", 10, 32) for _ in range(2)]
     images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))

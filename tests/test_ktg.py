@@ -10,6 +10,7 @@ import time
 import optuna
 import pytest
 
+import ktg_ensemble
 from common.run import UserError
 from conftest import ROOT, run_script
 
@@ -131,7 +132,6 @@ def test_two_workers_share_one_study(tmp_path):
     (["--crop-sizes", "3", "0"], "--crop-sizes must be positive"),
 ])
 def test_bad_flags(flags, message):
-    import ktg_ensemble
     with pytest.raises(UserError, match=re.escape(message)):
         ktg_ensemble.check_args(ktg_ensemble.parse_args(flags))
 

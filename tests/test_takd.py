@@ -1,15 +1,13 @@
 """takd.py end to end on the embedded data: chains, --compare, auto, resume, DDP and bad input."""
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
+import takd
 from common.run import UserError
-from conftest import ROOT, kill_after_first_epoch, run_script
+from conftest import kill_after_first_epoch, run_script
 
 QUICK = ["--epochs", "2", "--train-subset", "500", "--batch-size", "50", "--lr", "0.05"]
 
@@ -80,7 +78,7 @@ def test_reuse_a_teacher_trained_elsewhere(run, tmp_path, compared):
 
 
 def test_resume_after_sigkill_in_the_second_step(run, tmp_path):
-    args = ["takd.py", "--chain", "plain4", "plain10", "plain2", "--epochs", "3", "--train-subset", "500",
+    args = ["takd.py", "--chain", "plain4", "plain10", "plain2", "--epochs", "3", "--train-subset", "400",
             "--batch-size", "50", "--lr", "0.05"]
     run(*args, "--out", tmp_path / "whole")
     killed = tmp_path / "killed"
@@ -98,17 +96,6 @@ def test_resume_after_sigkill_in_the_second_step(run, tmp_path):
             strip((tmp_path / "whole" / folder / "metrics.csv").read_text()), folder
 
 
-def test_two_process_ddp(tmp_path):
-    out = tmp_path / "ddp"
-    fabric = os.path.join(os.path.dirname(sys.executable), "fabric")
-    result = subprocess.run([fabric, "run", "--accelerator", "cpu", "--devices", "2", "takd.py", "--chain", "plain4",
-                             "plain2", "--epochs", "1", "--train-subset", "200", "--batch-size", "50", "--out",
-                             str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    res = results(out)
-    assert res["world_size"] == 2 and [s["model"] for s in res["steps"]] == ["plain4", "plain2"]
-
-
 # --- bad input: one line, non-zero exit, nothing overwritten -------------------
 
 
@@ -124,16 +111,13 @@ def test_two_process_ddp(tmp_path):
     (["--resume"], "--resume needs --out"),
 ])
 def test_bad_flags(flags, message):
-    import takd
     with pytest.raises(UserError, match=re.escape(message)):
         takd.check_args(takd.parse_args(["--chain", "plain4", "plain2", *flags]))
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--chain", "plain4", "plain_typo"], "unknown model 'plain_typo'"),
-    (["--kd-tau", "-1"], "--kd-tau must be positive"),
     (["--teacher-ckpt", "/nonexistent/teacher.ckpt"], "does not exist"),
-    (["--dataset", "imagefolder", "--data-dir", "/nonexistent/data"], "does not exist"),
 ])
 def test_bad_input_is_one_line(run, tmp_path, flags, message):
     result = run("takd.py", "--chain", "plain4", "plain2", "--train-subset", "50", *flags, "--out", tmp_path / "run",
