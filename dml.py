@@ -49,8 +49,7 @@ from common.landscape import loss_curve, plot as plot_landscape, write_csv as wr
 from common.losses import cross_entropy, dml_loss
 from common.models import count_parameters, create_model, has_distillation_token, prediction, split_heads
 from common.run import (UserError, check_finite, cosine_schedule, exit_on_user_error, finish, load_checkpoint,
-                        make_fabric, plot_curves, prepare_run_folder, require_positive, save_checkpoint, seed_epoch,
-                        write_csv, write_json)
+                        make_fabric, prepare_run_folder, require_positive, save_epoch, seed_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -215,14 +214,7 @@ def main(args):
         state["history"].append(row)
         state["epoch"] = epoch + 1
         state["wall_s"] += time.perf_counter() - epoch_start
-        is_best = accuracy[K][0] > state["best_top1"]
-        state["best_top1"] = max(state["best_top1"], accuracy[K][0])
-        save_checkpoint(fabric, out / "last.ckpt", state)
-        if is_best:
-            save_checkpoint(fabric, out / "best.ckpt", state)
-        if fabric.is_global_zero:
-            write_csv(out / "metrics.csv", state["history"])
-            plot_curves(out / "curves.png", state["history"])
+        save_epoch(fabric, out, state, accuracy[K][0])
 
     # --- results ------------------------------------------------------------
     if accuracy is None:  # resumed a finished run

@@ -39,7 +39,10 @@ training, from that network's last checkpoint.
     fabric run --devices 2 takd.py --chain resnet110 resnet20 resnet8 --teacher-ckpt runs/teacher/best.ckpt
 
 Expect (paper, CIFAR-100): resnet110 72.38, resnet20 67.03, resnet8 61.37
-alone; resnet110→resnet8 61.41; resnet110→resnet20→resnet8 61.82.
+alone; resnet110→resnet8 61.41; resnet110→resnet20→resnet8 61.82. At the scale
+of a CPU the effect need not show: on cifar10-mini, 20 epochs, seed 0, plain10,
+plain4 and plain2 alone reached 59.3, 53.2 and 55.0; plain10→plain4 56.4;
+plain2 by BLKD 52.7 and by TAKD 52.2 (NOKD 55.0).
 """
 import argparse
 import time
@@ -52,8 +55,7 @@ from common.data import DATASETS, load_dataset, make_loader
 from common.losses import cross_entropy, kd_loss
 from common.models import count_parameters, create_model, load_teacher
 from common.run import (UserError, check_finite, exit_on_user_error, finish, load_checkpoint, make_fabric,
-                        plot_curves, prepare_run_folder, require_positive, save_checkpoint, seed_epoch, write_csv,
-                        write_json)
+                        prepare_run_folder, require_positive, save_epoch, seed_epoch, write_csv, write_json)
 
 AUTO = "auto"
 
@@ -103,8 +105,9 @@ def check_args(args):
         raise UserError(f"--kd-lambda must lie in [0, 1], got {args.kd_lambda}")
     require_positive(kd_tau=args.kd_tau, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                      img_size=args.img_size)
-    if args.weight_decay < 0:
-        raise UserError(f"--weight-decay must not be negative, got {args.weight_decay}")
+    for flag in ("weight_decay", "warmup_epochs"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
     if args.resume and not args.out:
         raise UserError("--resume needs --out, the run folder to continue")
 
@@ -154,12 +157,13 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
         model = torch.compile(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     model, optimizer = fabric.setup(model, optimizer)
-    state = dict(model=model, optimizer=optimizer, epoch=0, history=[], wall_s=0.0, images=0, train_s=0.0,
-                 args=vars(args))
+    state = dict(model=model, optimizer=optimizer, epoch=0, history=[], best_top1=-1.0, wall_s=0.0, images=0,
+                 train_s=0.0, args=vars(args))
     if (folder / "last.ckpt").is_file():
         load_checkpoint(fabric, folder / "last.ckpt", state,
                         expect={key: getattr(args, key) for key in ("dataset", "img_size", "train_subset", "epochs",
-                                                                    "batch_size", "kd_lambda", "kd_tau", "seed")})
+                                                                    "batch_size", "kd_lambda", "kd_tau", "seed",
+                                                                    "teacher_ckpt")})
         fabric.print(f"{folder.name}: continuing at epoch {state['epoch']}" if state["epoch"] < args.epochs
                      else f"{folder.name}: trained already, reusing it")
     elif fabric.is_global_zero:
@@ -202,10 +206,7 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
         state["history"].append(row)
         state.update(epoch=epoch + 1, images=state["images"] + images_seen, train_s=state["train_s"] + train_time)
         state["wall_s"] += time.perf_counter() - epoch_start
-        save_checkpoint(fabric, folder / "last.ckpt", state)
-        if fabric.is_global_zero:
-            write_csv(folder / "metrics.csv", state["history"])
-            plot_curves(folder / "curves.png", state["history"])
+        save_epoch(fabric, folder, state, top1)
 
     last = state["history"][-1]
     result = {"model": name, "teacher": teacher.lineage if teacher is not None else None, "folder": folder.name,

@@ -127,6 +127,19 @@ def save_checkpoint(fabric, path, state):
     fabric.barrier()
 
 
+def save_epoch(fabric, out, state, top1):
+    """End of an epoch: `last.ckpt`, `best.ckpt` if `top1` is the best so far,
+    `metrics.csv` and `curves.png` from `state["history"]`."""
+    is_best = top1 > state["best_top1"]
+    state["best_top1"] = max(state["best_top1"], top1)
+    save_checkpoint(fabric, out / "last.ckpt", state)
+    if is_best:
+        save_checkpoint(fabric, out / "best.ckpt", state)
+    if fabric.is_global_zero:
+        write_csv(out / "metrics.csv", state["history"])
+        plot_curves(out / "curves.png", state["history"])
+
+
 def load_checkpoint(fabric, path, state, expect):
     """Load `path` into `state` in place; `expect` maps keys of the saved args that must match."""
     try:

@@ -12,7 +12,7 @@ import pytest
 
 import ktg_ensemble
 from common.run import UserError
-from conftest import ROOT, run_script
+from conftest import ROOT
 
 NODES = ["--nodes", "resnet8_abn", "resnet8_abn"]
 QUICK = ["--epochs", "2", "--train-subset", "300", "--batch-size", "50"]
@@ -150,3 +150,13 @@ def test_attention_edge_between_plain_resnets_is_refused(run, tmp_path):
     (tmp_path / "graph.json").write_text(json.dumps(graph))
     result = run("ktg_ensemble.py", "--graph", tmp_path / "graph.json", "--out", tmp_path / "run", check=False)
     assert result.returncode == 2 and "attention losses need attention maps" in result.stderr.splitlines()[-1]
+
+
+def test_learning_rate_schedule():
+    # ÷10 at 30, 60 and 90 % of the epochs (60, 120, 180 of 200)
+    args = ktg_ensemble.parse_args(["--epochs", "10", "--warmup-epochs", "0"])
+    assert [ktg_ensemble.learning_rate(args, epoch, 0, 10) for epoch in (0, 2, 3, 5, 6, 8, 9)] == \
+        pytest.approx([0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3, 1e-4])
+    args = ktg_ensemble.parse_args(["--epochs", "10", "--batch-size", "128"])
+    assert ktg_ensemble.learning_rate(args, 0, 4, 10) == pytest.approx(0.1)  # half way through the warm-up
+    assert ktg_ensemble.learning_rate(args, 1, 0, 10) == pytest.approx(0.2)  # 0.1 at batch 64, scaled

@@ -120,7 +120,8 @@ def test_prob_attract_and_repel_by_hand():
     from common.losses import prob_attract, prob_repel
     source = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
     target = torch.log(torch.tensor([[0.25, 0.75], [0.5, 0.5]]))
-    kl = [0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75), 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)]
+    kl = [0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75),
+          0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)]
     assert prob_attract(source, target).tolist() == pytest.approx(kl, rel=1e-5)  # eq. 1, KL(p_s ‖ p_t), per sample
     cosine = [(0.5 * 0.25 + 0.5 * 0.75) / (math.sqrt(0.5) * math.sqrt(0.25 ** 2 + 0.75 ** 2)),
               (0.9 * 0.5 + 0.1 * 0.5) / (math.sqrt(0.82) * math.sqrt(0.5))]

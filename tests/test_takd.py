@@ -139,3 +139,11 @@ def test_existing_run_folder_is_refused(run, compared):
     result = run("takd.py", "--chain", "plain6", "plain2", *QUICK, "--out", out, check=False)
     assert result.returncode == 2 and "exists and is not empty" in result.stderr.splitlines()[-1]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_learning_rate_schedule():
+    args = takd.parse_args(["--epochs", "15", "--batch-size", "256", "--warmup-epochs", "1"])
+    rates = [takd.learning_rate(args, epoch, 9, 10) for epoch in range(15)]
+    assert rates[0] == pytest.approx(0.2)  # 0.1 at batch 128, scaled; the last step of the warm-up
+    assert takd.learning_rate(args, 0, 4, 10) == pytest.approx(0.1)  # half way through the warm-up
+    assert rates[7] == pytest.approx(0.2) and rates[8] == pytest.approx(0.02) and rates[12] == pytest.approx(0.002)
