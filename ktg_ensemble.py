@@ -50,12 +50,13 @@ from datetime import datetime
 import torch
 from tqdm import tqdm
 
-from common.data import DATASETS, load_dataset, make_loader, resize, validation_split
+from common.data import DATASETS, DeviceLoader, load_dataset, make_loader, validation_split
 from common.graph import LABEL, LOSSES, check_graph, draw_attention, draw_graph, load_graph, preset, sample_graph
 from common.losses import edge_loss, gate, label_loss
 from common.models import ABN_ALIASES, count_parameters, create_model
 from common.run import (UserError, check_finite, exit_on_user_error, finish, load_checkpoint, make_fabric,
-                        prepare_run_folder, require_positive, save_epoch, seed_epoch, write_csv, write_json)
+                        prepare_run_folder, require_positive, save_epoch, seed_epoch, step_schedule, write_csv,
+                        write_json)
 
 HEARTBEAT_S = 5  # a search trial whose process stops beating for 3 heartbeats is marked failed
 
@@ -103,10 +104,9 @@ def check_args(args):
     if args.resume and not args.out:
         raise UserError("--resume needs --out, the run folder to continue")
     if args.graph in ("independent", "dml"):
-        graph = preset(args.graph, args.nodes or ["resnet20_abn"] * 3)
+        graph = check_graph(preset(args.graph, args.nodes or ["resnet20_abn"] * 3))
     else:
-        graph = load_graph(args.graph, args.nodes)
-    check_graph(graph)
+        graph = load_graph(args.graph, args.nodes)  # checked as it loads
     for edge in graph["edges"]:
         if edge["loss"].startswith(("att", "both")):
             for end in (edge["source"], edge["target"]):
@@ -120,8 +120,8 @@ def learning_rate(args, epoch, step, steps_per_epoch):
     """The authors' step schedule, ÷10 at epochs 60, 120 and 180 of 200 (scaled to
     --epochs), after a linear warm-up over the first --warmup-epochs."""
     milestones = [round(args.epochs * f) for f in (0.3, 0.6, 0.9)]
-    warmup = min(1.0, (epoch * steps_per_epoch + step + 1) / max(1.0, args.warmup_epochs * steps_per_epoch))
-    return args.lr * args.batch_size / 64 * 0.1 ** sum(epoch >= m for m in milestones) * warmup
+    return step_schedule(args.lr * args.batch_size / 64, epoch, step, steps_per_epoch, milestones,
+                         args.warmup_epochs)
 
 
 # --- training and evaluation -------------------------------------------------
@@ -389,9 +389,8 @@ def attention_picture(path, nodes, graph, data, fabric, count=4):
     if not shown or isinstance(images, list):
         return  # no attention branch, or images streamed from files
     images = images[:count]
-    mean = torch.tensor(data["mean"], device=fabric.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(data["std"], device=fabric.device).view(1, 3, 1, 1) * 255
-    batch = (resize(images.to(fabric.device).float(), data["img_size"]) - mean) / std
+    # resized and normalised as in evaluation, on this process alone
+    batch, _ = next(DeviceLoader((images, data["test"][1][:count]), data, count, fabric.device, train=False).epoch())
     maps = []
     for m in shown:
         nodes[m].eval()

@@ -55,7 +55,8 @@ from common.data import DATASETS, load_dataset, make_loader
 from common.losses import cross_entropy, kd_loss
 from common.models import count_parameters, create_model, load_teacher
 from common.run import (UserError, check_finite, exit_on_user_error, finish, load_checkpoint, make_fabric,
-                        prepare_run_folder, require_positive, save_epoch, seed_epoch, write_csv, write_json)
+                        prepare_run_folder, require_positive, save_epoch, seed_epoch, step_schedule, write_csv,
+                        write_json)
 
 AUTO = "auto"
 
@@ -116,8 +117,8 @@ def learning_rate(args, epoch, step, steps_per_epoch):
     """The paper's step schedule, lr ÷10 at epochs 80 and 120 of 150 (scaled to
     --epochs), after a linear warm-up over the first --warmup-epochs."""
     milestones = [round(args.epochs * 80 / 150), round(args.epochs * 120 / 150)]
-    warmup = min(1.0, (epoch * steps_per_epoch + step + 1) / max(1.0, args.warmup_epochs * steps_per_epoch))
-    return args.lr * args.batch_size / 128 * 0.1 ** sum(epoch >= m for m in milestones) * warmup
+    return step_schedule(args.lr * args.batch_size / 128, epoch, step, steps_per_epoch, milestones,
+                         args.warmup_epochs)
 
 
 def choose_assistant(candidates, teacher_top1, student_top1):

@@ -61,6 +61,15 @@ def finish(fabric):
         torch.distributed.destroy_process_group()
 
 
+def step_schedule(lr, epoch, step, steps_per_epoch, milestones, warmup_epochs):
+    """The learning rate of a step schedule, ÷10 at each epoch in `milestones`,
+    after a linear warm-up over the first `warmup_epochs`. Stateless: the same
+    rate after a resume."""
+    done = epoch * steps_per_epoch + step + 1
+    warmup = min(1.0, done / max(1.0, warmup_epochs * steps_per_epoch))
+    return lr * 0.1 ** sum(epoch >= m for m in milestones) * warmup
+
+
 def cosine_schedule(optimizer, lr, min_lr, epochs, warmup_epochs, steps_per_epoch):
     """timm's per-step cosine schedule with linear warm-up (at most a fifth of the run).
     Stateless: `step_update(global_step)` gives the same rate after a resume."""
