@@ -58,9 +58,6 @@ from common.run import (UserError, check_finite, exit_on_user_error, finish, loa
                         prepare_run_folder, require_positive, save_epoch, seed_epoch, step_schedule, write_csv,
                         write_json)
 
-HEARTBEAT_S = 5  # a search trial whose process stops beating for 3 heartbeats is marked failed
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -73,6 +70,8 @@ def parse_args(argv=None):
     parser.add_argument("--val-split", type=float, default=0.2, help="part of the training set a search scores on")
     parser.add_argument("--storage", help="Optuna storage URL shared by search workers (default: SQLite in --out)")
     parser.add_argument("--study-name", default="ktg", help="the Optuna study in --storage")
+    parser.add_argument("--heartbeat-grace", type=int, default=15,
+                        help="seconds without a heartbeat after which a worker's trial counts as failed")
     parser.add_argument("--dataset", choices=DATASETS, default="cifar10-mini", help="the data set")
     parser.add_argument("--data-dir", help="where cifar10/cifar100/imagefolder data is")
     parser.add_argument("--img-size", type=int, help="training resolution (default: 32 for CIFAR, 224 for ImageFolder)")
@@ -92,7 +91,8 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    require_positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size)
+    require_positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size,
+                     heartbeat_grace=args.heartbeat_grace)
     if args.search < 0:
         raise UserError(f"--search must be a number of trials, got {args.search}")
     if not 0 < args.val_split < 1:
@@ -269,8 +269,10 @@ def open_study(args, out):
     try:
         with open(lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                                                 grace_period=3 * HEARTBEAT_S)
+            # a trial beats three times per grace period: one late beat does not fail it
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine,
+                                                 heartbeat_interval=max(1, args.heartbeat_grace // 3),
+                                                 grace_period=args.heartbeat_grace)
             study = optuna.create_study(storage=storage, study_name=args.study_name, direction="minimize",
                                         load_if_exists=True)
     except Exception as error:  # a bad URL, an unreachable server, a missing folder

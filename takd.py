@@ -210,20 +210,14 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
         save_epoch(fabric, folder, state, top1)
 
     last = state["history"][-1]
-    result = {"model": name, "teacher": teacher.lineage if teacher is not None else None, "folder": folder.name,
+    learned_from = folder.name.rpartition("_to_")[0] or None  # the teacher's sub-folder
+    result = {"model": name, "teacher": learned_from, "folder": folder.name,
               "params": count_parameters(model), "top1": last["top1"], "top5": last["top5"],
               "train_img_per_s": state["images"] / state["train_s"], "images": state["images"],
               "train_s": state["train_s"], "wall_s": state["wall_s"]}
     if fabric.is_global_zero:
         write_json(folder / "results.json", result)
-    return freeze(model.module, folder.name), result
-
-
-def freeze(model, lineage):
-    """A trained network as a teacher: eval mode, no gradients, outside DDP."""
-    model = model.eval().requires_grad_(False)
-    model.lineage = lineage
-    return model
+    return model.module.eval().requires_grad_(False), result  # frozen, outside DDP: the next teacher
 
 
 def main(args):
@@ -244,58 +238,65 @@ def main(args):
     loaders = (make_loader(data, "train", per_device_batch, fabric, args.seed),
                make_loader(data, "test", per_device_batch, fabric))
 
-    trained = {}  # lineage -> (frozen network, results): each network is trained once
-
-    def network(lineage):
-        """The network `a_to_b_to_c`: c distilled from b distilled from a (trained alone)."""
-        if lineage not in trained:
-            *ancestors, name = lineage.split("_to_")
-            teacher = network("_to_".join(ancestors))[0] if ancestors else None
-            trained[lineage] = train_network(name, teacher, out / lineage, fabric, data, loaders, args)
-        return trained[lineage]
-
     teacher_name, student_name = args.chain[0], args.chain[-1]
+    loaded_teacher = None  # (network, results) of the chain's first network, from --teacher-ckpt
     if args.teacher_ckpt:
-        teacher = load_teacher(teacher_name, args.teacher_ckpt, len(data["classes"]), args.img_size,
-                               device=fabric.device)
+        teacher = fabric.to_device(load_teacher(teacher_name, args.teacher_ckpt, len(data["classes"]),
+                                                args.img_size, device=fabric.device))
         teacher_top1 = evaluate(teacher, loaders[1], fabric)[0]
-        trained[teacher_name] = (freeze(teacher, teacher_name),
-                                 {"model": teacher_name, "teacher": None, "folder": None, "top1": teacher_top1,
-                                  "checkpoint": args.teacher_ckpt, "params": count_parameters(teacher)})
+        loaded_teacher = (teacher, {"model": teacher_name, "teacher": None, "folder": None, "top1": teacher_top1,
+                                    "checkpoint": args.teacher_ckpt, "params": count_parameters(teacher)})
         fabric.print(f"teacher {teacher_name} from {args.teacher_ckpt}: top1={teacher_top1:.2f}")
+
+    networks = {}  # sub-folder -> results, for every network this run has trained or reused
+
+    def train_chain(chain):
+        """Train chain[0] alone (or take the --teacher-ckpt network), then each next
+        network by KD from the one before; return each step's results. A network
+        finished before, in this run or in the run resumed, is reloaded from its
+        sub-folder, not trained again."""
+        teacher, steps = None, []
+        for i, name in enumerate(chain):
+            folder = "_to_".join(chain[:i + 1])  # the lineage: plain10_to_plain4_to_plain2
+            if folder == teacher_name and loaded_teacher is not None:
+                teacher, result = loaded_teacher
+            else:
+                teacher, result = train_network(name, teacher, out / folder, fabric, data, loaders, args)
+            networks[folder] = result
+            steps.append(result)
+        return steps
 
     # `auto`: train the candidates and both neighbours alone, take the one nearest the midpoint
     chain, ta_choices = list(args.chain), []
     for i, name in enumerate(chain):
         if name != AUTO:
             continue
-        before, after = network(chain[i - 1])[1]["top1"], network(chain[i + 1])[1]["top1"]
-        candidates = {candidate: network(candidate)[1]["top1"] for candidate in args.ta_candidates}
+        before, after = train_chain([chain[i - 1]])[0]["top1"], train_chain([chain[i + 1]])[0]["top1"]
+        candidates = {candidate: train_chain([candidate])[0]["top1"] for candidate in args.ta_candidates}
         chain[i] = choose_assistant(candidates, before, after)
         ta_choices.append({"candidates": candidates, "teacher_top1": before, "student_alone_top1": after,
                            "chosen": chain[i], "position": i})
         fabric.print(f"auto at position {i}: midpoint {(before + after) / 2:.2f} of {chain[i - 1]} and "
                      f"{chain[i + 1]} -> {chain[i]} ({candidates[chain[i]]:.2f})")
 
-    lineages = ["_to_".join(chain[:i + 1]) for i in range(len(chain))]
-    steps = [{"model": name, "teacher": chain[i - 1] if i else None, "top1": network(lineage)[1]["top1"],
-              "folder": lineage} for i, (name, lineage) in enumerate(zip(chain, lineages))]
+    steps = [{"model": name, "teacher": chain[i - 1] if i else None, "top1": result["top1"],
+              "folder": "_to_".join(chain[:i + 1])} for i, (name, result) in enumerate(zip(chain, train_chain(chain)))]
     compare = None
     if args.compare:
-        alone = {name: network(name)[1]["top1"] for name in chain}
+        alone = {name: train_chain([name])[0]["top1"] for name in chain}
         compare = {"nokd_top1": alone[student_name],
-                   "blkd_top1": network(f"{teacher_name}_to_{student_name}")[1]["top1"],
+                   "blkd_top1": train_chain([teacher_name, student_name])[-1]["top1"],
                    "takd_top1": steps[-1]["top1"], "alone_top1": alone}
 
     # --- results ------------------------------------------------------------
-    results_of_trained = [result for _, result in trained.values() if "train_s" in result]
+    results_of_trained = [result for result in networks.values() if "train_s" in result]
     train_s = sum(result["train_s"] for result in results_of_trained)
     results = {
         "method": "takd", "chain": chain, "requested_chain": args.chain, "dataset": args.dataset,
         "epochs": args.epochs, "seed": args.seed, "kd_lambda": args.kd_lambda, "kd_tau": args.kd_tau,
         "steps": steps, "student_top1": steps[-1]["top1"], "compare": compare,
         "ta_choice": (ta_choices[0] if len(ta_choices) == 1 else ta_choices) or None,
-        "networks": {lineage: result for lineage, (_, result) in trained.items()},
+        "networks": networks,
         "train_img_per_s": sum(result["images"] for result in results_of_trained) / train_s if train_s else None,
         "wall_s": time.perf_counter() - start,
         "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,

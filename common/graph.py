@@ -93,7 +93,8 @@ def sample_graph(trial, nodes, losses=LOSSES):
 
 def draw_graph(path, graph, accuracies=None):
     """Like seed 002's Fig. 2: the label, the network nodes and the ensemble node;
-    edges coloured by gate (cutoff edges left out) and labelled by loss type."""
+    edges coloured by gate (cutoff edges left out) and labelled by loss type.
+    Returns the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -136,11 +137,12 @@ def draw_graph(path, graph, accuracies=None):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig
 
 
 def draw_attention(path, images, maps, names):
     """Like seed 002's Fig. 3: a few test images (rows, uint8 3×H×W) and each
-    node's attention map over them (columns)."""
+    node's attention map over them (columns). Returns the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -162,3 +164,4 @@ def draw_attention(path, images, maps, names):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig

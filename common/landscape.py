@@ -73,6 +73,7 @@ def read_csv(path):
 
 
 def plot(path, curves):
+    """One line per curve, mean ± std over the draws; returns the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -89,10 +90,11 @@ def plot(path, curves):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig
 
 
 def compare(folders, out):
-    """Draw the landscape curves of several run folders on one plot."""
+    """Draw the landscape curves of several run folders on one plot; returns the figure."""
     curves = {}
     for folder in map(Path, folders):
         if not (folder / "landscape.csv").is_file():
@@ -104,8 +106,9 @@ def compare(folders, out):
         name = folder.name if mode in folder.name else f"{folder.name} ({mode})"
         for student, rows in read_csv(folder / "landscape.csv").items():
             curves[f"{name} {student}"] = rows
-    plot(out, curves)
+    fig = plot(out, curves)
     print(f"wrote {out}")
+    return fig
 
 
 if __name__ == "__main__":

@@ -184,7 +184,8 @@ def write_csv(path, rows):
 
 
 def plot_curves(path, rows):
-    """Every `loss*` column (left) and `top1*` column (right) of the metrics against the epoch."""
+    """Every `loss*` column (left) and `top1*` column (right) of the metrics against
+    the epoch; returns the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -199,3 +200,4 @@ def plot_curves(path, rows):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig

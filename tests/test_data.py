@@ -5,11 +5,7 @@ from PIL import Image
 import common.data as data_module
 from common.data import DeviceLoader, augment, load_dataset, make_loader
 from common.run import UserError
-
-
-class FakeFabric:
-    def __init__(self, rank=0, world_size=1):
-        self.device, self.global_rank, self.world_size = torch.device("cpu"), rank, world_size
+from conftest import FakeFabric
 
 
 def test_embedded_dataset():

@@ -1,9 +1,6 @@
 """deit.py end to end: a teacher run, then students distilled from it."""
 import argparse
-import json
-import os
-import subprocess
-import sys
+import csv
 
 import pytest
 import torch
@@ -11,20 +8,16 @@ import torch
 import deit
 from common.models import create_model
 from common.run import UserError
-from conftest import ROOT, kill_after_first_epoch, run_script
+from conftest import fabric_run, kill_when, results, run_main
 
 SMALL = ["--train-subset", "600", "--batch-size", "50", "--lr", "2e-3"]
-
-
-def results(folder):
-    return json.loads((folder / "results.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "run"
-    run_script("deit.py", "--model", "resnet8", "--distillation-type", "none", "--recipe", "cifar", "--epochs", "3",
-               "--train-subset", "1000", "--batch-size", "50", "--lr", "2e-2", "--out", out)
+    run_main(deit, "--model", "resnet8", "--distillation-type", "none", "--recipe", "cifar", "--epochs", "3",
+             "--train-subset", "1000", "--batch-size", "50", "--lr", "2e-2", "--out", out)
     return out
 
 
@@ -40,24 +33,28 @@ def test_teacher_run(teacher):
 @pytest.mark.parametrize("kind", ["hard", "soft"])
 def test_students_distilled_from_the_teacher(teacher, tmp_path, kind):
     out = tmp_path / kind
-    run_script("deit.py", "--model", "deit_micro", "--teacher", "resnet8", "--teacher-ckpt", teacher / "best.ckpt",
-               "--distillation-type", kind, "--epochs", "1", *SMALL, "--out", out)
+    run_main(deit, "--model", "deit_micro", "--teacher", "resnet8", "--teacher-ckpt", teacher / "last.ckpt",
+             "--distillation-type", kind, "--epochs", "2", *SMALL, "--out", out)
     res = results(out)
     assert res["distillation_type"] == kind and res["teacher"] == "resnet8"
     assert res["teacher_top1"] == pytest.approx(results(teacher)["top1"], abs=0.01)  # the same network, re-measured
-    for key in ("top1", "top1_cls", "top1_dist", "teacher_agreement"):
-        assert 0 <= res[key] <= 100, key
-    for key in ("epochs", "seed", "dataset", "train_img_per_s", "wall_s"):
-        assert key in res
-    metrics = (out / "metrics.csv").read_text().splitlines()
-    assert "loss_distill" in metrics[0] and "teacher_agreement" in metrics[0]
+    assert res["top1"] > 15 and res["top1_cls"] > 12 and res["top1_dist"] > 12  # chance is 10 %
+    assert 15 < res["teacher_agreement"] <= 100  # chance agreement with a 10-class teacher is about 10 %
+    assert res["epochs"] == 2 and res["seed"] == 0 and res["dataset"] == "cifar10-mini"
+    assert res["train_img_per_s"] > 0 and res["wall_s"] > 0
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert len(rows) == 2
+    for row in rows:  # loss = (1-λ)·CE + λ·distillation, λ = ½
+        loss, ce, distill = (float(row[key]) for key in ("loss", "loss_ce", "loss_distill"))
+        assert loss == pytest.approx(0.5 * ce + 0.5 * distill, rel=1e-4) and distill > 0
+    assert float(rows[-1]["teacher_agreement"]) == res["teacher_agreement"]
 
 
 def test_deit_recipe_with_mixup_runs(teacher, tmp_path):
     out = tmp_path / "recipe"
-    run_script("deit.py", "--model", "deit_micro", "--teacher", "resnet8", "--teacher-ckpt", teacher / "last.ckpt",
-               "--distillation-type", "hard", "--recipe", "deit", "--repeated-aug", "3", "--epochs", "1",
-               "--train-subset", "512", "--batch-size", "64", "--out", out)
+    run_main(deit, "--model", "deit_micro", "--teacher", "resnet8", "--teacher-ckpt", teacher / "last.ckpt",
+             "--distillation-type", "hard", "--recipe", "deit", "--repeated-aug", "3", "--epochs", "1",
+             "--train-subset", "512", "--batch-size", "64", "--out", out)
     history = (out / "metrics.csv").read_text().splitlines()
     loss = float(history[1].split(",")[history[0].split(",").index("loss")])
     assert 0 < loss < 10 and results(out)["recipe"] == "deit"
@@ -83,32 +80,28 @@ def test_a_step_leaves_the_teacher_alone():
 
 
 def test_resume_after_sigkill(teacher, tmp_path):
-    args = ["deit.py", "--model", "deit_micro", "--teacher", "resnet8", "--teacher-ckpt", str(teacher / "best.ckpt"),
+    args = ["--model", "deit_micro", "--teacher", "resnet8", "--teacher-ckpt", teacher / "last.ckpt",
             "--distillation-type", "hard", "--epochs", "3", "--train-subset", "600", "--batch-size", "30"]
-    run_script(*args, "--out", tmp_path / "whole")
+    run_main(deit, *args, "--out", tmp_path / "whole")
     killed = tmp_path / "killed"
-    kill_after_first_epoch(*args, out=killed)
-    run_script(*args, "--out", killed, "--resume")
+    kill_when("deit.py", *args, out=killed, marker=killed / "metrics.csv")
+    run_main(deit, *args, "--out", killed, "--resume")
     whole, resumed = results(tmp_path / "whole"), results(killed)
     for key in ("top1", "top1_cls", "top1_dist", "teacher_agreement"):
         assert resumed[key] == whole[key], key
 
 
 def test_two_process_ddp(tmp_path):
-    fabric = os.path.join(os.path.dirname(sys.executable), "fabric")
     out = tmp_path / "ddp"
-    result = subprocess.run([fabric, "run", "--accelerator", "cpu", "--devices", "2", "deit.py", "--model",
-                             "deit_micro", "--epochs", "1", "--train-subset", "200", "--batch-size", "100",
-                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    fabric_run("deit.py", "--model", "deit_micro", "--epochs", "1", "--train-subset", "200", "--batch-size", "100",
+               "--out", out)
     assert results(out)["world_size"] == 2
 
 
 def bad(*flags):
-    result = run_script("deit.py", "--model", "deit_micro", "--epochs", "1", "--train-subset", "100", *flags,
-                        check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    return result.stderr.strip().splitlines()[-1]
+    with pytest.raises(UserError) as error:
+        run_main(deit, "--model", "deit_micro", "--epochs", "1", "--train-subset", "100", *flags)
+    return str(error.value)
 
 
 def test_bad_flags():
@@ -124,9 +117,9 @@ def test_bad_input(teacher, tmp_path):
     hard = ["--distillation-type", "hard", "--out", tmp_path / "x"]
     assert "does not exist" in bad("--teacher", "resnet8", "--teacher-ckpt", tmp_path / "missing.ckpt", *hard)
     truncated = tmp_path / "truncated.ckpt"
-    truncated.write_bytes((teacher / "best.ckpt").read_bytes()[:2000])
+    truncated.write_bytes((teacher / "last.ckpt").read_bytes()[:2000])
     assert "cannot read" in bad("--teacher", "resnet8", "--teacher-ckpt", truncated, *hard)
-    assert "do not fit" in bad("--teacher", "resnet14", "--teacher-ckpt", teacher / "best.ckpt", *hard)
+    assert "do not fit" in bad("--teacher", "resnet14", "--teacher-ckpt", teacher / "last.ckpt", *hard)
     torch.save(create_model("resnet8", 100, 32).state_dict(), tmp_path / "hundred.pth")
     assert "100 classes" in bad("--teacher", "resnet8", "--teacher-ckpt", tmp_path / "hundred.pth", *hard)
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from common.graph import GATES, LOSSES, check_graph, draw_graph, load_graph, preset, sample_graph
+from common.graph import GATES, LOSSES, check_graph, draw_attention, draw_graph, load_graph, preset, sample_graph
 from common.models import create_model
 from common.run import UserError
 from ktg_ensemble import graph_loss, node_outputs
@@ -73,8 +73,27 @@ def test_sampled_graph_has_every_edge():
 def test_graph_picture(tmp_path):
     graph = preset("dml", ["resnet8"] * 3)
     graph["edges"][3]["gate"] = "cutoff"
-    draw_graph(tmp_path / "graph.png", graph, {0: 50.0, 1: 51.0, 2: 52.0, "ensemble": 55.0})
-    assert (tmp_path / "graph.png").stat().st_size > 10_000
+    fig = draw_graph(tmp_path / "graph.png", graph, {0: 50.0, 1: 51.0, 2: 52.0, "ensemble": 55.0})
+    ax = fig.axes[0]
+    arrows = [a for a in ax.texts if type(a).__name__ == "Annotation"]
+    # 3 label edges + 6 peer edges, one of them cut off (not drawn), and 3 dashed arrows into the ensemble
+    assert len(arrows) == 3 + 5 + 3
+    boxes = [t.get_text() for t in ax.texts if type(t).__name__ == "Text" and t.get_bbox_patch() is not None]
+    assert boxes == ["label", "0: resnet8\n50.0 %", "1: resnet8\n51.0 %", "2: resnet8\n52.0 %", "ensemble\n55.0 %"]
+    edge_labels = [t.get_text() for t in ax.texts if type(t).__name__ == "Text" and t.get_bbox_patch() is None]
+    assert edge_labels.count("prob +") == 5 and edge_labels.count("ce") == 3
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["through", "linear", "correct",
+                                                                         "cutoff (not drawn)"]
+
+
+def test_attention_picture(tmp_path):
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    maps = [torch.rand(2, 16, 16), torch.rand(2, 16, 16)]
+    fig = draw_attention(tmp_path / "attention.png", images, maps, ["0: resnet8_abn", "1: resnet8_abn"])
+    assert len(fig.axes) == 2 * 3  # a row per image: the image, then each node's map over it
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["", "0: resnet8_abn", "1: resnet8_abn"]
+    heat = fig.axes[1].get_images()[1].get_array()  # the map, upsampled to the image
+    assert heat.shape == (32, 32) and 0 <= heat.min() and heat.max() <= 1
 
 
 def test_an_edge_trains_its_target_only():

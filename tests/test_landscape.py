@@ -3,14 +3,7 @@ import torch
 from common.data import load_dataset, make_loader
 from common.landscape import loss_curve
 from common.losses import cross_entropy
-
-
-class FakeFabric:
-    device, global_rank, world_size = torch.device("cpu"), 0, 1
-
-    @staticmethod
-    def all_reduce(tensor, reduce_op):
-        return tensor
+from conftest import FakeFabric
 
 
 def test_loss_curve_rises_with_noise_and_restores_the_weights():

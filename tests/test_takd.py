@@ -1,5 +1,6 @@
 """takd.py end to end on the embedded data: chains, --compare, auto, resume, DDP and bad input."""
-import json
+import contextlib
+import io
 import re
 
 import pytest
@@ -7,20 +8,18 @@ import torch
 
 import takd
 from common.run import UserError
-from conftest import kill_after_first_epoch, run_script
+from conftest import kill_when, metrics_without_speed, results, run_main, snapshot
 
 QUICK = ["--epochs", "2", "--train-subset", "500", "--batch-size", "50", "--lr", "0.05"]
-
-
-def results(folder):
-    return json.loads((folder / "results.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("takd") / "run"
-    result = run_script("takd.py", "--chain", "plain6", "plain4", "plain2", "--compare", *QUICK, "--out", out)
-    return out, result.stdout
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        run_main(takd, "--chain", "plain6", "plain4", "plain2", "--compare", *QUICK, "--out", out)
+    return out, stdout.getvalue()
 
 
 def test_three_step_chain_with_compare(compared):
@@ -41,6 +40,8 @@ def test_three_step_chain_with_compare(compared):
             assert (out / folder / name).is_file(), (folder, name)
         assert len((out / folder / "metrics.csv").read_text().splitlines()) == 3
     networks = res["networks"]
+    assert networks["plain6_to_plain4_to_plain2"]["teacher"] == "plain6_to_plain4"  # learned from that folder
+    assert networks["plain6"]["teacher"] is None and networks["plain6_to_plain2"]["teacher"] == "plain6"
     compare = res["compare"]
     assert compare["nokd_top1"] == networks["plain2"]["top1"]
     assert compare["blkd_top1"] == networks["plain6_to_plain2"]["top1"]
@@ -51,49 +52,58 @@ def test_three_step_chain_with_compare(compared):
     assert "NOKD" in stdout and "BLKD" in stdout and "TAKD" in stdout
 
 
-def test_auto_picks_the_candidate_nearest_the_midpoint(run, tmp_path):
+def test_choose_assistant_takes_the_candidate_nearest_the_midpoint():
+    candidates = {"plain4": 60.0, "plain6": 70.0, "plain8": 78.0}
+    assert takd.choose_assistant(candidates, teacher_top1=80.0, student_top1=60.0) == "plain6"  # midpoint 70
+    assert takd.choose_assistant(candidates, teacher_top1=90.0, student_top1=60.0) == "plain8"  # 75: 3 from 78
+    assert takd.choose_assistant(candidates, teacher_top1=64.0, student_top1=50.0) == "plain4"  # 57
+
+
+def test_auto_end_to_end(tmp_path):
     out = tmp_path / "auto"
-    run("takd.py", "--chain", "plain6", "auto", "plain2", "--ta-candidates", "plain4", "resnet8", "plain2", *QUICK,
-        "--out", out)
+    run_main(takd, "--chain", "plain6", "auto", "plain2", "--ta-candidates", "plain4", "plain2", *QUICK,
+             "--out", out)
     res = results(out)
     choice = res["ta_choice"]
-    assert set(choice["candidates"]) == {"plain4", "resnet8", "plain2"}
+    assert set(choice["candidates"]) == {"plain4", "plain2"} and choice["position"] == 1
     assert choice["teacher_top1"] == res["networks"]["plain6"]["top1"]
-    assert choice["student_alone_top1"] == res["networks"]["plain2"]["top1"]
-    midpoint = (choice["teacher_top1"] + choice["student_alone_top1"]) / 2
-    distances = {name: abs(top1 - midpoint) for name, top1 in choice["candidates"].items()}
-    assert distances[choice["chosen"]] == min(distances.values())
+    assert choice["student_alone_top1"] == choice["candidates"]["plain2"] == res["networks"]["plain2"]["top1"]
+    assert choice["chosen"] == takd.choose_assistant(choice["candidates"], choice["teacher_top1"],
+                                                     choice["student_alone_top1"])
     assert res["chain"] == ["plain6", choice["chosen"], "plain2"] and res["requested_chain"][1] == "auto"
-    assert (out / f"plain6_to_{choice['chosen']}_to_plain2" / "results.json").is_file()
+    # the student alone served as neighbour and candidate: trained once, in one folder
+    assert {p.name for p in out.iterdir() if p.is_dir()} == {"plain6", "plain4", "plain2", f"plain6_to_{choice['chosen']}",
+                                                             f"plain6_to_{choice['chosen']}_to_plain2"}
 
 
-def test_reuse_a_teacher_trained_elsewhere(run, tmp_path, compared):
+def test_reuse_a_teacher_trained_elsewhere(tmp_path, compared):
     out, _ = compared
     teacher = out / "plain6" / "last.ckpt"
-    run("takd.py", "--chain", "plain6", "plain2", "--teacher-ckpt", teacher, "--epochs", "1", "--train-subset",
-        "200", "--batch-size", "50", "--out", tmp_path / "reuse")
+    run_main(takd, "--chain", "plain6", "plain2", "--teacher-ckpt", teacher, "--epochs", "1", "--train-subset",
+             "200", "--batch-size", "50", "--out", tmp_path / "reuse")
     res = results(tmp_path / "reuse")
     assert res["steps"][0]["top1"] == results(out)["networks"]["plain6"]["top1"]  # the same weights, evaluated
     assert sorted(p.name for p in (tmp_path / "reuse").iterdir() if p.is_dir()) == ["plain6_to_plain2"]
 
 
-def test_resume_after_sigkill_in_the_second_step(run, tmp_path):
-    args = ["takd.py", "--chain", "plain4", "plain10", "plain2", "--epochs", "3", "--train-subset", "400",
-            "--batch-size", "50", "--lr", "0.05"]
-    run(*args, "--out", tmp_path / "whole")
+def test_resume_after_sigkill_in_the_second_step(tmp_path, capsys):
+    args = ["--chain", "plain4", "plain10", "plain2", "--epochs", "3", "--train-subset", "400", "--batch-size", "50",
+            "--lr", "0.05"]
+    run_main(takd, *args, "--out", tmp_path / "whole")
     killed = tmp_path / "killed"
-    kill_after_first_epoch(*args, out=killed, metrics=killed / "plain4_to_plain10" / "metrics.csv", delay=0.5)
+    kill_when("takd.py", *args, out=killed, marker=killed / "plain4_to_plain10" / "metrics.csv")
     first = (killed / "plain4" / "last.ckpt").read_bytes()
     assert torch.load(killed / "plain4_to_plain10" / "last.ckpt", weights_only=False)["epoch"] < 3
-    result = run(*args, "--out", killed, "--resume")
-    assert "plain4: trained already" in result.stdout and "plain4_to_plain10: continuing at epoch" in result.stdout
+    capsys.readouterr()
+    run_main(takd, *args, "--out", killed, "--resume")
+    stdout = capsys.readouterr().out
+    assert "plain4: trained already" in stdout and "plain4_to_plain10: continuing at epoch" in stdout
     assert (killed / "plain4" / "last.ckpt").read_bytes() == first  # the finished step was not retrained
     whole, resumed = results(tmp_path / "whole"), results(killed)
     assert [s["top1"] for s in resumed["steps"]] == [s["top1"] for s in whole["steps"]]
-    strip = lambda text: [line.rsplit(",", 1)[0] for line in text.splitlines()]  # all but img_per_s
     for folder in ("plain4", "plain4_to_plain10", "plain4_to_plain10_to_plain2"):
-        assert strip((killed / folder / "metrics.csv").read_text()) == \
-            strip((tmp_path / "whole" / folder / "metrics.csv").read_text()), folder
+        assert metrics_without_speed(killed / folder / "metrics.csv") == \
+            metrics_without_speed(tmp_path / "whole" / folder / "metrics.csv"), folder
 
 
 # --- bad input: one line, non-zero exit, nothing overwritten -------------------
@@ -119,26 +129,24 @@ def test_bad_flags(flags, message):
     (["--chain", "plain4", "plain_typo"], "unknown model 'plain_typo'"),
     (["--teacher-ckpt", "/nonexistent/teacher.ckpt"], "does not exist"),
 ])
-def test_bad_input_is_one_line(run, tmp_path, flags, message):
-    result = run("takd.py", "--chain", "plain4", "plain2", "--train-subset", "50", *flags, "--out", tmp_path / "run",
-                 check=False)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+def test_bad_input(tmp_path, flags, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_main(takd, "--chain", "plain4", "plain2", "--train-subset", "50", *flags, "--out", tmp_path / "run")
 
 
-def test_teacher_checkpoint_of_another_network_is_refused(run, tmp_path, compared):
+def test_teacher_checkpoint_of_another_network_is_refused(tmp_path, compared):
     out, _ = compared
-    result = run("takd.py", "--chain", "plain8", "plain2", "--teacher-ckpt", out / "plain6" / "last.ckpt",
-                 "--train-subset", "50", "--out", tmp_path / "run", check=False)
-    assert result.returncode == 2 and "do not fit" in result.stderr.strip().splitlines()[-1]
+    with pytest.raises(UserError, match="do not fit"):
+        run_main(takd, "--chain", "plain8", "plain2", "--teacher-ckpt", out / "plain6" / "last.ckpt",
+                 "--train-subset", "50", "--out", tmp_path / "run")
 
 
-def test_existing_run_folder_is_refused(run, compared):
+def test_existing_run_folder_is_refused(compared):
     out, _ = compared
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    result = run("takd.py", "--chain", "plain6", "plain2", *QUICK, "--out", out, check=False)
-    assert result.returncode == 2 and "exists and is not empty" in result.stderr.splitlines()[-1]
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    before = snapshot(out)
+    with pytest.raises(UserError, match="exists and is not empty"):
+        run_main(takd, "--chain", "plain6", "plain2", *QUICK, "--out", out)
+    assert snapshot(out) == before
 
 
 def test_learning_rate_schedule():

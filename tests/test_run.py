@@ -1,0 +1,52 @@
+"""common/run.py: the one-line error, run folders, atomic checkpoints, the schedules."""
+import pytest
+
+from common.run import UserError, exit_on_user_error, prepare_run_folder, require_positive, step_schedule
+from conftest import FakeFabric
+
+
+class FolderFabric(FakeFabric):
+    is_global_zero = True
+
+    def barrier(self):
+        pass
+
+
+def test_user_error_is_one_line_and_status_2(capsys):
+    def main(args):
+        # a UserError raised in a DataLoader worker arrives with the worker's traceback before it
+        raise UserError("Caught UserError in DataLoader worker process 0.\nTraceback ...\ncannot read image x.jpg")
+
+    with pytest.raises(SystemExit) as exit_:
+        exit_on_user_error(main, None)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: cannot read image x.jpg\n"
+
+
+def test_run_folder_rules(tmp_path):
+    fabric = FolderFabric()
+    out = prepare_run_folder(fabric, tmp_path / "run", resume=False, overwrite=False)
+    assert out.is_dir()
+    (out / "last.ckpt").write_bytes(b"x")
+    with pytest.raises(UserError, match="exists and is not empty"):
+        prepare_run_folder(fabric, out, resume=False, overwrite=False)
+    with pytest.raises(UserError, match="exclude each other"):
+        prepare_run_folder(fabric, out, resume=True, overwrite=True)
+    with pytest.raises(UserError, match="no .*args.json to resume from"):
+        prepare_run_folder(fabric, out, resume=True, overwrite=False, marker="args.json")
+    assert prepare_run_folder(fabric, out, resume=True, overwrite=False) == out and (out / "last.ckpt").exists()
+    prepare_run_folder(fabric, out, resume=False, overwrite=True)
+    assert out.is_dir() and not any(out.iterdir())
+
+
+def test_require_positive():
+    require_positive(lr=0.1, img_size=None)  # None: not given, nothing to check
+    with pytest.raises(UserError, match="--batch-size must be positive, got 0"):
+        require_positive(batch_size=0)
+
+
+def test_step_schedule():
+    # lr 0.1, ÷10 at epochs 2 and 4, one warm-up epoch of 10 steps
+    rates = [step_schedule(0.1, epoch, 9, 10, [2, 4], 1) for epoch in range(5)]
+    assert rates == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
+    assert step_schedule(0.1, 0, 4, 10, [2, 4], 1) == pytest.approx(0.05)
