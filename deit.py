@@ -9,8 +9,8 @@ the label, the distillation head from the teacher (`--distillation-type`):
     soft:  (1-λ)·CE(ψ(Z_s), y) + λ·τ²·KL(ψ(Z_t/τ) ‖ ψ(Z_s^dist/τ))
     hard:  (1-λ)·CE(ψ(Z_s), y) + λ·CE(ψ(Z_s^dist), y_t),  y_t = argmax Z_t   (λ = ½: the paper's)
 
-The teacher is frozen, runs in inference mode under `fabric.autocast()` and
-sees the same augmented (and Mixup-ed) batch as the student, so y_t is its
+The teacher is frozen (held in bf16 in a bf16-mixed run, compiled with
+`--compile`) and sees the same augmented (and Mixup-ed) batch as the student, so y_t is its
 decision on this very image. At test time the student predicts with the
 average of its two heads; each head alone is reported too. A plain ViT or a
 CNN as student (an ablation of the paper) gets both terms on its only head.
@@ -38,17 +38,16 @@ Expect (the paper, ImageNet top-1, no distillation -> hard): Ti 72.2 -> 74.5,
 S 79.9 -> 81.2, B 81.8 -> 83.4; hard > soft > none.
 """
 import argparse
-import time
 from datetime import datetime
 
 import torch
-from tqdm import tqdm
 
-from common.data import DATASETS, SMALL_SIDE, load_dataset, make_loader
+from common.data import DATASETS, PADDING, SMALL_SIDE, load_dataset, make_loader
 from common.losses import cross_entropy, hard_distillation_loss, soft_distillation_loss
-from common.models import both_heads, count_parameters, create_model, has_distillation_token, load_teacher, split_heads
-from common.run import (UserError, check_finite, cosine_schedule, exit_on_user_error, finish, load_checkpoint,
-                        make_fabric, prepare_run_folder, require_positive, save_epoch, seed_epoch, write_json)
+from common.models import (both_heads, count_parameters, create_model, freeze, has_distillation_token, load_teacher,
+                           split_heads)
+from common.run import (TrainLog, UserError, cosine_schedule, end_epoch, exit_on_user_error, finish, inference_dtype,
+                        load_checkpoint, make_fabric, prepare_run_folder, require_positive, seed_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -83,6 +82,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup-epochs", type=float, default=5, help="linear warm-up (at most a fifth of the run)")
     parser.add_argument("--compile", action="store_true", help="wrap the student in torch.compile")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
+    parser.add_argument("--log-every", type=int, default=50, help="read the losses (a host sync) every N steps")
     parser.add_argument("--out", help="run folder (default: runs/deit/<date-time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.ckpt")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
@@ -99,7 +99,7 @@ def check_args(args):
         raise UserError(f"--distillation-alpha must be in [0, 1], got {args.distillation_alpha}")
     require_positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size,
                      patch_size=args.patch_size, distillation_tau=args.distillation_tau,
-                     repeated_aug=args.repeated_aug)
+                     repeated_aug=args.repeated_aug, log_every=args.log_every)
     if args.resume and not args.out:
         raise UserError("--resume needs --out, the run folder to continue")
 
@@ -156,14 +156,14 @@ def student_loss(output, teacher_logits, targets, args):
 @torch.no_grad()
 def teacher_predictions(teacher, loader, fabric):
     """The teacher's decisions on the test batches (fixed, so made once) and its top-1 (%)."""
-    decisions, correct, seen = [], 0, 0
+    decisions = []
+    counts = torch.zeros(2, device=fabric.device)  # correct, seen
+    dtype = next(teacher.parameters()).dtype
     for images, labels in loader.epoch():
-        with fabric.autocast():
-            decisions.append(teacher(images).argmax(1))
-        correct += (decisions[-1] == labels).sum()
-        seen += len(labels)
-    counts = fabric.all_reduce(torch.stack([torch.as_tensor(correct), torch.as_tensor(seen)]).float(), "sum")
-    return decisions, (100 * counts[0] / counts[1]).item()
+        decisions.append(teacher(images.to(dtype)).argmax(1))
+        counts += torch.stack([(decisions[-1] == labels).sum(), (labels != PADDING).sum()])
+    counts = fabric.all_reduce(counts, reduce_op="sum")
+    return decisions, 100 * counts[0] / counts[1]
 
 
 @torch.no_grad()
@@ -176,12 +176,13 @@ def evaluate(model, loader, fabric, teacher_decisions=None):
         with both_heads(model):
             class_logits, distill_logits = split_heads(model(images))
         predicted = (class_logits.float() + distill_logits.float()).argmax(1)
+        real = labels != PADDING
         counts[0] += (predicted == labels).sum()
         counts[1] += (class_logits.argmax(1) == labels).sum()
         counts[2] += (distill_logits.argmax(1) == labels).sum()
         if teacher_decisions is not None:
-            counts[3] += (teacher_decisions[batch] == predicted).sum()
-        counts[4] += len(labels)
+            counts[3] += ((teacher_decisions[batch] == predicted) & real).sum()
+        counts[4] += real.sum()
     counts = fabric.all_reduce(counts, reduce_op="sum")
     return (100 * counts[:4] / counts[4]).tolist()
 
@@ -193,7 +194,8 @@ def main(args):
     args.out = args.out or fabric.broadcast(f"runs/deit/{datetime.now():%Y%m%d-%H%M%S}")
     out = prepare_run_folder(fabric, args.out, args.resume, args.overwrite)
 
-    data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
+    with fabric.rank_zero_first(local=True):  # a download happens once per machine
+        data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
     args.img_size = data["img_size"]
     args.recipe = args.recipe or ("deit" if args.dataset == "imagefolder" else "cifar")
     num_classes = len(data["classes"])
@@ -207,10 +209,11 @@ def main(args):
     test_loader = make_loader(data, "test", per_device_batch, fabric)
 
     teacher, teacher_decisions, teacher_top1 = None, None, None
-    if args.teacher:
-        teacher = fabric.to_device(load_teacher(args.teacher, args.teacher_ckpt, num_classes, args.img_size,
-                                                device=fabric.device))  # not set up: it has nothing to train
+    if args.teacher:  # not set up by Fabric: it has nothing to train
+        teacher = freeze(load_teacher(args.teacher, args.teacher_ckpt, num_classes, args.img_size, device=fabric.device),
+                         inference_dtype(fabric), args.compile)
         teacher_decisions, teacher_top1 = teacher_predictions(teacher, test_loader, fabric)
+        teacher_top1 = teacher_top1.item()
         fabric.print(f"teacher {args.teacher}: top-1 {teacher_top1:.2f} % on the test split")
 
     model = create_model(args.model, num_classes, args.img_size, args.patch_size, args.drop_path,
@@ -238,12 +241,8 @@ def main(args):
     for epoch in range(state["epoch"], args.epochs):
         seed_epoch(args.seed, epoch)
         model.train()
-        sums = torch.zeros(3, device=fabric.device)
-        images_seen, train_time = 0, 0.0
-        bar = tqdm(train_loader.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
-                   disable=not fabric.is_global_zero, leave=False)
-        tick = epoch_start = time.perf_counter()
-        for step, (images, labels) in enumerate(bar):
+        log = TrainLog(fabric, ["loss", "ce", "distill"], epoch, args.epochs, steps_per_epoch, args.log_every, out)
+        for step, (images, labels) in enumerate(train_loader.epoch(epoch)):
             scheduler.step_update(epoch * steps_per_epoch + step)
             targets = labels
             if erase is not None:
@@ -251,32 +250,21 @@ def main(args):
             if mixup is not None and len(images) % 2 == 0:
                 images, targets = mixup(images, labels)
             teacher_logits = None
-            if teacher is not None:
-                with torch.no_grad(), fabric.autocast():  # the teacher sees the same, mixed batch
-                    teacher_logits = teacher(images)
+            if teacher is not None:  # the teacher sees the same, mixed batch
+                teacher_logits = teacher(images.to(next(teacher.parameters()).dtype))
             loss, ce, distill = student_loss(model(images), teacher_logits, targets, args)
-            check_finite(fabric, loss, epoch, step, out)
             fabric.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            sums += torch.stack([loss.detach(), ce.detach(), distill.detach()])
-            images_seen += len(labels) * fabric.world_size
-            train_time = time.perf_counter() - tick
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{images_seen / train_time:.0f}")
+            log.step(step, torch.stack([loss, ce, distill]), len(labels))
+        means = log.close()
 
         accuracy = evaluate(model, test_loader, fabric, teacher_decisions)
-        loss, ce, distill = (fabric.all_reduce(sums, reduce_op="mean") / steps_per_epoch).tolist()
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": loss, "loss_ce": ce,
-               "loss_distill": distill, "top1": accuracy[0], "top1_cls": accuracy[1], "top1_dist": accuracy[2],
-               "teacher_agreement": accuracy[3] if teacher is not None else None,
-               "img_per_s": images_seen / train_time}
-        fabric.print(f"epoch {epoch + 1}: top-1 {accuracy[0]:.2f} (class head {accuracy[1]:.2f}, distillation head "
-                     f"{accuracy[2]:.2f}) loss={loss:.3f} {row['img_per_s']:.0f} img/s")
-
-        state["history"].append(row)
-        state["epoch"] = epoch + 1
-        state["wall_s"] += time.perf_counter() - epoch_start
-        save_epoch(fabric, out, state, accuracy[0])
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": means["loss"],
+               "loss_ce": means["ce"], "loss_distill": means["distill"], "top1": accuracy[0],
+               "top1_cls": accuracy[1], "top1_dist": accuracy[2],
+               "teacher_agreement": accuracy[3] if teacher is not None else None, "img_per_s": means["img_per_s"]}
+        end_epoch(fabric, out, state, row, accuracy[0], log)
 
     # --- results ------------------------------------------------------------
     if accuracy is None:  # resumed a finished run

@@ -5,8 +5,9 @@ students see the same batch; student k minimises (eq. 1-2)
 
     L_k = CE(p_k, y) + 1/(K-1) · Σ_{j≠k} KL(p_j ‖ p_k)
 
-with the peers' p_j detached, and each student has its own optimizer. All
-students are updated on the same batch at once (the peers' predictions of this
+with the peers' p_j detached. Each student is a parameter group of one
+optimizer (the same update as one optimizer each, with one launch and, in
+16-mixed, one loss scale for all). All students are updated on the same batch at once (the peers' predictions of this
 step, not of a peer already updated in this step). `--mode independent` trains
 the same students with CE only: with the same `--seed` both modes start from the
 same weights and see the same data in the same order.
@@ -38,18 +39,16 @@ cifar10-mini, vit_micro × 2, 30 epochs, batch 128, seed 0, DML gave 49.6/49.0
 (ensemble 49.9) and Independent 50.7/48.5 (ensemble 51.4).
 """
 import argparse
-import time
 from datetime import datetime
 
 import torch
-from tqdm import tqdm
 
-from common.data import DATASETS, load_dataset, make_loader, subset
+from common.data import DATASETS, PADDING, load_dataset, make_loader, subset
 from common.landscape import loss_curve, plot as plot_landscape, write_csv as write_landscape_csv
 from common.losses import cross_entropy, dml_loss
 from common.models import count_parameters, create_model, has_distillation_token, prediction, split_heads
-from common.run import (UserError, check_finite, cosine_schedule, exit_on_user_error, finish, load_checkpoint,
-                        make_fabric, prepare_run_folder, require_positive, save_epoch, seed_epoch, write_json)
+from common.run import (TrainLog, UserError, cosine_schedule, end_epoch, exit_on_user_error, finish, load_checkpoint,
+                        make_fabric, prepare_run_folder, require_positive, seed_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -76,6 +75,7 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="wrap the students in torch.compile")
     parser.add_argument("--landscape", action="store_true", help="after training, write each student's loss landscape")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
+    parser.add_argument("--log-every", type=int, default=50, help="read the losses (a host sync) every N steps")
     parser.add_argument("--out", help="run folder (default: runs/dml/<date-time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.ckpt")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
@@ -86,7 +86,7 @@ def check_args(args):
     if len(args.students) < 2:
         raise UserError(f"DML needs at least two students, got --students {' '.join(args.students)}")
     require_positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size,
-                     patch_size=args.patch_size)
+                     patch_size=args.patch_size, log_every=args.log_every)
     if args.pretrained and len(args.pretrained) not in (1, len(args.students)):
         raise UserError(f"--pretrained takes one file or one per student ({len(args.students)})")
     if args.resume and not args.out:
@@ -127,7 +127,7 @@ def evaluate(students, loader, fabric):
         for i, scores in enumerate(logits):
             top = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]
             correct[i] += torch.stack([top[:, 0].sum(), top.any(1).sum()])
-        seen += len(labels)
+        seen += (labels != PADDING).sum()
     return (100 * fabric.all_reduce(correct, reduce_op="sum") / fabric.all_reduce(seen, reduce_op="sum")).tolist()
 
 
@@ -138,31 +138,29 @@ def main(args):
     args.out = args.out or fabric.broadcast(f"runs/dml/{datetime.now():%Y%m%d-%H%M%S}")
     out = prepare_run_folder(fabric, args.out, args.resume, args.overwrite)
 
-    data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
+    with fabric.rank_zero_first(local=True):  # a download happens once per machine
+        data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
     args.img_size = data["img_size"]
     per_device_batch = max(1, args.batch_size // fabric.world_size)
     train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed)
     test_loader = make_loader(data, "test", per_device_batch, fabric)
 
-    students, optimizers, schedulers = [], [], []
-    steps_per_epoch = len(train_loader)
-    lr = args.lr * args.batch_size / 512
+    models = []
     for k, name in enumerate(args.students):
         pretrained = args.pretrained and args.pretrained[k % len(args.pretrained)]
         model = create_model(name, len(data["classes"]), args.img_size, args.patch_size, args.drop_path, pretrained,
                              fabric.device)
-        if args.compile:
-            model = torch.compile(model)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
-        model, optimizer = fabric.setup(model, optimizer)
-        students.append(model)
-        optimizers.append(optimizer)
-        schedulers.append(cosine_schedule(optimizer, lr, args.min_lr, args.epochs, args.warmup_epochs,
-                                          steps_per_epoch))
+        models.append(torch.compile(model) if args.compile else model)
+    lr = args.lr * args.batch_size / 512
+    optimizer = torch.optim.AdamW([{"params": model.parameters()} for model in models], lr=lr,
+                                  weight_decay=args.weight_decay)
+    students = [fabric.setup_module(model) for model in models]
+    optimizer = fabric.setup_optimizers(optimizer)
+    steps_per_epoch = len(train_loader)
+    scheduler = cosine_schedule(optimizer, lr, args.min_lr, args.epochs, args.warmup_epochs, steps_per_epoch)
 
     state = {f"student{k}": s for k, s in enumerate(students)}
-    state.update({f"optimizer{k}": o for k, o in enumerate(optimizers)})
-    state.update(epoch=0, history=[], best_top1=-1.0, wall_s=0.0, args=vars(args))
+    state.update(optimizer=optimizer, epoch=0, history=[], best_top1=-1.0, wall_s=0.0, args=vars(args))
     if args.resume:
         load_checkpoint(fabric, out / "last.ckpt", state,
                         expect={"students": args.students, "dataset": args.dataset, "img_size": args.img_size,
@@ -173,48 +171,30 @@ def main(args):
     state["args"] = vars(args)
 
     K = len(students)
+    names = [f"{term}_{k}" for k in range(K) for term in ("ce", "kl")]
     accuracy = None
     for epoch in range(state["epoch"], args.epochs):
         seed_epoch(args.seed, epoch)
         for student in students:
             student.train()
-        sums = torch.zeros(K, 2, device=fabric.device)
-        images_seen, train_time = 0, 0.0
-        bar = tqdm(train_loader.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
-                   disable=not fabric.is_global_zero, leave=False)
-        tick = epoch_start = time.perf_counter()
-        for step, (images, labels) in enumerate(bar):
-            global_step = epoch * steps_per_epoch + step
-            for scheduler in schedulers:
-                scheduler.step_update(global_step)
+        log = TrainLog(fabric, names, epoch, args.epochs, steps_per_epoch, args.log_every, out)
+        for step, (images, labels) in enumerate(train_loader.epoch(epoch)):
+            scheduler.step_update(epoch * steps_per_epoch + step)
             terms = student_losses(students, images, labels, args)
-            loss = terms.sum()  # one backward for all: L_k reaches only student k, the peers being detached
-            check_finite(fabric, loss, epoch, step, out)
-            fabric.backward(loss)
-            for optimizer in optimizers:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            sums += terms.detach()
-            images_seen += len(labels) * fabric.world_size
-            train_time = time.perf_counter() - tick
-            bar.set_postfix(loss=f"{loss.item() / K:.3f}", img_s=f"{images_seen / train_time:.0f}")
+            fabric.backward(terms.sum())  # one backward for all: L_k reaches only student k, the peers being detached
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            log.step(step, terms.flatten(), len(labels))
+        means = log.close()
 
         accuracy = evaluate(students, test_loader, fabric)
-        mean_terms = (fabric.all_reduce(sums, reduce_op="mean") / steps_per_epoch).tolist()
-        row = {"epoch": epoch + 1, "lr": optimizers[0].param_groups[0]["lr"]}
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         for k in range(K):
-            ce, kl = mean_terms[k]
-            row.update({f"loss_{k}": ce + kl, f"ce_{k}": ce, f"kl_{k}": kl})
+            row.update({f"loss_{k}": means[f"ce_{k}"] + means[f"kl_{k}"], f"ce_{k}": means[f"ce_{k}"],
+                        f"kl_{k}": means[f"kl_{k}"]})
         row.update({f"top1_{k}": accuracy[k][0] for k in range(K)})
-        row.update(top1_ensemble=accuracy[K][0], img_per_s=images_seen / train_time)
-        fabric.print(f"epoch {epoch + 1}: " + " ".join(f"{k}={row[f'top1_{k}']:.2f}" for k in range(K))
-                     + f" ensemble={accuracy[K][0]:.2f} loss={sum(row[f'loss_{k}'] for k in range(K)) / K:.3f}"
-                     f" {row['img_per_s']:.0f} img/s")
-
-        state["history"].append(row)
-        state["epoch"] = epoch + 1
-        state["wall_s"] += time.perf_counter() - epoch_start
-        save_epoch(fabric, out, state, accuracy[K][0])
+        row.update(top1_ensemble=accuracy[K][0], img_per_s=means["img_per_s"])
+        end_epoch(fabric, out, state, row, accuracy[K][0], log)
 
     # --- results ------------------------------------------------------------
     if accuracy is None:  # resumed a finished run

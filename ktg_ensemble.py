@@ -24,7 +24,7 @@ tested once.
 
 Recipe (the authors' CIFAR code): SGD with Nesterov momentum 0.9, lr 0.1 at batch
 64 (scaled with `--batch-size`), weight decay 5e-4, 200 epochs, each node its own
-optimizer. The schedule is theirs too, lr ÷10 at epochs 60, 120 and 180 (scaled
+optimizer (here its own parameter group of one optimizer: the same update). The schedule is theirs too, lr ÷10 at epochs 60, 120 and 180 (scaled
 with `--epochs`): a step schedule, so that graphs searched and retrained here
 compare with the paper's. One addition, a linear warm-up over the first epoch:
 without it the `dml` preset of three resnet20_abn on cifar10-mini blew up in its
@@ -43,20 +43,17 @@ DML 72.08, the searched graph 73.41.
 import argparse
 import fcntl
 import os
-import time
 import warnings
 from datetime import datetime
 
 import torch
-from tqdm import tqdm
 
-from common.data import DATASETS, DeviceLoader, load_dataset, make_loader, validation_split
+from common.data import DATASETS, PADDING, DeviceLoader, load_dataset, make_loader, validation_split
 from common.graph import LABEL, LOSSES, check_graph, draw_attention, draw_graph, load_graph, preset, sample_graph
 from common.losses import edge_loss, gate, label_loss
 from common.models import ABN_ALIASES, count_parameters, create_model
-from common.run import (UserError, check_finite, exit_on_user_error, finish, load_checkpoint, make_fabric,
-                        prepare_run_folder, require_positive, save_epoch, seed_epoch, step_schedule, write_csv,
-                        write_json)
+from common.run import (TrainLog, UserError, end_epoch, exit_on_user_error, finish, load_checkpoint, make_fabric,
+                        prepare_run_folder, require_positive, seed_epoch, step_schedule, write_csv, write_json)
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -84,6 +81,7 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="wrap the nodes in torch.compile")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order, augmentation and "
                                                             "sampler (give each search worker its own)")
+    parser.add_argument("--log-every", type=int, default=50, help="read the losses (a host sync) every N steps")
     parser.add_argument("--out", help="run folder (default: runs/ktg/<date-time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run (or the search) in --out")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
@@ -92,7 +90,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     require_positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size,
-                     heartbeat_grace=args.heartbeat_grace)
+                     heartbeat_grace=args.heartbeat_grace, log_every=args.log_every)
     if args.search < 0:
         raise UserError(f"--search must be a number of trials, got {args.search}")
     if not 0 < args.val_split < 1:
@@ -167,7 +165,7 @@ def evaluate(nodes, loader, fabric):
         logits = [node_outputs(node, images)[0].float() for node in nodes]
         logits.append(torch.stack(logits).mean(0))
         correct += torch.stack([(scores.argmax(1) == labels).sum() for scores in logits])
-        seen += len(labels)
+        seen += (labels != PADDING).sum()
     accuracy = 100 * fabric.all_reduce(correct, reduce_op="sum") / fabric.all_reduce(seen, reduce_op="sum")
     return [round(value, 2) for value in accuracy.tolist()]
 
@@ -181,20 +179,16 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
     train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed)
     test_loader = make_loader(data, "test", per_device_batch, fabric)
     torch.manual_seed(args.seed)  # every graph starts from the same weights
-    nodes, optimizers = [], []
-    for name in graph["nodes"]:
-        node = create_model(name, len(data["classes"]), args.img_size, device=fabric.device)
-        if args.compile:
-            node = torch.compile(node)
-        optimizer = torch.optim.SGD(node.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                    weight_decay=args.weight_decay)
-        node, optimizer = fabric.setup(node, optimizer)
-        nodes.append(node)
-        optimizers.append(optimizer)
+    models = [create_model(name, len(data["classes"]), args.img_size, device=fabric.device) for name in graph["nodes"]]
+    models = [torch.compile(model) if args.compile else model for model in models]
+    # one optimizer, a parameter group per node: the same update as one optimizer each
+    optimizer = torch.optim.SGD([{"params": model.parameters()} for model in models], lr=args.lr, momentum=0.9,
+                                nesterov=True, weight_decay=args.weight_decay)
+    nodes = [fabric.setup_module(model) for model in models]
+    optimizer = fabric.setup_optimizers(optimizer)
 
     state = {f"node{m}": node for m, node in enumerate(nodes)}
-    state.update({f"optimizer{m}": optimizer for m, optimizer in enumerate(optimizers)})
-    state.update(epoch=0, history=[], best_top1=-1.0, wall_s=0.0, args=vars(args), graph=graph)
+    state.update(optimizer=optimizer, epoch=0, history=[], best_top1=-1.0, wall_s=0.0, args=vars(args), graph=graph)
     if out is not None and args.resume and (out / "last.ckpt").is_file():
         load_checkpoint(fabric, out / "last.ckpt", state,
                         expect={"dataset": args.dataset, "img_size": args.img_size, "train_subset": args.train_subset,
@@ -210,42 +204,29 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
         seed_epoch(args.seed, epoch)
         for node in nodes:
             node.train()
-        loss_sum = torch.zeros((), device=fabric.device)
-        images_seen, train_time = 0, 0.0
-        bar = tqdm(train_loader.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
-                   disable=not fabric.is_global_zero, leave=False)
-        tick = epoch_start = time.perf_counter()
-        for step, (images, labels) in enumerate(bar):
-            for optimizer in optimizers:
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(args, epoch, step, steps_per_epoch)
+        log = TrainLog(fabric, ["loss"], epoch, args.epochs, steps_per_epoch, args.log_every, out)
+        for step, (images, labels) in enumerate(train_loader.epoch(epoch)):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(args, epoch, step, steps_per_epoch)
             outputs = [node_outputs(node, images) for node in nodes]
             loss = graph_loss(graph, outputs, labels, epoch * steps_per_epoch + step + 1, total_steps,
                               args.crop_sizes)
-            check_finite(fabric, loss, epoch, step, out)
             fabric.backward(loss)
-            for optimizer in optimizers:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            images_seen += len(labels) * fabric.world_size
-            train_time = time.perf_counter() - tick
-            bar.set_postfix(loss=f"{loss.item() / M:.3f}", img_s=f"{images_seen / train_time:.0f}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            log.step(step, loss[None], len(labels))
+        means = log.close()
 
         accuracy = evaluate(nodes, test_loader, fabric)
-        row = {"epoch": epoch + 1, "lr": optimizers[0].param_groups[0]["lr"],
-               "loss": fabric.all_reduce(loss_sum, reduce_op="mean").item() / steps_per_epoch / M}
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": means["loss"] / M}
         row.update({f"top1_{m}": accuracy[m] for m in range(M)})
-        row.update(top1_ensemble=accuracy[M], img_per_s=images_seen / train_time)
-        fabric.print(f"epoch {epoch + 1}: " + " ".join(f"{m}={accuracy[m]:.2f}" for m in range(M))
-                     + f" ensemble={accuracy[M]:.2f} loss={row['loss']:.3f} {row['img_per_s']:.0f} img/s")
-        state["history"].append(row)
-        state["epoch"] = epoch + 1
-        state["wall_s"] += time.perf_counter() - epoch_start
+        row.update(top1_ensemble=accuracy[M], img_per_s=means["img_per_s"])
         if report is not None:
             report(epoch, 100 - accuracy[M])
         if out is not None:
-            save_epoch(fabric, out, state, accuracy[M])
+            end_epoch(fabric, out, state, row, accuracy[M], log)
+        else:  # a search trial: no run folder
+            state["history"].append(row)
     if accuracy is None:  # resumed a finished run
         accuracy = evaluate(nodes, test_loader, fabric)
     return nodes, accuracy, state
@@ -348,7 +329,8 @@ def main(args):
     fabric.seed_everything(args.seed)
     args.out = args.out or fabric.broadcast(f"runs/ktg/{datetime.now():%Y%m%d-%H%M%S}")
     out = prepare_run_folder(fabric, args.out, args.resume, args.overwrite, marker="args.json")
-    data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
+    with fabric.rank_zero_first(local=True):  # a download happens once per machine
+        data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
     args.img_size = data["img_size"]
     for name in set(graph["nodes"]):
         create_model(name, len(data["classes"]), args.img_size)  # an unknown name stops the run before training
@@ -395,9 +377,11 @@ def attention_picture(path, nodes, graph, data, fabric, count=4):
     batch, _ = next(DeviceLoader((images, data["test"][1][:count]), data, count, fabric.device, train=False).epoch())
     maps = []
     for m in shown:
-        nodes[m].eval()
+        # The module inside Fabric's (and DDP's) wrapper: DDP's forward is a collective
+        # that the other ranks, which draw nothing, would never join.
+        node = nodes[m].module.eval()
         with fabric.autocast():
-            maps.append(node_outputs(nodes[m], batch)[2].float())
+            maps.append(node_outputs(node, batch)[2].float())
     draw_attention(path, images, maps, [f"{m}: {graph['nodes'][m]}" for m in shown])
 
 

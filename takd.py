@@ -49,13 +49,12 @@ import time
 from datetime import datetime
 
 import torch
-from tqdm import tqdm
 
-from common.data import DATASETS, load_dataset, make_loader
+from common.data import DATASETS, PADDING, load_dataset, make_loader
 from common.losses import cross_entropy, kd_loss
-from common.models import count_parameters, create_model, load_teacher
-from common.run import (UserError, check_finite, exit_on_user_error, finish, load_checkpoint, make_fabric,
-                        prepare_run_folder, require_positive, save_epoch, seed_epoch, step_schedule, write_csv,
+from common.models import count_parameters, create_model, freeze, load_teacher
+from common.run import (TrainLog, UserError, end_epoch, exit_on_user_error, finish, inference_dtype, load_checkpoint,
+                        make_fabric, prepare_run_folder, require_positive, seed_epoch, step_schedule, write_csv,
                         write_json)
 
 AUTO = "auto"
@@ -83,6 +82,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup-epochs", type=float, default=1, help="linear warm-up of the learning rate")
     parser.add_argument("--compile", action="store_true", help="wrap the trained networks in torch.compile")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
+    parser.add_argument("--log-every", type=int, default=50, help="read the losses (a host sync) every N steps")
     parser.add_argument("--out", help="run folder (default: runs/takd/<date-time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
@@ -105,7 +105,7 @@ def check_args(args):
     if not 0 <= args.kd_lambda <= 1:
         raise UserError(f"--kd-lambda must lie in [0, 1], got {args.kd_lambda}")
     require_positive(kd_tau=args.kd_tau, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                     img_size=args.img_size)
+                     img_size=args.img_size, log_every=args.log_every)
     for flag in ("weight_decay", "warmup_epochs"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
@@ -137,12 +137,13 @@ def evaluate(model, loader, fabric):
     model.eval()
     correct = torch.zeros(2, device=fabric.device)
     seen = torch.zeros((), device=fabric.device)
+    dtype = next(model.parameters()).dtype  # a frozen teacher may be held in bf16
     for images, labels in loader.epoch():
         with fabric.autocast():
-            scores = model(images).float()
+            scores = model(images.to(dtype)).float()
         top = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]
         correct += torch.stack([top[:, 0].sum(), top.any(1).sum()])
-        seen += len(labels)
+        seen += (labels != PADDING).sum()
     accuracy = 100 * fabric.all_reduce(correct, reduce_op="sum") / fabric.all_reduce(seen, reduce_op="sum")
     return [round(value, 2) for value in accuracy.tolist()]
 
@@ -174,40 +175,28 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
     for epoch in range(state["epoch"], args.epochs):
         seed_epoch(args.seed, epoch)
         model.train()
-        loss_sum = torch.zeros((), device=fabric.device)
-        images_seen, train_time = 0, 0.0
-        bar = tqdm(train_loader.epoch(epoch), total=steps_per_epoch, leave=False,
-                   desc=f"{folder.name} {epoch + 1}/{args.epochs}", disable=not fabric.is_global_zero)
-        tick = epoch_start = time.perf_counter()
-        for step, (images, labels) in enumerate(bar):
+        log = TrainLog(fabric, ["loss"], epoch, args.epochs, steps_per_epoch, args.log_every, folder, folder.name)
+        for step, (images, labels) in enumerate(train_loader.epoch(epoch)):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(args, epoch, step, steps_per_epoch)
             logits = model(images)
             if teacher is None:
                 loss = cross_entropy(logits, labels)
             else:
-                with torch.no_grad(), fabric.autocast():
-                    teacher_logits = teacher(images)
+                with torch.no_grad():
+                    teacher_logits = teacher(images.to(next(teacher.parameters()).dtype))
                 loss = kd_loss(logits, teacher_logits, labels, args.kd_lambda, args.kd_tau)
-            check_finite(fabric, loss, epoch, step, folder)
             fabric.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            images_seen += len(labels) * fabric.world_size
-            train_time = time.perf_counter() - tick
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{images_seen / train_time:.0f}")
+            log.step(step, loss[None], len(labels))
+        means = log.close()
 
         top1, top5 = evaluate(model, test_loader, fabric)
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-               "loss": fabric.all_reduce(loss_sum, reduce_op="mean").item() / steps_per_epoch,
-               "top1": top1, "top5": top5, "img_per_s": images_seen / train_time}
-        fabric.print(f"{folder.name} epoch {epoch + 1}: top1={top1:.2f} loss={row['loss']:.3f} "
-                     f"{row['img_per_s']:.0f} img/s")
-        state["history"].append(row)
-        state.update(epoch=epoch + 1, images=state["images"] + images_seen, train_s=state["train_s"] + train_time)
-        state["wall_s"] += time.perf_counter() - epoch_start
-        save_epoch(fabric, folder, state, top1)
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": means["loss"], "top1": top1,
+               "top5": top5, "img_per_s": means["img_per_s"]}
+        state.update(images=state["images"] + log.images, train_s=state["train_s"] + log.seconds)
+        end_epoch(fabric, folder, state, row, top1, log)
 
     last = state["history"][-1]
     learned_from = folder.name.rpartition("_to_")[0] or None  # the teacher's sub-folder
@@ -217,7 +206,7 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
               "train_s": state["train_s"], "wall_s": state["wall_s"]}
     if fabric.is_global_zero:
         write_json(folder / "results.json", result)
-    return model.module.eval().requires_grad_(False), result  # frozen, outside DDP: the next teacher
+    return freeze(model.module, inference_dtype(fabric), args.compile), result  # outside DDP: the next teacher
 
 
 def main(args):
@@ -228,7 +217,8 @@ def main(args):
     out = prepare_run_folder(fabric, args.out, args.resume, args.overwrite, marker="args.json")
     start = time.perf_counter()
 
-    data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
+    with fabric.rank_zero_first(local=True):  # a download happens once per machine
+        data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
     args.img_size = data["img_size"]
     for name in set(args.chain + args.ta_candidates) - {AUTO}:
         create_model(name, len(data["classes"]), args.img_size)  # an unknown name stops the run before training
@@ -241,8 +231,8 @@ def main(args):
     teacher_name, student_name = args.chain[0], args.chain[-1]
     loaded_teacher = None  # (network, results) of the chain's first network, from --teacher-ckpt
     if args.teacher_ckpt:
-        teacher = fabric.to_device(load_teacher(teacher_name, args.teacher_ckpt, len(data["classes"]),
-                                                args.img_size, device=fabric.device))
+        teacher = freeze(load_teacher(teacher_name, args.teacher_ckpt, len(data["classes"]), args.img_size,
+                                      device=fabric.device), inference_dtype(fabric), args.compile)
         teacher_top1 = evaluate(teacher, loaders[1], fabric)[0]
         loaded_teacher = (teacher, {"model": teacher_name, "teacher": None, "folder": None, "top1": teacher_top1,
                                     "checkpoint": args.teacher_ckpt, "params": count_parameters(teacher)})

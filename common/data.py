@@ -9,7 +9,14 @@
 
 Training augmentation: for CIFAR-sized images (side <= 64) random crop with
 padding + horizontal flip; for larger ones random resized crop + flip. Under
-DDP each rank takes its own shard of the same seeded permutation.
+DDP each rank takes its own shard of the same seeded permutation; test images
+are dealt out to the ranks so that each counts exactly once.
+
+Every batch has the same shape, so a compiled model never recompiles: training
+drops the last partial batch, evaluation pads it with images labelled
+`PADDING` (-100, the label `F.cross_entropy` ignores), which no prediction can
+match and which the evaluation loops leave out of their counts. On a GPU the
+images come in the channels-last layout that cuDNN's convolutions run fastest in.
 """
 import math
 import os
@@ -30,6 +37,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SMALL_SIDE = 64  # images up to this side get crop-with-padding, larger ones random resized crop
+PADDING = -100  # the label of the images that fill up the last test batch
 
 
 def native_img_size(dataset):
@@ -309,12 +317,25 @@ class DeviceLoader:
         generator = torch.Generator(self.images.device).manual_seed(self.seed * 100_003 + epoch * 101 + self.rank)
         for b in range(self.num_batches):
             batch = indices[b * self.batch_size:(b + 1) * self.batch_size]
-            images = self.images[batch]
+            images, labels = pad_batch(self.images[batch], self.labels[batch], self.batch_size)
             if self.augment:
                 images = augment(images, self.img_size, generator)
             else:
                 images = resize(images.float(), self.img_size)
-            yield (images - self.mean) / self.std, self.labels[batch]
+            yield on_device_layout((images - self.mean) / self.std), labels
+
+
+def pad_batch(images, labels, size):
+    """A short batch filled up to `size` with black images labelled PADDING."""
+    missing = size - len(labels)
+    if missing <= 0:
+        return images, labels
+    return (torch.cat([images, images.new_zeros((missing, *images.shape[1:]))]),
+            torch.cat([labels, labels.new_full((missing,), PADDING)]))
+
+
+def on_device_layout(images):
+    return images.contiguous(memory_format=torch.channels_last) if images.device.type == "cuda" else images
 
 
 class _TransformImages(torch.utils.data.Dataset):
@@ -354,14 +375,16 @@ class TransformLoader:
         dataset = _TransformImages(images, labels, transform)
         if train and repeats > 1:
             self.sampler = RepeatAugSampler(dataset, world_size, rank, num_repeats=repeats)
-        else:
-            self.sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed,
-                                                               drop_last=train)
+        elif train:
+            self.sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed,
+                                                               drop_last=True)
+        else:  # every test image once: DistributedSampler would repeat some to even out the ranks
+            self.sampler = _EveryNth(len(dataset), rank, world_size)
         workers = min(8, os.cpu_count() or 1)
         self.loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=self.sampler, num_workers=workers,
                                                   pin_memory=device.type == "cuda", drop_last=train,
                                                   persistent_workers=True)
-        self.device, self.seed = device, seed
+        self.device, self.seed, self.batch_size, self.train = device, seed, batch_size, train
 
     def __len__(self):
         return len(self.loader)
@@ -369,7 +392,26 @@ class TransformLoader:
     def epoch(self, epoch=0):
         self.sampler.set_epoch(self.seed * 100_003 + epoch)
         for images, labels in self.loader:
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            if not self.train:
+                images, labels = pad_batch(images, labels, self.batch_size)
+            yield (on_device_layout(images.to(self.device, non_blocking=True)),
+                   labels.to(self.device, non_blocking=True))
+
+
+class _EveryNth(torch.utils.data.Sampler):
+    """Indices rank, rank + world_size, ...: this rank's share of the test images, none twice."""
+
+    def __init__(self, size, rank, world_size):
+        self.indices = range(rank, size, world_size)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def set_epoch(self, epoch):
+        pass
 
 
 def make_loader(data, split, batch_size, fabric, seed=0, transform=None, repeats=1, augment=True):

@@ -16,8 +16,9 @@ import csv
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from common.losses import cross_entropy
+from common.data import PADDING
 from common.models import prediction
 
 SIGMAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
@@ -42,8 +43,8 @@ def loss_curve(model, loader, fabric, sigmas=SIGMAS, draws=5, seed=0):
             total = torch.zeros(2, device=fabric.device)
             for images, labels in loader.epoch():
                 logits = prediction(model(images)).float()
-                total[0] += cross_entropy(logits, labels) * len(labels)
-                total[1] += len(labels)
+                total[0] += F.cross_entropy(logits, labels, reduction="sum")  # padding labels are ignored
+                total[1] += (labels != PADDING).sum()
             total = fabric.all_reduce(total, reduce_op="sum")
             losses.append((total[0] / total[1]).item())
         losses = torch.tensor(losses)

@@ -49,10 +49,25 @@ ALIASES = list(VIT_ALIASES) + [f"resnet{d}" for d in CIFAR_RESNET_DEPTHS] + list
 
 
 def create_model(name, num_classes, img_size, patch_size=None, drop_path=0.0, pretrained=None, device=None):
-    """A model by alias (see ALIASES) or timm name, for `img_size` inputs, to run on `device`.
+    """A model by alias (see ALIASES) or timm name, for `img_size` inputs, made on `device` (default: the CPU).
 
     ViT patch size follows the image size (4 up to 64 pixels, else 16) unless given.
     """
+    with torch.device(device or "cpu"):
+        model = _build(name, num_classes, img_size, patch_size, drop_path)
+    if pretrained:
+        load_weights(model, pretrained, strict=False)
+    if torch.device(device or "cpu").type == "cpu":
+        # On the CPU, PyTorch's fused (flash) attention kernel is slow for short
+        # sequences: its backward took 30 % of a vit_tiny step at 65 tokens; timm's
+        # explicit matmul-softmax attention makes the step 1.4x faster there.
+        for module in model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = False
+    return model
+
+
+def _build(name, num_classes, img_size, patch_size, drop_path):
     if name in VIT_ALIASES:
         timm_name, overrides = VIT_ALIASES[name]
         patch_size = patch_size or (4 if img_size <= 64 else 16)
@@ -75,15 +90,6 @@ def create_model(name, num_classes, img_size, patch_size=None, drop_path=0.0, pr
             model = timm.create_model(name, num_classes=num_classes, drop_path_rate=drop_path)
     else:
         raise UserError(f"unknown model {name!r}: use one of {', '.join(ALIASES)} or a timm model name")
-    if pretrained:
-        load_weights(model, pretrained, strict=False)
-    if device is not None and torch.device(device).type == "cpu":
-        # On the CPU, PyTorch's fused (flash) attention kernel is slow for short
-        # sequences: its backward took 30 % of a vit_tiny step at 65 tokens; timm's
-        # explicit matmul-softmax attention makes the step 1.4x faster there.
-        for module in model.modules():
-            if hasattr(module, "fused_attn"):
-                module.fused_attn = False
     return model
 
 
@@ -126,7 +132,8 @@ def load_weights(model, path, strict=True, state=None):
 
 
 def load_teacher(name, path, num_classes, img_size, patch_size=None, device=None):
-    """A frozen teacher from `path`, in eval mode; refuses weights made for another number of classes."""
+    """A frozen teacher from `path`, in eval mode, on `device`; refuses weights made
+    for another number of classes."""
     model = create_model(name, num_classes, img_size, patch_size, device=device)
     state = read_state_dict(path)
     head = next((k for k in reversed(list(state)) if k.endswith("weight") and state[k].ndim == 2), None)
@@ -135,6 +142,16 @@ def load_teacher(name, path, num_classes, img_size, patch_size=None, device=None
                         f"{num_classes}")
     load_weights(model, path, state=state)
     return model.eval().requires_grad_(False)
+
+
+def freeze(model, dtype=torch.float32, compile=False):
+    """A network that only infers (a teacher): eval mode, no gradients, held in
+    `dtype` (bf16 in a bf16-mixed run: half the memory and bandwidth), compiled
+    on request. Feed it images of that dtype."""
+    model = model.eval().requires_grad_(False)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    return torch.compile(model) if compile else model
 
 
 def has_distillation_token(model):

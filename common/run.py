@@ -9,11 +9,13 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
 from lightning_fabric import Fabric
 from lightning_fabric.connector import _is_using_cli
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -33,9 +35,10 @@ def exit_on_user_error(main, args):
 
 
 def default_precision():
-    """bf16-mixed where the hardware computes in bf16 natively, else full precision."""
+    """bf16-mixed where the hardware computes in bf16 natively, else 16-mixed on GPUs
+    (V100, T4: their bf16 is emulated, and slow) and full precision on CPUs."""
     if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -45,13 +48,23 @@ def default_precision():
 
 def make_fabric():
     """A launched Fabric. Devices, strategy and precision come from `fabric run`
-    flags when given; plain `python script.py` runs on one device with
-    `default_precision()`."""
+    flags when given; plain `python script.py` runs on one device (not every GPU
+    of the host) with `default_precision()`."""
     precision = None if "LT_PRECISION" in os.environ else default_precision()
-    fabric = Fabric(precision=precision)
-    if not _is_using_cli():  # under `fabric run` the processes exist already
+    if _is_using_cli():  # under `fabric run` the processes exist already
+        fabric = Fabric(precision=precision)
+    else:
+        fabric = Fabric(devices=1, precision=precision)
         fabric.launch()
+    if fabric.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls in 32-true runs
+        torch.backends.cudnn.benchmark = True  # every batch has the same shape: tune the convolutions once
     return fabric
+
+
+def inference_dtype(fabric):
+    """The dtype a frozen teacher is held in: bf16 in a bf16 run, else float32."""
+    return torch.bfloat16 if "bf16" in str(fabric.strategy.precision.precision) else torch.float32
 
 
 def finish(fabric):
@@ -88,13 +101,76 @@ def seed_epoch(seed, epoch):
     seed_everything(seed * 1000 + epoch, verbose=False)
 
 
-def check_finite(fabric, loss, epoch, step, out):
-    """Stop on a NaN/inf loss, before the optimizer step spoils the weights. Every
-    process learns of a bad loss on any of them, so none waits for the others."""
-    not_finite = fabric.all_reduce((~torch.isfinite(loss.detach())).float(), reduce_op="sum")
-    if not_finite > 0:
-        kept = f"; the last good checkpoint is {Path(out) / 'last.ckpt'}" if out is not None else ""
-        raise UserError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: stopped{kept}")
+class TrainLog:
+    """The bookkeeping of one training epoch, kept off the GPU's critical path.
+
+    Each step adds its loss terms and a not-finite flag to tensors on the device;
+    they are read (one host sync for all ranks) only every `log_every` steps and
+    at the end of the epoch. A NaN/inf then stops every rank with one line,
+    before the next checkpoint: `last.ckpt` stays the last good one. The progress
+    bar shows the figures of the last read; without a terminal, each read
+    inside the epoch prints one line instead.
+    """
+
+    def __init__(self, fabric, names, epoch, epochs, steps, log_every, out, desc=""):
+        self.fabric, self.names, self.epoch, self.steps, self.log_every = fabric, names, epoch, steps, log_every
+        self.out, self.desc = out, f"{desc} epoch {epoch + 1}/{epochs}".strip()
+        self.sums = torch.zeros(len(names), device=fabric.device)
+        self.first_bad_step = torch.full((), -1, device=fabric.device)
+        self.images, self.means = 0, {}
+        self.terminal = sys.stdout.isatty()
+        self.bar = tqdm(total=steps, desc=self.desc, leave=False, disable=not (fabric.is_global_zero and self.terminal))
+        self.start = time.perf_counter()
+
+    def step(self, step, terms, batch_size):
+        """Add one step's loss terms (a tensor of len(names) values) for `batch_size` images on this rank."""
+        terms = terms.detach().float()
+        self.sums += terms
+        bad = ~torch.isfinite(terms).all()
+        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
+        self.images += batch_size * self.fabric.world_size
+        self.bar.update()
+        if (step + 1) % self.log_every == 0 or step + 1 == self.steps:
+            self.read(step + 1)
+
+    def read(self, done):
+        """The one sync: the mean terms so far over all ranks, and whether any went bad."""
+        packed = torch.cat([self.sums / done, (self.first_bad_step >= 0).float()[None]])
+        packed = self.fabric.all_reduce(packed, reduce_op="mean").tolist()
+        if packed[-1] > 0:  # on some rank
+            first = int(self.first_bad_step)
+            where = f"step {first + 1}" if first >= 0 else f"by step {done} (on another process)"
+            kept = f"; the last good checkpoint is {Path(self.out) / 'last.ckpt'}" if self.out is not None else ""
+            raise UserError(f"the loss became NaN or infinite at epoch {self.epoch + 1}, {where}: stopped{kept}")
+        self.means = dict(zip(self.names, packed[:-1]))
+        self.seconds = time.perf_counter() - self.start
+        figures = {name: f"{value:.3f}" for name, value in self.means.items()} | {"img_s": f"{self.img_per_s:.0f}"}
+        if self.terminal:
+            self.bar.set_postfix(figures)
+        elif done < self.steps:
+            self.fabric.print(f"{self.desc} step {done}/{self.steps}: "
+                              + " ".join(f"{name}={value}" for name, value in figures.items()))
+
+    @property
+    def img_per_s(self):
+        return self.images / max(self.seconds, 1e-9)
+
+    def close(self):
+        """End of the epoch: the mean of every term over the epoch, and img/s."""
+        self.bar.close()
+        return {**self.means, "img_per_s": self.img_per_s}
+
+
+def end_epoch(fabric, out, state, row, score, log):
+    """Record the epoch's `row` in `state["history"]` and its time, print it, and
+    save the run (`save_epoch`; `score` chooses best.ckpt)."""
+    state["history"].append(row)
+    state["epoch"] = row["epoch"]
+    state["wall_s"] += time.perf_counter() - log.start
+    shown = [f"{key}={value:.2f}" for key, value in row.items() if key.startswith("top1") and value is not None]
+    shown += [f"{key}={value:.3f}" for key, value in row.items() if key.startswith("loss") and value is not None]
+    fabric.print(f"{log.desc}: " + " ".join(shown) + f" {row['img_per_s']:.0f} img/s")
+    save_epoch(fabric, out, state, score)
 
 
 def require_positive(**values):

@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 
 import common.data as data_module
-from common.data import DeviceLoader, augment, load_dataset, make_loader
+from common.data import PADDING, DeviceLoader, augment, load_dataset, make_loader
 from common.run import UserError
 from conftest import FakeFabric
 
@@ -132,4 +132,23 @@ def test_cifar_offline_and_missing(tmp_path):
 def test_device_loader_test_split_covers_everything():
     data = load_dataset("cifar10-mini")
     loader = DeviceLoader(data["test"], data, 300, torch.device("cpu"), train=False)
-    assert sum(len(labels) for _, labels in loader.epoch()) == 1000 and len(loader) == 4
+    batches = [labels for _, labels in loader.epoch()]
+    # every batch has one shape (a compiled model never recompiles); the last is filled up with PADDING labels
+    assert len(loader) == 4 and [len(labels) for labels in batches] == [300] * 4
+    last = batches[-1]
+    assert (last[:100] != PADDING).all() and (last[100:] == PADDING).all()
+    assert torch.equal(torch.cat(batches)[:1000], data["test"][1])
+
+
+def test_streamed_test_split_counts_every_image_once_under_ddp(tmp_path, monkeypatch):
+    write_folder(tmp_path)  # 3 classes × 6 test images: 18, which 5 ranks do not divide
+    monkeypatch.setattr(data_module, "IN_MEMORY_BYTES", 0)
+    data = load_dataset("imagefolder", tmp_path, img_size=32)
+    seen = []
+    for rank in range(5):
+        loader = make_loader(data, "test", 2, FakeFabric(rank, 5))
+        loader.loader.num_workers = 0
+        batches = [labels for _, labels in loader.epoch()]
+        assert all(len(labels) == 2 for labels in batches)  # padded to one shape
+        seen += [label for labels in batches for label in labels.tolist() if label != PADDING]
+    assert sorted(seen) == sorted(data["test"][1].tolist())
