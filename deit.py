@@ -28,7 +28,7 @@ default for ImageFolder), `--recipe cifar` random crop with padding + flip
     python deit.py --model resnet56 --distillation-type none --recipe cifar --out runs/teacher
     # 2. the DeiT student, distilled from it
     fabric run deit.py --model deit_tiny --teacher resnet56 \\
-        --teacher-ckpt runs/teacher/best.ckpt --distillation-type hard
+        --teacher-ckpt runs/teacher/last.ckpt --distillation-type hard
     # ImageNet, as in the paper, with a teacher whose weights you downloaded
     fabric run --devices 8 --precision bf16-mixed deit.py --dataset imagefolder \\
         --data-dir /data/imagenet --model deit_small --teacher regnety_160 \\
@@ -251,7 +251,8 @@ def main(args):
                 images, targets = mixup(images, labels)
             teacher_logits = None
             if teacher is not None:  # the teacher sees the same, mixed batch
-                teacher_logits = teacher(images.to(next(teacher.parameters()).dtype))
+                with torch.no_grad():
+                    teacher_logits = teacher(images.to(next(teacher.parameters()).dtype))
             loss, ce, distill = student_loss(model(images), teacher_logits, targets, args)
             fabric.backward(loss)
             optimizer.step()
@@ -282,7 +283,7 @@ def main(args):
     }
     if fabric.is_global_zero:
         write_json(out / "results.json", results)
-        print(f"\n{args.model} ({args.distillation_type} distillation{' from ' + args.teacher if teacher else ''}) "
+        print(f"\n{args.model} ({args.distillation_type} distillation{' from ' + args.teacher if teacher is not None else ''}) "
               f"on {args.dataset}, {args.epochs} epochs -> {out}")
         heads = f" (class head {results['top1_cls']:.2f}, distillation head {results['top1_dist']:.2f})" if distilled else ""
         print(f"top-1 {results['top1']:.2f}{heads}")

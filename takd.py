@@ -36,7 +36,7 @@ training, from that network's last checkpoint.
     python takd.py --chain plain10 plain4 plain2
     python takd.py --chain resnet110 resnet20 resnet8 --compare --dataset cifar100 --data-dir data
     python takd.py --chain plain10 auto plain2 --ta-candidates plain4 plain6 plain8
-    fabric run --devices 2 takd.py --chain resnet110 resnet20 resnet8 --teacher-ckpt runs/teacher/best.ckpt
+    fabric run --devices 2 takd.py --chain resnet110 resnet20 resnet8 --teacher-ckpt runs/teacher/last.ckpt
 
 Expect (paper, CIFAR-100): resnet110 72.38, resnet20 67.03, resnet8 61.37
 alone; resnet110→resnet8 61.41; resnet110→resnet20→resnet8 61.82. At the scale

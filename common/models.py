@@ -49,7 +49,8 @@ ALIASES = list(VIT_ALIASES) + [f"resnet{d}" for d in CIFAR_RESNET_DEPTHS] + list
 
 
 def create_model(name, num_classes, img_size, patch_size=None, drop_path=0.0, pretrained=None, device=None):
-    """A model by alias (see ALIASES) or timm name, for `img_size` inputs, made on `device` (default: the CPU).
+    """A model by alias (see ALIASES) or timm name, for `img_size` inputs, made on
+    `device` (default: the CPU, with kernels that suit any device).
 
     ViT patch size follows the image size (4 up to 64 pixels, else 16) unless given.
     """
@@ -57,7 +58,7 @@ def create_model(name, num_classes, img_size, patch_size=None, drop_path=0.0, pr
         model = _build(name, num_classes, img_size, patch_size, drop_path)
     if pretrained:
         load_weights(model, pretrained, strict=False)
-    if torch.device(device or "cpu").type == "cpu":
+    if device is not None and torch.device(device).type == "cpu":
         # On the CPU, PyTorch's fused (flash) attention kernel is slow for short
         # sequences: its backward took 30 % of a vit_tiny step at 65 tokens; timm's
         # explicit matmul-softmax attention makes the step 1.4x faster there.

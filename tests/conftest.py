@@ -82,6 +82,10 @@ class FakeFabric:
 
     def __init__(self, rank=0, world_size=1, device="cpu"):
         self.device, self.global_rank, self.world_size = torch.device(device), rank, world_size
+        self.is_global_zero = rank == 0
+
+    def print(self, *args):
+        print(*args)
 
     @staticmethod
     def all_reduce(tensor, reduce_op="mean"):

@@ -1,0 +1,284 @@
+"""The GPU path, checked without a GPU.
+
+Under torch's FakeTensorMode, tensors made with device="cuda" exist without a
+GPU (shapes, dtypes and devices, no data), and an operation that mixes them with
+CPU tensors raises. So each script's model and teacher set-up, one training
+step's losses and its evaluation bookkeeping run here "on CUDA"; they can go
+as far as the conversion to Python numbers, which has no data to convert, and
+build the backward graph (running it needs a real CUDA device; the gradients
+themselves are checked on the CPU in the other tests).
+"""
+import argparse
+import contextlib
+import sys
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+from torch.overrides import TorchFunctionMode
+
+import deit
+import dml
+import ktg_ensemble
+import takd
+from common.graph import preset
+from common.models import create_model, freeze, load_teacher
+from common.run import TrainLog
+from conftest import ROOT, FakeFabric, results, run_main
+
+CUDA = FakeFabric(device="cuda")
+
+
+class OneDevicePerOp(TorchFunctionMode):
+    """Stricter than FakeTensorMode, which lets a CPU scalar into a CUDA operation
+    (as CUDA does for 0-dim tensors, but not once such a tensor is stacked): any
+    call that gets tensors on two devices raises, but for copies between them and
+    torch's internals (indexing a CUDA tensor with CPU indices is allowed)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name not in ("to", "copy_", "cpu", "cuda") and not name.startswith("_"):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+            devices = {t.device.type for t in tensors}
+            if len(devices) > 1:
+                raise RuntimeError(f"{getattr(func, '__name__', func)} mixes devices {sorted(devices)}")
+        return func(*args, **kwargs)
+
+
+def fake_cuda():
+    """The context the tests below run in: fake CUDA tensors, one device per operation."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+    stack.enter_context(OneDevicePerOp())
+    return stack
+
+
+class CudaBatches:
+    """A loader of random CUDA batches (fake ones under FakeTensorMode)."""
+
+    def __init__(self, batches=2, size=4, classes=10):
+        self.batches, self.size, self.classes = batches, size, classes
+
+    def epoch(self, epoch=0):
+        for _ in range(self.batches):
+            yield (torch.randn(self.size, 3, 32, 32, device="cuda"),
+                   torch.randint(0, self.classes, (self.size,), device="cuda"))
+
+
+def on_cuda(model):
+    """A CPU model moved to CUDA, as fabric.setup does (under FakeTensorMode: fake CUDA tensors)."""
+    return model.to("cuda")
+
+
+def reaches_python_numbers(function, *args):
+    """Run `function` on fake CUDA tensors: it must fail only where it turns a
+    result into Python numbers, not on a device mismatch before that."""
+    with pytest.raises(DataDependentOutputException):
+        function(*args)
+
+
+@pytest.fixture
+def teacher_file(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "resnet8.pth"
+    torch.save(create_model("resnet8", 10, 32).state_dict(), path)
+    return path
+
+
+def test_deit_teacher_predictions_on_cuda():
+    teacher = create_model("resnet8", 10, 32)
+    with fake_cuda():
+        teacher = freeze(on_cuda(teacher))
+        # defect 1: the teacher's accuracy stacked a CUDA count with a CPU one
+        decisions, teacher_top1 = deit.teacher_predictions(teacher, CudaBatches(), CUDA)
+        assert teacher_top1.device.type == "cuda" and decisions[0].device.type == "cuda"
+
+
+def test_deit_teacher_student_and_evaluation_on_cuda(teacher_file):
+    student = create_model("deit_micro", 10, 32)
+    with fake_cuda():
+        teacher = freeze(load_teacher("resnet8", teacher_file, 10, 32, device="cuda"))
+        assert next(teacher.parameters()).device.type == "cuda"
+        decisions, _ = deit.teacher_predictions(teacher, CudaBatches(), CUDA)
+        student = on_cuda(student).train()
+        images, labels = next(CudaBatches().epoch())
+        for kind in ("hard", "soft", "none"):
+            args = argparse.Namespace(distillation_type=kind, distillation_alpha=0.5, distillation_tau=1.0,
+                                      smoothing=0.1)
+            loss, ce, distill = deit.student_loss(student(images), teacher(images), labels, args)
+            assert loss.device.type == "cuda" and loss.grad_fn is not None
+        reaches_python_numbers(deit.evaluate, student, CudaBatches(), CUDA, decisions)
+
+
+def test_takd_loaded_teacher_and_kd_step_on_cuda(teacher_file):
+    student = create_model("plain2", 10, 32)
+    with fake_cuda():
+        # defect 2: --teacher-ckpt's network stayed on the CPU
+        teacher = freeze(load_teacher("resnet8", teacher_file, 10, 32, device="cuda"))
+        reaches_python_numbers(takd.evaluate, teacher, CudaBatches(), CUDA)
+        student = on_cuda(student).train()
+        images, labels = next(CudaBatches().epoch())
+        with torch.no_grad():
+            teacher_logits = teacher(images)
+        loss = takd.kd_loss(student(images), teacher_logits, labels, 0.9, 4.0)
+        assert loss.device.type == "cuda" and loss.grad_fn is not None
+        reaches_python_numbers(takd.evaluate, student, CudaBatches(), CUDA)
+
+
+def test_dml_students_and_evaluation_on_cuda():
+    students = [create_model("vit_micro", 10, 32), create_model("deit_micro", 10, 32), create_model("resnet8", 10, 32)]
+    with fake_cuda():
+        students = [on_cuda(student).train() for student in students]
+        images, labels = next(CudaBatches().epoch())
+        for mode in ("dml", "independent"):
+            args = argparse.Namespace(mode=mode, smoothing=0.1)
+            terms = dml.student_losses(students, images, labels, args)
+            assert terms.shape == (3, 2) and terms.device.type == "cuda" and terms.grad_fn is not None
+        reaches_python_numbers(dml.evaluate, students, CudaBatches(), CUDA)
+
+
+def test_ktg_graph_loss_and_evaluation_on_cuda():
+    nodes = [create_model("resnet8_abn", 10, 32), create_model("resnet8_abn", 10, 32)]
+    graph = preset("dml", ["resnet8_abn"] * 2)
+    graph["edges"][2].update(loss="both_repel", gate="correct")
+    with fake_cuda():
+        nodes = [on_cuda(node).train() for node in nodes]
+        images, labels = next(CudaBatches().epoch())
+        outputs = [ktg_ensemble.node_outputs(node, images) for node in nodes]
+        loss = ktg_ensemble.graph_loss(graph, outputs, labels, 1, 10, (3, 7))
+        assert loss.device.type == "cuda" and loss.grad_fn is not None
+        reaches_python_numbers(ktg_ensemble.evaluate, nodes, CudaBatches(), CUDA)
+
+
+def test_train_log_keeps_the_losses_on_cuda_until_it_reads_them():
+    with fake_cuda():
+        log = TrainLog(CUDA, ["ce", "kl"], epoch=0, epochs=1, steps=10, log_every=50, out=None)
+        for step in range(9):  # no read before the end of the epoch
+            log.step(step, torch.ones(2, device="cuda"), 4)
+        assert log.sums.device.type == "cuda"
+        reaches_python_numbers(log.step, 9, torch.ones(2, device="cuda"), 4)
+
+
+# --- host syncs per training step --------------------------------------------
+
+
+class SyncCounter:
+    """Counts the calls of Tensor.item, .tolist, __bool__, __float__ and __int__
+    made by the project's own code (the first caller outside torch is in the
+    project, not in a library)."""
+
+    METHODS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.METHODS:
+            monkeypatch.setattr(torch.Tensor, name, self.wrap(getattr(torch.Tensor, name)))
+
+    def wrap(self, method):
+        def counted(tensor, *args, **kwargs):
+            frame = sys._getframe(1)
+            while frame is not None and "/torch/" in frame.f_code.co_filename:
+                frame = frame.f_back
+            where = frame.f_code.co_filename if frame is not None else ""
+            if where.startswith(str(ROOT)) and "/.venv/" not in where and "/tests/" not in where:
+                self.count += 1
+            return method(tensor, *args, **kwargs)
+        return counted
+
+
+TWO_EPOCHS = ["--epochs", "2", "--train-subset", "1000", "--batch-size", "20", "--out"]  # 50 steps per epoch
+
+
+@pytest.mark.parametrize("script, flags", [
+    (dml, ["--students", "vit_micro", "resnet8"]),
+    (deit, ["--model", "deit_micro", "--teacher", "resnet8", "--distillation-type", "hard"]),
+    (takd, ["--chain", "plain4", "plain2"]),
+    (ktg_ensemble, ["--nodes", "resnet8_abn", "resnet8_abn", "--graph", "dml"]),
+])
+def test_fewer_than_a_quarter_sync_per_step(tmp_path, monkeypatch, teacher_file, script, flags):
+    if script is deit:
+        flags = [*flags, "--teacher-ckpt", teacher_file]
+    counter = SyncCounter(monkeypatch)
+    run_main(script, *flags, *TWO_EPOCHS, tmp_path / "run")
+    steps = 2 * 50 * (2 if script is takd else 1)  # takd trains two networks
+    assert 0 < counter.count / steps < 0.25, f"{counter.count} syncs in {steps} steps"  # > 0: the counter counts
+    print(f"{script.__name__}: {counter.count} syncs in {steps} steps")
+
+
+# --- torch.compile -----------------------------------------------------------
+
+
+@pytest.fixture
+def dynamo_counters():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+def test_compiled_dml_has_no_graph_for_the_short_test_batch(tmp_path, dynamo_counters):
+    # 1,000 test images in batches of 300: the last would have 100 without padding
+    run_main(dml, "--students", "resnet8", "resnet8", "--epochs", "1", "--train-subset", "600", "--batch-size", "300",
+             "--compile", "--out", tmp_path / "run")
+    # one graph for training and one for evaluation, shared by the two students (same architecture)
+    assert dynamo_counters["stats"]["unique_graphs"] == 2
+    assert results(tmp_path / "run")["ensemble_top1"] > 0
+
+
+def test_compiled_deit_with_compiled_teacher(tmp_path, teacher_file, dynamo_counters):
+    run_main(deit, "--model", "deit_micro", "--teacher", "resnet8", "--teacher-ckpt", teacher_file,
+             "--distillation-type", "hard", "--epochs", "1", "--train-subset", "600", "--batch-size", "300",
+             "--compile", "--out", tmp_path / "run")
+    # the student in training and in evaluation (both heads), the teacher on one batch shape
+    assert dynamo_counters["stats"]["unique_graphs"] == 3
+    res = results(tmp_path / "run")
+    assert res["teacher_top1"] is not None and res["top1"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fall-back of a machine without CUDA")
+def test_plain_python_runs_on_one_device():
+    from common.run import make_fabric
+
+    fabric = make_fabric()
+    assert fabric.world_size == 1 and fabric.device.type == "cpu"
+
+
+# --- 16-mixed: one loss scale for all students ----------------------------------
+
+
+def updates_under_loss_scaling(students, optimizers):
+    """Each student's SGD (lr 1) update after one 16-mixed step through Fabric's
+    precision plugin, whose loss scale doubles at every update (growth_interval 1)."""
+    from lightning_fabric.plugins.precision import MixedPrecision
+
+    precision = MixedPrecision("16-mixed", device="cpu",
+                               scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1))
+    before = [student.weight.detach().clone() for student in students]
+    loss = sum(student(torch.ones(1, 2)).sum() for student in students)  # d loss / d weight = 1
+    precision.backward(loss, None)  # scales the loss
+    for optimizer in optimizers:  # as Fabric's optimizer.step() does, once per optimizer
+        precision.optimizer_step(optimizer)
+    return [(b - student.weight.detach()).mean().item() for b, student in zip(before, students)]
+
+
+def test_one_optimizer_unscales_every_student_alike():
+    torch.manual_seed(0)
+    students = [torch.nn.Linear(2, 1, bias=False) for _ in range(2)]
+    # the scripts' way: one optimizer, a parameter group per student
+    one = torch.optim.SGD([{"params": student.parameters()} for student in students], lr=1.0)
+    assert updates_under_loss_scaling(students, [one]) == pytest.approx([1.0, 1.0], rel=0.01)
+    # one optimizer each: the second is unscaled with the scale the first step already doubled
+    each = [torch.optim.SGD(student.parameters(), lr=1.0) for student in students]
+    assert updates_under_loss_scaling(students, each) == pytest.approx([1.0, 0.5], rel=0.01)
+
+
+def test_dml_keeps_one_optimizer_with_a_group_per_student(tmp_path):
+    run_main(dml, "--students", "vit_micro", "resnet8", "--epochs", "1", "--train-subset", "100", "--batch-size", "50",
+             "--out", tmp_path / "dml")
+    saved = torch.load(tmp_path / "dml" / "last.ckpt", weights_only=False)
+    sizes = [len(group["params"]) for group in saved["optimizer"]["param_groups"]]
+    assert sizes == [len(list(create_model(name, 10, 32).parameters())) for name in ("vit_micro", "resnet8")]
