@@ -282,3 +282,64 @@ def test_dml_keeps_one_optimizer_with_a_group_per_student(tmp_path):
     saved = torch.load(tmp_path / "dml" / "last.ckpt", weights_only=False)
     sizes = [len(group["params"]) for group in saved["optimizer"]["param_groups"]]
     assert sizes == [len(list(create_model(name, 10, 32).parameters())) for name in ("vit_micro", "resnet8")]
+
+
+# --- Fabric set-up on GPU machines ------------------------------------------------
+
+
+class RecordedFabric:
+    """Stands in for Fabric: records its arguments, runs on a (pretended) GPU."""
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.launched, self.device = kwargs, False, torch.device("cuda", 0)
+
+    def launch(self):
+        self.launched = True
+
+
+def test_plain_python_uses_one_gpu_and_fast_float32(monkeypatch):
+    import common.run
+
+    monkeypatch.setattr(common.run, "Fabric", RecordedFabric)
+    monkeypatch.setattr(common.run, "_is_using_cli", lambda: False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    matmul_precision = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", matmul_precision.append)
+    fabric = common.run.make_fabric()
+    # defect 4: `python script.py` on a host with 8 GPUs took all 8
+    assert fabric.kwargs["devices"] == 1 and fabric.launched
+    assert torch.backends.cudnn.benchmark and matmul_precision == ["high"]
+    monkeypatch.setattr(common.run, "_is_using_cli", lambda: True)  # under `fabric run`: its flags decide
+    assert "devices" not in common.run.make_fabric().kwargs
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16-mixed"), (False, "16-mixed")])
+def test_default_precision_on_gpus_with_and_without_native_bf16(monkeypatch, native, expected):
+    from common.run import default_precision
+
+    # defect 5: a V100 or T4 "supports" bf16 through emulation only
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native)
+    assert default_precision() == expected
+
+
+def test_attention_picture_runs_the_nodes_outside_ddp(tmp_path):
+    """Defect 3: under DDP, rank 0 alone drew the picture through the DDP-wrapped
+    nodes, whose forward is a collective the other ranks never join (a hang)."""
+    from common.data import load_dataset
+
+    class DistributedWrapper(torch.nn.Module):  # Fabric's wrapper of a DDP module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args):
+            raise AssertionError("a collective that the other ranks never join")
+
+    data = load_dataset("cifar10-mini", train_subset=100)
+    graph = preset("dml", ["resnet8_abn"] * 2)
+    nodes = [DistributedWrapper(create_model("resnet8_abn", 10, 32)) for _ in range(2)]
+    fabric = FakeFabric()
+    fabric.autocast = lambda: contextlib.nullcontext()
+    ktg_ensemble.attention_picture(tmp_path / "attention.png", nodes, graph, data, fabric)
+    assert (tmp_path / "attention.png").is_file()
