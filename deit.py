@@ -42,12 +42,13 @@ from datetime import datetime
 
 import torch
 
-from common.data import DATASETS, PADDING, SMALL_SIDE, load_dataset, make_loader
+from common.data import DATASETS, PADDING, SMALL_SIDE, hold_out, load_dataset, make_loader
 from common.losses import cross_entropy, hard_distillation_loss, soft_distillation_loss
 from common.models import (both_heads, count_parameters, create_model, freeze, has_distillation_token, load_teacher,
                            split_heads)
-from common.run import (TrainLog, UserError, cosine_schedule, end_epoch, exit_on_user_error, finish, inference_dtype,
-                        load_checkpoint, make_fabric, prepare_run_folder, require_positive, seed_epoch, write_json)
+from common.run import (TrainLog, UserError, check_fraction, cosine_schedule, end_epoch, exit_on_user_error, finish,
+                        inference_dtype, load_checkpoint, make_fabric, prepare_run_folder, require_positive, seed_epoch,
+                        write_json)
 
 
 def parse_args(argv=None):
@@ -74,6 +75,8 @@ def parse_args(argv=None):
     parser.add_argument("--img-size", type=int, help="training resolution (default: 32 for CIFAR, 224 for ImageFolder)")
     parser.add_argument("--patch-size", type=int, help="ViT patch size (default: 4 up to 64 pixels, else 16)")
     parser.add_argument("--train-subset", type=int, help="train on a class-balanced subset of this many images")
+    parser.add_argument("--val-split", type=float, default=0.0,
+                        help="hold out this part of each training class; it chooses best.ckpt (0: the test split does)")
     parser.add_argument("--epochs", type=int, default=300, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=1024, help="batch size over all devices")
     parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate for batch 512 (scaled by batch/512)")
@@ -100,6 +103,7 @@ def check_args(args):
     require_positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size,
                      patch_size=args.patch_size, distillation_tau=args.distillation_tau,
                      repeated_aug=args.repeated_aug, log_every=args.log_every)
+    check_fraction("val_split", args.val_split)
     if args.resume and not args.out:
         raise UserError("--resume needs --out, the run folder to continue")
 
@@ -198,8 +202,15 @@ def main(args):
         data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
     args.img_size = data["img_size"]
     args.recipe = args.recipe or ("deit" if args.dataset == "imagefolder" else "cifar")
+    if args.val_split:
+        data = hold_out(data, args.val_split, args.seed)
     num_classes = len(data["classes"])
     per_device_batch = max(1, args.batch_size // fabric.world_size)
+    if args.recipe == "deit" and (args.mixup > 0 or args.cutmix > 0) and per_device_batch % 2:
+        # timm's Mixup pairs each image with the batch's mirror image
+        raise UserError(f"Mixup/CutMix need an even batch per device, got {per_device_batch} (--batch-size "
+                        f"{args.batch_size} over {fabric.world_size} devices); change --batch-size or set "
+                        f"--mixup 0 --cutmix 0")
     erase = mixup = None
     if args.recipe == "deit":
         transform, erase, mixup = deit_augmentation(args, data, num_classes, fabric.device)
@@ -207,6 +218,7 @@ def main(args):
     else:  # cifar: crop + flip on the device; none: only resized
         train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed, augment=args.recipe == "cifar")
     test_loader = make_loader(data, "test", per_device_batch, fabric)
+    val_loader = make_loader(data, "val", per_device_batch, fabric) if args.val_split else None
 
     teacher, teacher_decisions, teacher_top1 = None, None, None
     if args.teacher:  # not set up by Fabric: it has nothing to train
@@ -228,10 +240,7 @@ def main(args):
 
     state = {"model": model, "optimizer": optimizer, "epoch": 0, "history": [], "best_top1": -1.0, "wall_s": 0.0}
     if args.resume:
-        load_checkpoint(fabric, out / "last.ckpt", state,
-                        expect={"model": args.model, "dataset": args.dataset, "img_size": args.img_size,
-                                "train_subset": args.train_subset, "teacher": args.teacher,
-                                "distillation_type": args.distillation_type, "recipe": args.recipe})
+        load_checkpoint(fabric, out / "last.ckpt", state, args)
         fabric.print(f"resuming {out} at epoch {state['epoch']}")
     elif fabric.is_global_zero:
         write_json(out / "args.json", vars(args))
@@ -247,7 +256,7 @@ def main(args):
             targets = labels
             if erase is not None:
                 images = erase(images)
-            if mixup is not None and len(images) % 2 == 0:
+            if mixup is not None:
                 images, targets = mixup(images, labels)
             teacher_logits = None
             if teacher is not None:  # the teacher sees the same, mixed batch
@@ -265,7 +274,10 @@ def main(args):
                "loss_ce": means["ce"], "loss_distill": means["distill"], "top1": accuracy[0],
                "top1_cls": accuracy[1], "top1_dist": accuracy[2],
                "teacher_agreement": accuracy[3] if teacher is not None else None, "img_per_s": means["img_per_s"]}
-        end_epoch(fabric, out, state, row, accuracy[0], log)
+        score = accuracy[0]
+        if val_loader is not None:  # best.ckpt is chosen on the validation split, never on test
+            row["val_top1"] = score = evaluate(model, val_loader, fabric)[0]
+        end_epoch(fabric, out, state, row, score, log)
 
     # --- results ------------------------------------------------------------
     if accuracy is None:  # resumed a finished run
@@ -278,7 +290,7 @@ def main(args):
         "top1": accuracy[0], "top1_cls": accuracy[1] if distilled else None,
         "top1_dist": accuracy[2] if distilled else None, "teacher_top1": teacher_top1,
         "teacher_agreement": accuracy[3] if teacher is not None else None,
-        "train_img_per_s": state["history"][-1]["img_per_s"], "wall_s": state["wall_s"],
+        "best_on": "validation" if args.val_split else "test", "train_img_per_s": state["history"][-1]["img_per_s"], "wall_s": state["wall_s"],
         "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
     }
     if fabric.is_global_zero:

@@ -13,10 +13,15 @@ the same students with CE only: with the same `--seed` both modes start from the
 same weights and see the same data in the same order.
 
 DeiT students (`deit_*`, seed 000's "DML (DeiT)" row): the CE goes to the
-class-token head and the KL to the distillation-token head, towards each
-peer's prediction (a DeiT peer's prediction is its inference output, the average
-of its two heads). In `independent` mode a DeiT has no peer to mimic, so both of
-its heads learn from the label (their CEs averaged), as a DeiT without teacher.
+class-token head and the KL to the distillation-token head. Which output of a
+peer that head mimics the seed leaves open; `--dml-target prediction` (the
+default) takes the peer's prediction, its inference output (for a DeiT the
+average of its two heads), which is what DML's p_j is and all a ViT or CNN peer
+has; `--dml-target distillation` takes a DeiT peer's distillation-token output
+(a plain peer's only head). In `independent` mode a DeiT has no peer to mimic,
+so both of its heads learn from the label (their CEs averaged): a DeiT without
+a teacher, which is not the paper's Independent row. For that row train
+`vit_*` students (the same ViTs without the distillation token).
 
 Recipe (seed 000): AdamW, weight decay 0.05, cosine schedule with 5 warm-up
 epochs, batch 512, 300 epochs; label smoothing 0.1 and drop-path 0.1 as in
@@ -43,12 +48,12 @@ from datetime import datetime
 
 import torch
 
-from common.data import DATASETS, PADDING, load_dataset, make_loader, subset
+from common.data import DATASETS, PADDING, hold_out, load_dataset, make_loader, subset
 from common.landscape import loss_curve, plot as plot_landscape, write_csv as write_landscape_csv
 from common.losses import cross_entropy, dml_loss
 from common.models import count_parameters, create_model, has_distillation_token, prediction, split_heads
-from common.run import (TrainLog, UserError, cosine_schedule, end_epoch, exit_on_user_error, finish, load_checkpoint,
-                        make_fabric, prepare_run_folder, require_positive, seed_epoch, write_json)
+from common.run import (TrainLog, UserError, check_fraction, cosine_schedule, end_epoch, exit_on_user_error, finish,
+                        load_checkpoint, make_fabric, prepare_run_folder, require_positive, seed_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -57,12 +62,17 @@ def parse_args(argv=None):
     parser.add_argument("--students", nargs="+", default=["vit_tiny", "vit_tiny"],
                         help="K >= 2 models: vit_*, deit_*, resnet<depth> or any timm name")
     parser.add_argument("--mode", choices=["dml", "independent"], default="dml",
-                        help="dml: CE + KL to the peers; independent: CE only (the baseline)")
+                        help="dml: CE + KL to the peers; independent: CE only (the baseline: use vit_* students)")
+    parser.add_argument("--dml-target", choices=["prediction", "distillation"], default="prediction",
+                        help="the peer output a DeiT's distillation head mimics: the peer's prediction, or its "
+                             "distillation-token output")
     parser.add_argument("--dataset", choices=DATASETS, default="cifar10-mini", help="the data set")
     parser.add_argument("--data-dir", help="where cifar10/cifar100/imagefolder data is")
     parser.add_argument("--img-size", type=int, help="training resolution (default: 32 for CIFAR, 224 for ImageFolder)")
     parser.add_argument("--patch-size", type=int, help="ViT patch size (default: 4 up to 64 pixels, else 16)")
     parser.add_argument("--train-subset", type=int, help="train on a class-balanced subset of this many images")
+    parser.add_argument("--val-split", type=float, default=0.0,
+                        help="hold out this part of each training class; it chooses best.ckpt (0: the test split does)")
     parser.add_argument("--epochs", type=int, default=300, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=512, help="batch size over all devices")
     parser.add_argument("--lr", type=float, default=5e-3, help="peak learning rate for batch 512 (scaled by batch/512)")
@@ -87,6 +97,7 @@ def check_args(args):
         raise UserError(f"DML needs at least two students, got --students {' '.join(args.students)}")
     require_positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size,
                      patch_size=args.patch_size, log_every=args.log_every)
+    check_fraction("val_split", args.val_split)
     if args.pretrained and len(args.pretrained) not in (1, len(args.students)):
         raise UserError(f"--pretrained takes one file or one per student ({len(args.students)})")
     if args.resume and not args.out:
@@ -99,7 +110,8 @@ def check_args(args):
 def student_losses(students, images, labels, args):
     """Each student's CE and KL on one batch, as a (K, 2) tensor (KL = 0 in independent mode)."""
     outputs = [student(images) for student in students]
-    predictions = [prediction(output).detach() for output in outputs]  # the peers' targets
+    target = prediction if args.dml_target == "prediction" else (lambda output: split_heads(output)[1])
+    predictions = [target(output).detach() for output in outputs]  # the peers' targets
     terms = []
     for k, output in enumerate(outputs):
         class_logits, mimic_logits = split_heads(output)
@@ -141,9 +153,12 @@ def main(args):
     with fabric.rank_zero_first(local=True):  # a download happens once per machine
         data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
     args.img_size = data["img_size"]
+    if args.val_split:
+        data = hold_out(data, args.val_split, args.seed)
     per_device_batch = max(1, args.batch_size // fabric.world_size)
     train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed)
     test_loader = make_loader(data, "test", per_device_batch, fabric)
+    val_loader = make_loader(data, "val", per_device_batch, fabric) if args.val_split else None
 
     models = []
     for k, name in enumerate(args.students):
@@ -162,9 +177,7 @@ def main(args):
     state = {f"student{k}": s for k, s in enumerate(students)}
     state.update(optimizer=optimizer, epoch=0, history=[], best_top1=-1.0, wall_s=0.0, args=vars(args))
     if args.resume:
-        load_checkpoint(fabric, out / "last.ckpt", state,
-                        expect={"students": args.students, "dataset": args.dataset, "img_size": args.img_size,
-                                "train_subset": args.train_subset, "mode": args.mode})
+        load_checkpoint(fabric, out / "last.ckpt", state, args)
         fabric.print(f"resuming {out} at epoch {state['epoch']}")
     elif fabric.is_global_zero:
         write_json(out / "args.json", vars(args))
@@ -194,18 +207,26 @@ def main(args):
                         f"kl_{k}": means[f"kl_{k}"]})
         row.update({f"top1_{k}": accuracy[k][0] for k in range(K)})
         row.update(top1_ensemble=accuracy[K][0], img_per_s=means["img_per_s"])
-        end_epoch(fabric, out, state, row, accuracy[K][0], log)
+        score = accuracy[K][0]
+        if val_loader is not None:  # best.ckpt is chosen on the validation split, never on test
+            val_accuracy = evaluate(students, val_loader, fabric)
+            row.update({f"val_top1_{k}": val_accuracy[k][0] for k in range(K)})
+            row.update(val_top1_ensemble=val_accuracy[K][0])
+            score = val_accuracy[K][0]
+        end_epoch(fabric, out, state, row, score, log)
 
     # --- results ------------------------------------------------------------
     if accuracy is None:  # resumed a finished run
         accuracy = evaluate(students, test_loader, fabric)
     last = state["history"][-1]
     results = {
-        "method": "dml", "mode": args.mode, "dataset": args.dataset, "epochs": args.epochs, "seed": args.seed,
+        "method": "dml", "mode": args.mode, "dml_target": args.dml_target, "dataset": args.dataset,
+        "epochs": args.epochs, "seed": args.seed,
         "students": [{"name": name, "params": count_parameters(student), "top1": accuracy[k][0],
                       "top5": accuracy[k][1], "distillation_token": has_distillation_token(student)}
                      for k, (name, student) in enumerate(zip(args.students, students))],
         "ensemble_top1": accuracy[K][0], "ensemble_top5": accuracy[K][1],
+        "best_on": "validation" if args.val_split else "test",
         "train_img_per_s": last["img_per_s"], "wall_s": state["wall_s"],
         "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
     }

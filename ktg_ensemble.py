@@ -190,9 +190,7 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
     state = {f"node{m}": node for m, node in enumerate(nodes)}
     state.update(optimizer=optimizer, epoch=0, history=[], best_top1=-1.0, wall_s=0.0, args=vars(args), graph=graph)
     if out is not None and args.resume and (out / "last.ckpt").is_file():
-        load_checkpoint(fabric, out / "last.ckpt", state,
-                        expect={"dataset": args.dataset, "img_size": args.img_size, "train_subset": args.train_subset,
-                                "epochs": args.epochs, "batch_size": args.batch_size})
+        load_checkpoint(fabric, out / "last.ckpt", state, args)
         if state["graph"] != graph:
             raise UserError(f"cannot resume {out / 'last.ckpt'}: it trained another graph")
         fabric.print(f"resuming {out} at epoch {state['epoch']}")

@@ -162,10 +162,7 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
     state = dict(model=model, optimizer=optimizer, epoch=0, history=[], best_top1=-1.0, wall_s=0.0, images=0,
                  train_s=0.0, args=vars(args))
     if (folder / "last.ckpt").is_file():
-        load_checkpoint(fabric, folder / "last.ckpt", state,
-                        expect={key: getattr(args, key) for key in ("dataset", "img_size", "train_subset", "epochs",
-                                                                    "batch_size", "kd_lambda", "kd_tau", "seed",
-                                                                    "teacher_ckpt")})
+        load_checkpoint(fabric, folder / "last.ckpt", state, args)
         fabric.print(f"{folder.name}: continuing at epoch {state['epoch']}" if state["epoch"] < args.epochs
                      else f"{folder.name}: trained already, reusing it")
     elif fabric.is_global_zero:

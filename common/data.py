@@ -78,10 +78,10 @@ def subset(data, size, seed):
     return {**data, "train": (images, labels_t[order])}
 
 
-def validation_split(data, fraction, seed):
-    """Hold out `fraction` of every class of the training set: returns the data set
-    with the rest as `train` and the held-out part as `test`, so that a search
-    never sees the test split."""
+def hold_out(data, fraction, seed):
+    """Hold out `fraction` of every class of the training set as `val`, chosen by
+    `seed`; the rest stays `train`. Whatever is chosen on `val` (best.ckpt, an
+    assistant, a graph) never sees the test split."""
     images, labels = data["train"]
     labels = torch.as_tensor(labels)
     generator = torch.Generator().manual_seed(seed)
@@ -95,7 +95,13 @@ def validation_split(data, fraction, seed):
         raise UserError(f"--val-split {fraction} leaves no training or no validation images")
     pick = lambda mask: ([images[i] for i in torch.nonzero(mask).flatten()] if isinstance(images, list)
                          else images[mask], labels[mask])
-    return {**data, "train": pick(~is_val), "test": pick(is_val)}
+    return {**data, "train": pick(~is_val), "val": pick(is_val)}
+
+
+def validation_split(data, fraction, seed):
+    """`hold_out`, with the held-out part as the split that is evaluated (`test`)."""
+    split = hold_out(data, fraction, seed)
+    return {**split, "test": split["val"]}
 
 
 def _round_robin(lists):
@@ -381,9 +387,10 @@ class TransformLoader:
         else:  # every test image once: DistributedSampler would repeat some to even out the ranks
             self.sampler = _EveryNth(len(dataset), rank, world_size)
         workers = min(8, os.cpu_count() or 1)
+        # Workers start anew each epoch and draw their seeds from torch's generator,
+        # which `seed_epoch` seeds: RandAugment draws the same after a resume.
         self.loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=self.sampler, num_workers=workers,
-                                                  pin_memory=device.type == "cuda", drop_last=train,
-                                                  persistent_workers=True)
+                                                  pin_memory=device.type == "cuda", drop_last=train)
         self.device, self.seed, self.batch_size, self.train = device, seed, batch_size, train
 
     def __len__(self):

@@ -167,10 +167,16 @@ def end_epoch(fabric, out, state, row, score, log):
     state["history"].append(row)
     state["epoch"] = row["epoch"]
     state["wall_s"] += time.perf_counter() - log.start
-    shown = [f"{key}={value:.2f}" for key, value in row.items() if key.startswith("top1") and value is not None]
+    shown = [f"{key}={value:.2f}" for key, value in row.items()
+             if key.startswith(("top1", "val_top1")) and value is not None]
     shown += [f"{key}={value:.3f}" for key, value in row.items() if key.startswith("loss") and value is not None]
     fabric.print(f"{log.desc}: " + " ".join(shown) + f" {row['img_per_s']:.0f} img/s")
     save_epoch(fabric, out, state, score)
+
+
+def check_fraction(name, value):
+    if not 0 <= value < 1:
+        raise UserError(f"--{name.replace('_', '-')} must lie in [0, 1), got {value}")
 
 
 def require_positive(**values):
@@ -225,17 +231,27 @@ def save_epoch(fabric, out, state, top1):
         plot_curves(out / "curves.png", state["history"])
 
 
-def load_checkpoint(fabric, path, state, expect):
-    """Load `path` into `state` in place; `expect` maps keys of the saved args that must match."""
+# What --resume may change: nothing that shapes the run (models, data, epochs,
+# batch size, learning rate and schedule, seed, losses), only where it is
+# written, how it is logged and how fast it runs.
+RESUMABLE = {"out", "resume", "overwrite", "log_every", "workers", "compile", "data_dir", "logger",
+             "heartbeat_grace"}
+
+
+def load_checkpoint(fabric, path, state, args):
+    """Load `path` into `state` in place; refuse a checkpoint made with other run-shaping `args`."""
     try:
         raw = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
         raise UserError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
     if not isinstance(raw, dict) or "args" not in raw:
         raise UserError(f"{path} is not a checkpoint of this project")
-    for key, value in expect.items():
-        if raw["args"].get(key) != value:
-            raise UserError(f"cannot resume {path}: it was made with {key}={raw['args'].get(key)}, not {value}")
+    changed = [key for key in vars(args) if key not in RESUMABLE and raw["args"].get(key) != getattr(args, key)]
+    if changed:
+        was = ", ".join(f"--{key.replace('_', '-')} {raw['args'].get(key)} (now {getattr(args, key)})"
+                        for key in changed)
+        raise UserError(f"cannot resume {path}: it was made with {was}; a resumed run may change only "
+                        f"logging, workers and --compile")
     try:  # read a second time, now by Fabric, into the (possibly distributed) modules
         remainder = fabric.load(path, state)
     except Exception as error:

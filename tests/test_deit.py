@@ -8,7 +8,7 @@ import torch
 import deit
 from common.models import create_model
 from common.run import UserError
-from conftest import fabric_run, kill_when, results, run_main
+from conftest import fabric_run, kill_when, metrics_without_speed, results, run_main
 
 SMALL = ["--train-subset", "600", "--batch-size", "50", "--lr", "2e-3"]
 
@@ -91,6 +91,20 @@ def test_resume_after_sigkill(teacher, tmp_path):
         assert resumed[key] == whole[key], key
 
 
+def test_resume_with_the_deit_recipe_is_exact(tmp_path):
+    # RandAugment runs in DataLoader workers: they must draw the same after a resume
+    args = ["--model", "deit_micro", "--recipe", "deit", "--epochs", "2", "--train-subset", "256", "--batch-size",
+            "64", "--val-split", "0.25"]
+    run_main(deit, *args, "--out", tmp_path / "whole")
+    killed = tmp_path / "killed"
+    kill_when("deit.py", *args, out=killed, marker=killed / "metrics.csv")
+    run_main(deit, *args, "--out", killed, "--resume")
+    assert metrics_without_speed(killed / "metrics.csv") == metrics_without_speed(tmp_path / "whole" / "metrics.csv")
+    res = results(killed)
+    assert res["best_on"] == "validation" and res["top1"] == results(tmp_path / "whole")["top1"]
+    assert "val_top1" in (killed / "metrics.csv").read_text().splitlines()[0].split(",")
+
+
 def test_two_process_ddp(tmp_path):
     out = tmp_path / "ddp"
     fabric_run("deit.py", "--model", "deit_micro", "--epochs", "1", "--train-subset", "200", "--batch-size", "100",
@@ -111,6 +125,14 @@ def test_bad_flags():
         deit.check_args(deit.parse_args(["--distillation-tau", "0"]))
     with pytest.raises(SystemExit):  # argparse: "invalid choice", exit status 2
         deit.parse_args(["--recipe", "fancy"])
+    with pytest.raises(UserError, match="--val-split must lie in"):
+        deit.check_args(deit.parse_args(["--val-split", "1"]))
+
+
+def test_odd_batch_with_mixup_is_refused(tmp_path):
+    with pytest.raises(UserError, match="Mixup/CutMix need an even batch per device, got 63"):
+        run_main(deit, "--model", "deit_micro", "--recipe", "deit", "--batch-size", "63", "--train-subset", "100",
+                 "--epochs", "1", "--out", tmp_path / "run")
 
 
 def test_bad_input(teacher, tmp_path):

@@ -16,7 +16,8 @@ QUICK = ["--epochs", "3", "--train-subset", "1000", "--batch-size", "50", "--lr"
 
 def test_dml_run_folder(tmp_path, capsys):
     out = tmp_path / "run"
-    run_main(dml, "--students", "vit_micro", "resnet8", *QUICK, "--out", out)
+    run_main(dml, "--students", "vit_micro", "resnet8", *QUICK, "--train-subset", "1250", "--val-split", "0.2",
+             "--out", out)
     for name in ("args.json", "metrics.csv", "results.json", "last.ckpt", "best.ckpt"):
         assert (out / name).is_file(), name
     res = results(out)
@@ -33,6 +34,10 @@ def test_dml_run_folder(tmp_path, capsys):
             assert float(row[f"loss_{k}"]) == pytest.approx(float(row[f"ce_{k}"]) + float(row[f"kl_{k}"]))
             assert float(row[f"kl_{k}"]) > 0
     assert float(rows[-1]["top1_ensemble"]) == res["ensemble_top1"]
+    # best.ckpt is the epoch best on the 250 held-out training images, not on the test split
+    assert res["best_on"] == "validation" and res["dml_target"] == "prediction"
+    val = [float(row["val_top1_ensemble"]) for row in rows]
+    assert torch.load(out / "best.ckpt", weights_only=False)["epoch"] == 1 + val.index(max(val))
     assert "ensemble" in capsys.readouterr().out  # the summary table
     # the curves show every student's loss and accuracy and the ensemble's, over the epochs
     assert png_size(out / "curves.png") == (1000, 400)
@@ -73,6 +78,27 @@ def test_deit_students(tmp_path):
     res = results(out)
     assert all(s["distillation_token"] for s in res["students"])
     assert res["students"][0]["params"] == res["students"][1]["params"] > 0
+
+
+@pytest.mark.parametrize("target", ["prediction", "distillation"])
+def test_dml_target_of_a_deit_head(target):
+    import argparse
+
+    from common.losses import kl_divergence
+    from common.models import create_model, prediction, split_heads
+
+    torch.manual_seed(0)
+    students = [create_model("deit_micro", 10, 32).train(), create_model("vit_micro", 10, 32).train()]
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    torch.manual_seed(1)  # the same drop-path draws for the terms and for the hand computation
+    terms = dml.student_losses(students, images, labels, argparse.Namespace(mode="dml", smoothing=0.0,
+                                                                           dml_target=target))
+    torch.manual_seed(1)
+    deit_out, vit_out = (student(images) for student in students)
+    peer_of_vit = prediction(deit_out) if target == "prediction" else split_heads(deit_out)[1]
+    # the DeiT's distillation head mimics the ViT's only output either way; the ViT mimics the chosen DeiT output
+    assert terms[0, 1].item() == pytest.approx(kl_divergence(vit_out, deit_out[1]).item(), rel=1e-4)
+    assert terms[1, 1].item() == pytest.approx(kl_divergence(peer_of_vit, vit_out).item(), rel=1e-4)
 
 
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
@@ -166,10 +192,31 @@ def test_bad_checkpoint_on_resume(tmp_path, finished_run, damage):
     assert snapshot(out) == before
 
 
-def test_nan_loss_stops_and_keeps_the_checkpoint(tmp_path, finished_run):
+def test_nan_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    calls, real = [], dml.student_losses
+
+    def poisoned(*args):  # the third step, the first of epoch 2, goes NaN
+        calls.append(1)
+        terms = real(*args)
+        return terms * float("nan") if len(calls) == 3 else terms
+
+    monkeypatch.setattr(dml, "student_losses", poisoned)
+    out = tmp_path / "run"
+    message = bad_run(out)  # 2 epochs of 2 steps
+    assert "the loss became NaN or infinite at epoch 2, step 1: stopped" in message and "last.ckpt" in message
+    assert torch.load(out / "last.ckpt", weights_only=False)["epoch"] == 1  # the last good one
+    assert not (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("flags, allowed", [(["--lr", "1e-3"], False), (["--epochs", "3"], False),
+                                            (["--seed", "1"], False), (["--log-every", "7"], True)])
+def test_resume_refuses_a_change_that_shapes_the_run(tmp_path, finished_run, flags, allowed):
     out = tmp_path / "copy"
     shutil.copytree(finished_run, out)
-    before = snapshot(out)
-    message = bad_run(out, "--resume", "--lr", "1e35")
-    assert "the loss became" in message and "epoch 2, step" in message
-    assert snapshot(out) == before
+    args = ["--students", "vit_micro", "vit_micro", "--epochs", "1", "--train-subset", "100", "--batch-size", "50",
+            "--resume", "--out", out]
+    if allowed:
+        run_main(dml, *args, *flags)
+    else:
+        with pytest.raises(UserError, match=f"cannot resume .*it was made with {flags[0]} "):
+            run_main(dml, *args, *flags)
