@@ -62,12 +62,15 @@ def test_choose_assistant_takes_the_candidate_nearest_the_midpoint():
 def test_auto_end_to_end(tmp_path):
     out = tmp_path / "auto"
     run_main(takd, "--chain", "plain6", "auto", "plain2", "--ta-candidates", "plain4", "plain2", *QUICK,
-             "--out", out)
+             "--val-split", "0.2", "--out", out)
     res = results(out)
     choice = res["ta_choice"]
     assert set(choice["candidates"]) == {"plain4", "plain2"} and choice["position"] == 1
-    assert choice["teacher_top1"] == res["networks"]["plain6"]["top1"]
-    assert choice["student_alone_top1"] == choice["candidates"]["plain2"] == res["networks"]["plain2"]["top1"]
+    # scored on the 100 held-out training images, never on the test split
+    assert choice["scored_on"] == "validation" and res["best_on"] == "validation"
+    assert choice["teacher_top1"] == res["networks"]["plain6"]["val_top1"]
+    assert choice["student_alone_top1"] == choice["candidates"]["plain2"] == res["networks"]["plain2"]["val_top1"]
+    assert res["networks"]["plain2"]["val_top1"] != res["networks"]["plain2"]["top1"]
     assert choice["chosen"] == takd.choose_assistant(choice["candidates"], choice["teacher_top1"],
                                                      choice["student_alone_top1"])
     assert res["chain"] == ["plain6", choice["chosen"], "plain2"] and res["requested_chain"][1] == "auto"
@@ -112,6 +115,7 @@ def test_resume_after_sigkill_in_the_second_step(tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--chain", "plain4"], "--chain needs a teacher and a student"),
     (["--chain", "plain6", "auto", "plain2"], "--ta-candidates names no networks"),
+    (["--chain", "plain6", "auto", "plain2", "--ta-candidates", "plain4"], "give --val-split"),
     (["--chain", "plain8", "auto", "auto", "plain2", "--ta-candidates", "plain4"], "two `auto`s in a row"),
     (["--chain", "auto", "plain2", "--ta-candidates", "plain4"], "cannot be `auto`"),
     (["--kd-lambda", "1.5"], "--kd-lambda must lie in [0, 1]"),
@@ -147,6 +151,11 @@ def test_existing_run_folder_is_refused(compared):
     with pytest.raises(UserError, match="exists and is not empty"):
         run_main(takd, "--chain", "plain6", "plain2", *QUICK, "--out", out)
     assert snapshot(out) == before
+
+
+def test_constant_schedule_of_the_papers_plain_cnns():
+    args = takd.parse_args(["--epochs", "15", "--schedule", "constant", "--warmup-epochs", "0"])
+    assert [takd.learning_rate(args, epoch, 3, 10) for epoch in range(15)] == pytest.approx([0.1] * 15)
 
 
 def test_learning_rate_schedule():
