@@ -61,7 +61,16 @@ def check_graph(graph, nodes=None):
         if (source, target) in seen:
             raise UserError(f"edge {edge}: a second edge from {source} to {target}")
         seen.add((source, target))
+    for node in untrained_nodes(graph):
+        raise UserError(f"node {node} ({graph['nodes'][node]}) has no incoming edge that is not cut off: it would "
+                        f"keep its random weights and still vote in the ensemble")
     return graph
+
+
+def untrained_nodes(graph):
+    """The nodes that no edge trains: every incoming edge, if any, is cut off."""
+    trained = {edge["target"] for edge in graph["edges"] if edge["gate"] != "cutoff"}
+    return [node for node in range(len(graph["nodes"])) if node not in trained]
 
 
 def load_graph(path, nodes=None):

@@ -108,9 +108,12 @@ def attention_crops(source_map, target_map, sizes):
 
 
 def att_attract(source_map, target_map, sizes=(3, 7, 11)):
-    """Eq. 3: the squared distance of the L2-normalised crops, averaged over the crop sizes, per sample."""
+    """Eq. 3: the mean squared error of the L2-normalised crops (the mean over the
+    crop's pixels, as the seed says: a sum would weigh an 11×11 crop 121× a pixel
+    and tilt attention edges against probability edges), averaged over the crop
+    sizes, per sample."""
     crops = attention_crops(source_map, target_map, sizes)
-    return sum(((s - t) ** 2).sum(1) for s, t in crops) / len(crops)
+    return sum(((s - t) ** 2).mean(1) for s, t in crops) / len(crops)
 
 
 def att_repel(source_map, target_map, sizes=(3, 7, 11)):

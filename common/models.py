@@ -290,7 +290,13 @@ class AttentionBranchNetwork(nn.Module):
 
     @classmethod
     def cifar(cls, depth, num_classes):
-        """On the CIFAR ResNet of `depth` (6n+2): the branch starts after the 32-channel stage."""
+        """On the CIFAR ResNet of `depth` (6n+2): the branch starts after the 32-channel stage.
+
+        Basic blocks at every depth, as in the CIFAR ResNets of He et al. and this
+        project's `resnet<depth>`, so that `resnet56_abn` and `resnet56` differ only
+        by the attention branch. The official ABN code switches to bottleneck
+        blocks from depth 44 (9n+2 layers, 4× wider outputs); its resnet110_abn is
+        therefore a different, larger network than this one."""
         n = (depth - 2) // 6
         stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
         front = nn.Sequential(resnet_stage(16, 16, n, 1), resnet_stage(16, 32, n, 2))

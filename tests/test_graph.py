@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from common.graph import GATES, LOSSES, check_graph, draw_attention, draw_graph, load_graph, preset, sample_graph
+from common.graph import (GATES, LOSSES, check_graph, draw_attention, draw_graph, load_graph, preset, sample_graph,
+                          untrained_nodes)
 from common.models import create_model
 from common.run import UserError
 from ktg_ensemble import graph_loss, node_outputs
@@ -48,6 +49,18 @@ def test_bad_graphs_are_refused(edges, message):
         check_graph({"nodes": ["resnet8", "resnet8", "resnet8"], "edges": edges})
 
 
+def test_a_node_no_edge_trains_is_refused():
+    graph = preset("dml", ["resnet8"] * 3)
+    for e in graph["edges"]:
+        if e["target"] == 2:
+            e["gate"] = "cutoff"
+    assert untrained_nodes(graph) == [2]
+    with pytest.raises(UserError, match=r"node 2 \(resnet8\) has no incoming edge that is not cut off"):
+        check_graph(graph)
+    graph["edges"][-1]["gate"] = "linear"  # one peer edge into node 2 is enough
+    assert untrained_nodes(check_graph(graph)) == []
+
+
 def test_bad_node_lists_are_refused(tmp_path):
     with pytest.raises(UserError, match="2 to 8 network nodes"):
         check_graph({"nodes": ["resnet8"], "edges": []})
@@ -65,7 +78,7 @@ def test_bad_node_lists_are_refused(tmp_path):
 def test_sampled_graph_has_every_edge():
     import optuna
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    graph = check_graph(sample_graph(study.ask(), ["resnet20_abn"] * 3))
+    graph = sample_graph(study.ask(), ["resnet20_abn"] * 3)
     assert len(graph["edges"]) == 3 + 6
     assert all(e["loss"] in LOSSES and e["gate"] in GATES for e in graph["edges"] if e["source"] != "label")
 

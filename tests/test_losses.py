@@ -147,9 +147,13 @@ def test_attention_losses_by_hand():
     target = torch.zeros(1, 16, 16)
     target[0, 7:10, 7:10] = 1.0  # uniform in the window
     target[0, 0, 0] = 5.0  # outside it: not seen
-    # normalised crops: source e_centre, target all 1/3; distance² = (1 - 1/3)² + 8·(1/3)² = 4/3, cosine 1/3
-    assert att_attract(source, target, sizes=(3,)).item() == pytest.approx(4 / 3, rel=1e-5)
+    # normalised crops: source e_centre, target all 1/3; squared error (1 - 1/3)² + 8·(1/3)² = 4/3 over
+    # 9 pixels: a mean of 4/27; cosine 1/3
+    assert att_attract(source, target, sizes=(3,)).item() == pytest.approx(4 / 27, rel=1e-5)
     assert att_repel(source, target, sizes=(3,)).item() == pytest.approx(1 / 3, rel=1e-5)
+    # a 5×5 crop of the same maps: source e_centre, target 1/3 on the inner 3×3: 4/3 over 25 pixels;
+    # averaged with the 3×3 crop's 4/27
+    assert att_attract(source, target, sizes=(3, 5)).item() == pytest.approx((4 / 27 + 4 / 75) / 2, rel=1e-5)
     # averaged over sizes; the same maps give 0 and 1
     assert att_attract(source, source, sizes=(3, 7)).item() == pytest.approx(0.0, abs=1e-6)
     assert att_repel(target, target, sizes=(3, 7, 11)).item() == pytest.approx(1.0, rel=1e-5)
