@@ -157,6 +157,13 @@ def student_loss(output, teacher_logits, targets, args):
     return (1 - alpha) * ce + alpha * distill, ce, distill
 
 
+CURVE_PANELS = [  # what curves.png draws
+    ("training loss", [("loss", "total"), ("loss_ce", "class head CE"), ("loss_distill", "distillation term")]),
+    ("top-1 (%)", [("top1", "prediction (both heads)"), ("top1_cls", "class head"), ("top1_dist", "distillation head"),
+                   ("teacher_agreement", "agreement with the teacher"), ("val_top1", "prediction (validation)")]),
+    ("learning rate", [("lr", "lr")])]
+
+
 @torch.no_grad()
 def teacher_predictions(teacher, loader, fabric):
     """The teacher's decisions on the test batches (fixed, so made once) and its top-1 (%)."""
@@ -277,7 +284,7 @@ def main(args):
         score = accuracy[0]
         if val_loader is not None:  # best.ckpt is chosen on the validation split, never on test
             row["val_top1"] = score = evaluate(model, val_loader, fabric)[0]
-        end_epoch(fabric, out, state, row, score, log)
+        end_epoch(fabric, out, state, row, score, log, CURVE_PANELS)
 
     # --- results ------------------------------------------------------------
     if accuracy is None:  # resumed a finished run

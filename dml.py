@@ -126,6 +126,15 @@ def student_losses(students, images, labels, args):
     return torch.stack(terms)
 
 
+def curve_panels(students):
+    """What curves.png draws: each student's CE and KL (DML's two terms), the accuracies, the learning rate."""
+    names = [f"{k}: {name}" for k, name in enumerate(students)]
+    losses = [(f"{term}_{k}", f"{name} {term.upper()}") for k, name in enumerate(names) for term in ("ce", "kl")]
+    accuracy = [(f"top1_{k}", name) for k, name in enumerate(names)] + [("top1_ensemble", "ensemble")]
+    accuracy += [(f"val_{column}", f"{label} (validation)") for column, label in accuracy]
+    return [("training loss", losses), ("top-1 (%)", accuracy), ("learning rate", [("lr", "lr")])]
+
+
 @torch.no_grad()
 def evaluate(students, loader, fabric):
     """Top-1 and top-5 (%) of each student and of the ensemble (the mean of their logits)."""
@@ -213,7 +222,7 @@ def main(args):
             row.update({f"val_top1_{k}": val_accuracy[k][0] for k in range(K)})
             row.update(val_top1_ensemble=val_accuracy[K][0])
             score = val_accuracy[K][0]
-        end_epoch(fabric, out, state, row, score, log)
+        end_epoch(fabric, out, state, row, score, log, curve_panels(args.students))
 
     # --- results ------------------------------------------------------------
     if accuracy is None:  # resumed a finished run
@@ -238,7 +247,7 @@ def main(args):
                   for k, (name, student) in enumerate(zip(args.students, students))}
         if fabric.is_global_zero:
             write_landscape_csv(out / "landscape.csv", curves)
-            plot_landscape(out / "landscape.png", curves)
+            plot_landscape(out / "landscape.png", {args.mode: curves})
     if fabric.is_global_zero:
         write_json(out / "results.json", results)
         print_summary(results, out)

@@ -65,7 +65,8 @@ def parse_args(argv=None):
                         help="attention crops around the source map's peak")
     parser.add_argument("--search", type=int, default=0, help="search this many graphs (0: train --graph)")
     parser.add_argument("--val-split", type=float, default=0.2, help="part of the training set a search scores on")
-    parser.add_argument("--storage", help="Optuna storage URL shared by search workers (default: SQLite in --out)")
+    parser.add_argument("--storage", help="Optuna storage URL shared by search workers, e.g. "
+                                          "postgresql+psycopg://user:password@host:5432/db (default: SQLite in --out)")
     parser.add_argument("--study-name", default="ktg", help="the Optuna study in --storage")
     parser.add_argument("--heartbeat-grace", type=int, default=15,
                         help="seconds without a heartbeat after which a worker's trial counts as failed")
@@ -154,6 +155,13 @@ def graph_loss(graph, outputs, labels, step, total_steps, crop_sizes):
     return loss
 
 
+def curve_panels(nodes):
+    """What curves.png draws: the loss per node, each node's and the ensemble's accuracy, the learning rate."""
+    accuracy = [(f"top1_{m}", f"{m}: {name}") for m, name in enumerate(nodes)] + [("top1_ensemble", "ensemble")]
+    return [("training loss per node", [("loss", "graph loss / nodes")]), ("top-1 (%)", accuracy),
+            ("learning rate", [("lr", "lr")])]
+
+
 @torch.no_grad()
 def evaluate(nodes, loader, fabric):
     """Top-1 (%) of each node and of the ensemble (the mean of their logits, eq. 5)."""
@@ -222,7 +230,7 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
         if report is not None:
             report(epoch, 100 - accuracy[M])
         if out is not None:
-            end_epoch(fabric, out, state, row, accuracy[M], log)
+            end_epoch(fabric, out, state, row, accuracy[M], log, curve_panels(graph["nodes"]))
         else:  # a search trial: no run folder
             state["history"].append(row)
     if accuracy is None:  # resumed a finished run
@@ -240,7 +248,7 @@ def open_study(args, out):
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    url = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    url = storage_url(args, out)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     # Workers starting together on a new SQLite file race to create its tables:
     # they take turns, through a lock file beside it.
@@ -255,7 +263,10 @@ def open_study(args, out):
             study = optuna.create_study(storage=storage, study_name=args.study_name, direction="minimize",
                                         load_if_exists=True)
     except Exception as error:  # a bad URL, an unreachable server, a missing folder
-        raise UserError(f"cannot open study {args.study_name!r} in {url}: {type(error).__name__}: "
+        failure = storage_failure(error, url)
+        if failure:
+            raise UserError(f"cannot reach the study storage at {failure}") from None
+        raise UserError(f"cannot open study {args.study_name!r} in {masked(url)}: {type(error).__name__}: "
                         f"{str(error).splitlines()[0]}") from None
     # Seeded by the trials already there: one worker is reproducible, a resumed one draws new graphs.
     study.sampler = optuna.samplers.RandomSampler(seed=args.seed * 100_003 + len(study.trials))
@@ -263,8 +274,45 @@ def open_study(args, out):
     return study
 
 
+def storage_url(args, out):
+    """The study's database: --storage, else SQLite in the run folder."""
+    return args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def masked(url):
+    """The URL with its password hidden: it is printed."""
+    import re
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def storage_failure(error, url):
+    """'host:port: what failed' when `error`, or an error it arose from, is the
+    database's (SQLAlchemy's OperationalError: no server, a wrong password, no such
+    database, a lost connection), else None."""
+    import sqlalchemy
+    while error is not None and not isinstance(error, (sqlalchemy.exc.OperationalError,
+                                                       sqlalchemy.exc.InterfaceError)):
+        error = error.__cause__ or error.__context__
+    if error is None:
+        return None
+    # psycopg: 'connection failed: connection to server at "h", port p failed: FATAL:  what'
+    message = str(error.orig).strip().split("FATAL:")[-1].split(" failed: ")[-1].strip()
+    what = message.splitlines()[0] if message else type(error.orig).__name__
+    if "refused" in what.lower():
+        what = "connection refused (is the server running?)"
+    elif "authentication failed" in what:
+        what += " (wrong user or password?)"
+    url = sqlalchemy.engine.make_url(url)
+    where = url.database if url.get_backend_name() == "sqlite" else f"{url.host}:{url.port or 5432}"
+    return f"{where}: {what}"
+
+
 def search(nodes, data, fabric, args, out):
     """Run trials until --search of them have finished (completed or pruned) in the study; return the best graph."""
+    import _thread
+    import threading
+    import time
+
     import optuna
     from optuna.trial import TrialState
 
@@ -287,17 +335,49 @@ def search(nodes, data, fabric, args, out):
         fabric.print(f"trial {trial.number}")
         return 100 - train_graph(graph, val_data, fabric, args, report=report)[1][-1]
 
-    if len(study.get_trials(deepcopy=False, states=finished)) < args.search:
-        # a trial whose loss turns NaN fails alone; the search goes on
-        study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(args.search, states=finished)],
-                       catch=(UserError,))
-    optuna.storages.fail_stale_trials(study)
-    trials = study.get_trials()
+    # A lost server stops the worker with one line, not Optuna's and SQLAlchemy's
+    # tracebacks; the heartbeat thread, which usually meets it first, interrupts
+    # the training rather than die alone. The trial left RUNNING fails once the
+    # server is back and its heartbeat is stale.
+    url, lost, default_hook = storage_url(args, out), [], threading.excepthook
+
+    def on_thread_error(hook_args):
+        if storage_failure(hook_args.exc_value, url):
+            lost.append(hook_args.exc_value)
+            _thread.interrupt_main()
+        else:
+            default_hook(hook_args)
+
+    threading.excepthook = on_thread_error
+    try:
+        if len(study.get_trials(deepcopy=False, states=finished)) < args.search:
+            # a trial whose loss turns NaN fails alone; the search goes on
+            study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(args.search, states=finished)],
+                           catch=(UserError,))
+        # Other workers' last trials may still beat the best: wait until none runs,
+        # on two reads a second apart (a worker between its count and its next trial
+        # shows on the second), so that every worker retrains the same graph. A
+        # killed worker's trial runs until --heartbeat-grace without a beat fails it.
+        quiet_reads = 0
+        while True:
+            optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials()
+            quiet_reads = 0 if any(t.state == TrialState.RUNNING for t in trials) else quiet_reads + 1
+            if quiet_reads == 2:
+                break
+            time.sleep(1)
+    except (Exception, KeyboardInterrupt) as error:
+        failure = storage_failure(lost[0] if lost else error, url)
+        if not failure:
+            raise
+        raise UserError(f"lost the study storage at {failure}; rerun with --resume once it is back") from None
+    finally:
+        threading.excepthook = default_hook
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
     if not completed:
         raise UserError(f"no trial of study {args.study_name!r} completed")
     write_csv(out / "trials.csv", trial_rows(trials))
-    best = study.best_trial
+    best = min(completed, key=lambda t: t.value)  # as study.best_trial, without asking the server again
     summary = {"study_name": args.study_name, "trials": len(trials), "completed": len(completed),
                "pruned": sum(t.state == TrialState.PRUNED for t in trials),
                "failed": sum(t.state == TrialState.FAIL for t in trials),
@@ -364,23 +444,33 @@ def main(args):
 
 
 @torch.no_grad()
-def attention_picture(path, nodes, graph, data, fabric, count=4):
-    """Each ABN node's attention map on the first test images (seed 002, Fig. 3)."""
-    images = data["test"][0]
+def attention_picture(path, nodes, graph, data, fabric, count=5):
+    """Each ABN node's attention map and prediction on the first test image of
+    `count` classes (seed 002, Fig. 3); its data in attention.csv beside it."""
+    images, labels = data["test"]
     shown = [m for m, name in enumerate(graph["nodes"]) if name in ABN_ALIASES]
     if not shown or isinstance(images, list):
         return  # no attention branch, or images streamed from files
-    images = images[:count]
+    picks = torch.stack([torch.nonzero(labels == c).flatten()[0] for c in range(len(data["classes"]))
+                         if (labels == c).any()][:count])
+    images, labels = images[picks], labels[picks]
     # resized and normalised as in evaluation, on this process alone
-    batch, _ = next(DeviceLoader((images, data["test"][1][:count]), data, count, fabric.device, train=False).epoch())
-    maps = []
+    batch, _ = next(DeviceLoader((images, labels), data, len(picks), fabric.device, train=False).epoch())
+    maps, predictions = [], []
     for m in shown:
         # The module inside Fabric's (and DDP's) wrapper: DDP's forward is a collective
         # that the other ranks, which draw nothing, would never join.
         node = nodes[m].module.eval()
         with fabric.autocast():
-            maps.append(node_outputs(node, batch)[2].float())
-    draw_attention(path, images, maps, [f"{m}: {graph['nodes'][m]}" for m in shown])
+            logits, _, attention = node_outputs(node, batch)
+        maps.append(attention.float())
+        predictions.append([data["classes"][c] for c in logits.argmax(1).tolist()])
+    names = [f"{m}: {graph['nodes'][m]}" for m in shown]
+    truth = [data["classes"][c] for c in labels.tolist()]
+    write_csv(path.with_suffix(".csv"), [{"image": int(i), "label": label, **{name: predicted[r] for name, predicted
+                                                                             in zip(names, predictions)}}
+                                         for r, (i, label) in enumerate(zip(picks.tolist(), truth))])
+    return draw_attention(path, images, maps, names, truth, predictions)
 
 
 def print_summary(results, out):

@@ -133,6 +133,13 @@ def learning_rate(args, epoch, step, steps_per_epoch):
                          args.warmup_epochs)
 
 
+def curve_panels(network):
+    """What each network's curves.png draws."""
+    return [("training loss", [("loss", "total"), ("loss_ce", "CE"), ("loss_distill", "τ²·KL to the teacher")]),
+            ("top-1 (%)", [("top1", network), ("val_top1", f"{network} (validation)")]),
+            ("learning rate", [("lr", "lr")])]
+
+
 def choose_assistant(candidates, teacher_top1, student_top1):
     """The candidate whose accuracy (trained alone) lies nearest the midpoint of
     the teacher's and the student's: the paper's rule for the best TA."""
@@ -184,31 +191,34 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
     for epoch in range(state["epoch"], args.epochs):
         seed_epoch(args.seed, epoch)
         model.train()
-        log = TrainLog(fabric, ["loss"], epoch, args.epochs, steps_per_epoch, args.log_every, folder, folder.name)
+        log = TrainLog(fabric, ["loss", "ce", "distill"], epoch, args.epochs, steps_per_epoch, args.log_every, folder,
+                       folder.name)
         for step, (images, labels) in enumerate(train_loader.epoch(epoch)):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(args, epoch, step, steps_per_epoch)
             logits = model(images)
             if teacher is None:
-                loss = cross_entropy(logits, labels)
+                loss = ce = cross_entropy(logits, labels)
+                distill = torch.zeros_like(ce)
             else:
                 with torch.no_grad():
                     teacher_logits = teacher(images.to(next(teacher.parameters()).dtype))
-                loss = kd_loss(logits, teacher_logits, labels, args.kd_lambda, args.kd_tau)
+                loss, ce, distill = kd_loss(logits, teacher_logits, labels, args.kd_lambda, args.kd_tau)
             fabric.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            log.step(step, loss[None], len(labels))
+            log.step(step, torch.stack([loss, ce, distill]), len(labels))
         means = log.close()
 
         top1, top5 = evaluate(model, test_loader, fabric)
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": means["loss"], "top1": top1,
-               "top5": top5, "img_per_s": means["img_per_s"]}
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": means["loss"],
+               "loss_ce": means["ce"], "loss_distill": means["distill"], "top1": top1, "top5": top5,
+               "img_per_s": means["img_per_s"]}
         score = top1
         if val_loader is not None:  # best.ckpt is chosen on the validation split, never on test
             row["val_top1"] = score = evaluate(model, val_loader, fabric)[0]
         state.update(images=state["images"] + log.images, train_s=state["train_s"] + log.seconds)
-        end_epoch(fabric, folder, state, row, score, log)
+        end_epoch(fabric, folder, state, row, score, log, curve_panels(folder.name))
 
     last = state["history"][-1]
     learned_from = folder.name.rpartition("_to_")[0] or None  # the teacher's sub-folder
@@ -314,6 +324,13 @@ def main(args):
         write_json(out / "results.json", results)
         if compare:
             write_csv(out / "compare.csv", compare_rows(steps, compare))
+        if ta_choices:
+            write_csv(out / "ta_choice.csv", [{"position": choice["position"], "candidate": name, "val_top1": top1,
+                                               "midpoint": (choice["teacher_top1"] + choice["student_alone_top1"]) / 2,
+                                               "chosen": name == choice["chosen"]}
+                                              for choice in ta_choices for name, top1 in choice["candidates"].items()])
+        if compare or ta_choices:
+            plot_comparison(out / "compare.png", compare, ta_choices, chain)
         print_summary(results, out)
     finish(fabric)
 
@@ -328,6 +345,44 @@ def compare_rows(steps, compare):
              for method, source in (("NOKD", "labels"), ("BLKD", steps[0]["model"]),
                                     ("TAKD", " -> ".join(step["model"] for step in steps[:-1])))]
     return rows
+
+
+def plot_comparison(path, compare, ta_choices, chain):
+    """compare.png: the student by NOKD, BLKD and TAKD beside every network of the
+    chain alone (with --compare), and for each `auto` the candidates' validation
+    accuracies against the midpoint it aims at. Returns the figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common.run import save_figure
+
+    panels = ([compare] if compare else []) + list(ta_choices)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    axes = list(axes[0])
+    if compare:
+        ax = axes.pop(0)
+        names = [f"{name} alone" for name in compare["alone_top1"]] + [f"{chain[-1]} {m}" for m in ("NOKD", "BLKD", "TAKD")]
+        values = list(compare["alone_top1"].values()) + [compare[f"{m}_top1"] for m in ("nokd", "blkd", "takd")]
+        colours = ["lightgrey"] * len(compare["alone_top1"]) + ["tab:grey", "tab:blue", "tab:green"]
+        bars = ax.bar(names, values, color=colours)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set(ylabel="test top-1 (%)", title="the student learning from labels, the teacher, the chain")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    for ax, choice in zip(axes, ta_choices):
+        names = list(choice["candidates"])
+        bars = ax.bar(names, list(choice["candidates"].values()),
+                      color=["tab:green" if name == choice["chosen"] else "lightgrey" for name in names])
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        midpoint = (choice["teacher_top1"] + choice["student_alone_top1"]) / 2
+        for value, label, style in ((choice["teacher_top1"], "teacher", ":"), (midpoint, "midpoint", "--"),
+                                    (choice["student_alone_top1"], "student alone", ":")):
+            ax.axhline(value, ls=style, color="black", lw=1, label=f"{label} {value:.1f}")
+        ax.set(ylabel="validation top-1 (%)", title=f"auto at position {choice['position']}: {choice['chosen']}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return fig
 
 
 def print_summary(results, out):

@@ -108,6 +108,8 @@ def draw_graph(path, graph, accuracies=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from common.run import save_figure
+
     # the label, the network nodes and the ensemble on one circle: no edge crosses a node
     count = len(graph["nodes"])
     ring = [LABEL, *range(count), "ensemble"]
@@ -144,33 +146,36 @@ def draw_graph(path, graph, accuracies=None):
     ax.set(xlim=(-1.4, 1.4), ylim=(-1.4, 1.4), aspect="equal")
     ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return fig
 
 
-def draw_attention(path, images, maps, names):
-    """Like seed 002's Fig. 3: a few test images (rows, uint8 3×H×W) and each
-    node's attention map over them (columns). Returns the figure."""
+def draw_attention(path, images, maps, names, labels, predictions):
+    """Like seed 002's Fig. 3: test images (rows, uint8 3×H×W) with their true
+    `labels`, and each node's attention map over them (columns) under the node's
+    prediction (`predictions[node][row]`). Returns the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch.nn.functional as F
 
+    from common.run import save_figure
+
     rows, columns = len(images), 1 + len(maps)
-    fig, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.2 * rows), squeeze=False)
     for r, image in enumerate(images):
         picture = image.permute(1, 2, 0).cpu().numpy()
         axes[r, 0].imshow(picture)
+        axes[r, 0].set_title(f"label: {labels[r]}", fontsize=8)
         for c, node_maps in enumerate(maps, start=1):
             heat = F.interpolate(node_maps[r][None, None].float(), size=image.shape[-2:], mode="bilinear")[0, 0]
             axes[r, c].imshow(picture)
             axes[r, c].imshow(heat.cpu().numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-            if r == 0:
-                axes[r, c].set_title(names[c - 1], fontsize=8)
+            predicted = predictions[c - 1][r]
+            axes[r, c].set_title(f"{names[c - 1]}\n→ {predicted}", fontsize=8,
+                                 color="black" if predicted == labels[r] else "red")
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return fig

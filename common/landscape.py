@@ -73,30 +73,39 @@ def read_csv(path):
     return curves
 
 
-def plot(path, curves):
-    """One line per curve, mean ± std over the draws; returns the figure."""
+def plot(path, runs):
+    """One panel per student, one colour per run (`runs` maps a run's name to
+    its curves): the loss against σ, mean ± std over the noise draws, as in
+    seed 000's Fig. 3. Returns the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, rows in curves.items():
-        sigma = [r["sigma"] for r in rows]
-        mean = torch.tensor([r["loss_mean"] for r in rows])
-        std = torch.tensor([r["loss_std"] for r in rows])
-        ax.plot(sigma, mean, marker="o", label=label)
-        ax.fill_between(sigma, mean - std, mean + std, alpha=0.2)
-    ax.set(xlabel="noise scale σ (relative to each tensor's RMS)", ylabel="training loss")
-    ax.legend()
+    from common.run import save_figure
+
+    students = list(dict.fromkeys(student for curves in runs.values() for student in curves))
+    fig, axes = plt.subplots(1, len(students), figsize=(5 * len(students), 4), squeeze=False, sharey=True)
+    for ax, student in zip(axes[0], students):
+        for colour, (run, curves) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], runs.items()):
+            if student not in curves:
+                continue
+            rows = curves[student]
+            sigma = [r["sigma"] for r in rows]
+            mean = torch.tensor([r["loss_mean"] for r in rows])
+            std = torch.tensor([r["loss_std"] for r in rows])
+            ax.plot(sigma, mean, marker="o", color=colour, label=run)
+            ax.fill_between(sigma, mean - std, mean + std, color=colour, alpha=0.2)
+        ax.set(xlabel="noise scale σ (relative to each tensor's RMS)", title=f"student {student}")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("training loss")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return fig
 
 
 def compare(folders, out):
-    """Draw the landscape curves of several run folders on one plot; returns the figure."""
-    curves = {}
+    """Draw the landscape curves of several run folders together (one colour each); returns the figure."""
+    runs = {}
     for folder in map(Path, folders):
         if not (folder / "landscape.csv").is_file():
             raise SystemExit(f"error: {folder} has no landscape.csv (train it with --landscape)")
@@ -104,10 +113,8 @@ def compare(folders, out):
         if (folder / "args.json").is_file():
             import json
             mode = json.loads((folder / "args.json").read_text()).get("mode", "")
-        name = folder.name if mode in folder.name else f"{folder.name} ({mode})"
-        for student, rows in read_csv(folder / "landscape.csv").items():
-            curves[f"{name} {student}"] = rows
-    fig = plot(out, curves)
+        runs[folder.name if mode in folder.name else f"{folder.name} ({mode})"] = read_csv(folder / "landscape.csv")
+    fig = plot(out, runs)
     print(f"wrote {out}")
     return fig
 

@@ -161,9 +161,9 @@ class TrainLog:
         return {**self.means, "img_per_s": self.img_per_s}
 
 
-def end_epoch(fabric, out, state, row, score, log):
+def end_epoch(fabric, out, state, row, score, log, panels):
     """Record the epoch's `row` in `state["history"]` and its time, print it, and
-    save the run (`save_epoch`; `score` chooses best.ckpt)."""
+    save the run (`save_epoch`; `score` chooses best.ckpt, `panels` the curves)."""
     state["history"].append(row)
     state["epoch"] = row["epoch"]
     state["wall_s"] += time.perf_counter() - log.start
@@ -171,7 +171,7 @@ def end_epoch(fabric, out, state, row, score, log):
              if key.startswith(("top1", "val_top1")) and value is not None]
     shown += [f"{key}={value:.3f}" for key, value in row.items() if key.startswith("loss") and value is not None]
     fabric.print(f"{log.desc}: " + " ".join(shown) + f" {row['img_per_s']:.0f} img/s")
-    save_epoch(fabric, out, state, score)
+    save_epoch(fabric, out, state, score, panels)
 
 
 def check_fraction(name, value):
@@ -218,9 +218,9 @@ def save_checkpoint(fabric, path, state):
     fabric.barrier()
 
 
-def save_epoch(fabric, out, state, top1):
+def save_epoch(fabric, out, state, top1, panels):
     """End of an epoch: `last.ckpt`, `best.ckpt` if `top1` is the best so far,
-    `metrics.csv` and `curves.png` from `state["history"]`."""
+    `metrics.csv` and `curves.png` (its `panels`, see plot_curves) from `state["history"]`."""
     is_best = top1 > state["best_top1"]
     state["best_top1"] = max(state["best_top1"], top1)
     save_checkpoint(fabric, out / "last.ckpt", state)
@@ -228,7 +228,7 @@ def save_epoch(fabric, out, state, top1):
         save_checkpoint(fabric, out / "best.ckpt", state)
     if fabric.is_global_zero:
         write_csv(out / "metrics.csv", state["history"])
-        plot_curves(out / "curves.png", state["history"])
+        plot_curves(out / "curves.png", state["history"], panels)
 
 
 # What --resume may change: nothing that shapes the run (models, data, epochs,
@@ -275,21 +275,38 @@ def write_csv(path, rows):
     os.replace(tmp, path)
 
 
-def plot_curves(path, rows):
-    """Every `loss*` column (left) and `top1*` column (right) of the metrics against
-    the epoch; returns the figure."""
+def plot_curves(path, rows, panels):
+    """The metrics against the epoch, one panel per `(title, [(column, label), ...])`
+    of `panels`; markers show every epoch (a one-epoch run too), dashed lines
+    are validation and ensemble figures. Columns a run lacks are left out.
+    Returns the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [row["epoch"] for row in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, prefix, label in zip(axes, ("loss", "top1"), ("training loss", "test top-1 (%)")):
-        for column in (c for c in rows[0] if c.startswith(prefix)):
-            ax.plot(epochs, [row[column] for row in rows], "--" if "ensemble" in column else "-", label=column)
-        ax.set(xlabel="epoch", ylabel=label)
-        ax.legend()
+    epochs = [int(row["epoch"]) for row in rows]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels):
+        for column, label in lines:
+            values = [row.get(column) for row in rows]
+            if any(value is None or value == "" for value in values):
+                continue
+            dashed = column.startswith("val_") or "ensemble" in column
+            ax.plot(epochs, [float(value) for value in values], "--" if dashed else "-", marker="o", markersize=3,
+                    label=label)
+        ax.set(xlabel="epoch", title=title)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return fig
+
+
+def save_figure(fig, path):
+    """Write a figure through a temporary file: a kill never leaves half a PNG."""
+    import matplotlib.pyplot as plt
+
+    tmp = Path(str(path) + ".tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    os.replace(tmp, path)
+    plt.close(fig)

@@ -7,7 +7,7 @@ import torch
 
 import deit
 from common.models import create_model
-from common.run import UserError
+from common.run import UserError, plot_curves
 from conftest import fabric_run, kill_when, metrics_without_speed, results, run_main
 
 SMALL = ["--train-subset", "600", "--batch-size", "50", "--lr", "2e-3"]
@@ -48,6 +48,11 @@ def test_students_distilled_from_the_teacher(teacher, tmp_path, kind):
         loss, ce, distill = (float(row[key]) for key in ("loss", "loss_ce", "loss_distill"))
         assert loss == pytest.approx(0.5 * ce + 0.5 * distill, rel=1e-4) and distill > 0
     assert float(rows[-1]["teacher_agreement"]) == res["teacher_agreement"]
+    # curves.png: both heads, the prediction and the agreement with the teacher over the epochs
+    _, accuracy, _ = plot_curves(tmp_path / "again.png", rows, deit.CURVE_PANELS).axes
+    assert [line.get_label() for line in accuracy.get_lines()] == [
+        "prediction (both heads)", "class head", "distillation head", "agreement with the teacher"]
+    assert list(accuracy.get_lines()[3].get_ydata()) == [float(row["teacher_agreement"]) for row in rows]
 
 
 def test_deit_recipe_with_mixup_runs(teacher, tmp_path):

@@ -39,12 +39,21 @@ def test_dml_run_folder(tmp_path, capsys):
     val = [float(row["val_top1_ensemble"]) for row in rows]
     assert torch.load(out / "best.ckpt", weights_only=False)["epoch"] == 1 + val.index(max(val))
     assert "ensemble" in capsys.readouterr().out  # the summary table
-    # the curves show every student's loss and accuracy and the ensemble's, over the epochs
-    assert png_size(out / "curves.png") == (1000, 400)
-    losses, accuracies = plot_curves(tmp_path / "again.png", rows).axes
-    assert [line.get_label() for line in losses.get_lines()] == ["loss_0", "loss_1"]
-    assert [line.get_label() for line in accuracies.get_lines()] == ["top1_0", "top1_1", "top1_ensemble"]
-    assert list(accuracies.get_lines()[2].get_ydata()) == [row["top1_ensemble"] for row in rows]
+    # the curves: each student's CE and KL, every accuracy (validation dashed), the learning rate
+    assert png_size(out / "curves.png") == (1500, 400)
+    losses, accuracies, rate = plot_curves(tmp_path / "again.png", rows, dml.curve_panels(res_names(res))).axes
+    assert [line.get_label() for line in losses.get_lines()] == ["0: vit_micro CE", "0: vit_micro KL",
+                                                               "1: resnet8 CE", "1: resnet8 KL"]
+    assert [line.get_label() for line in accuracies.get_lines()] == [
+        "0: vit_micro", "1: resnet8", "ensemble",
+        "0: vit_micro (validation)", "1: resnet8 (validation)", "ensemble (validation)"]
+    assert list(accuracies.get_lines()[2].get_ydata()) == [float(row["top1_ensemble"]) for row in rows]
+    assert list(losses.get_lines()[3].get_xdata()) == [1, 2, 3] and losses.get_lines()[3].get_marker() == "o"
+    assert list(rate.get_lines()[0].get_ydata()) == [float(row["lr"]) for row in rows]
+
+
+def res_names(res):
+    return [student["name"] for student in res["students"]]
 
 
 def test_modes_share_initial_weights_and_kl_only_in_dml(tmp_path):
@@ -64,11 +73,17 @@ def test_modes_share_initial_weights_and_kl_only_in_dml(tmp_path):
     assert len(landscape) == 2 * 9 and {row["student"] for row in landscape} == {"0:vit_micro", "1:vit_micro"}
     clean, noisiest = landscape[0], landscape[8]
     assert float(clean["sigma"]) == 0 and float(clean["loss_std"]) == 0 and float(noisiest["loss_std"]) > 0
-    assert png_size(tmp_path / "dml" / "landscape.png") == (600, 400)
+    assert png_size(tmp_path / "dml" / "landscape.png") == (1000, 400)  # a panel per student
+    # both runs compared: a panel per student, one line (colour) per run, the CSV's means against σ
     fig = compare_landscapes([tmp_path / "dml", tmp_path / "independent"], tmp_path / "both.png")
-    labels = [line.get_label() for line in fig.axes[0].get_lines()]
-    assert labels == ["dml 0:vit_micro", "dml 1:vit_micro", "independent 0:vit_micro", "independent 1:vit_micro"]
-    assert list(fig.axes[0].get_lines()[0].get_ydata()) == [float(row["loss_mean"]) for row in landscape[:9]]
+    assert [ax.get_title() for ax in fig.axes] == ["student 0:vit_micro", "student 1:vit_micro"]
+    for ax in fig.axes:
+        lines = ax.get_lines()
+        assert [line.get_label() for line in lines] == ["dml", "independent"]
+        assert lines[0].get_color() != lines[1].get_color()
+    first = fig.axes[0].get_lines()[0]
+    assert list(first.get_xdata()) == [float(row["sigma"]) for row in landscape[:9]]
+    assert list(first.get_ydata()) == pytest.approx([float(row["loss_mean"]) for row in landscape[:9]])
 
 
 def test_deit_students(tmp_path):

@@ -122,7 +122,7 @@ def test_takd_loaded_teacher_and_kd_step_on_cuda(teacher_file):
         images, labels = next(CudaBatches().epoch())
         with torch.no_grad():
             teacher_logits = teacher(images)
-        loss = takd.kd_loss(student(images), teacher_logits, labels, 0.9, 4.0)
+        loss, _, _ = takd.kd_loss(student(images), teacher_logits, labels, 0.9, 4.0)
         assert loss.device.type == "cuda" and loss.grad_fn is not None
         reaches_python_numbers(takd.evaluate, student, CudaBatches(), CUDA)
 

@@ -102,9 +102,13 @@ def test_graph_picture(tmp_path):
 def test_attention_picture(tmp_path):
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     maps = [torch.rand(2, 16, 16), torch.rand(2, 16, 16)]
-    fig = draw_attention(tmp_path / "attention.png", images, maps, ["0: resnet8_abn", "1: resnet8_abn"])
+    fig = draw_attention(tmp_path / "attention.png", images, maps, ["0: resnet8_abn", "1: resnet8_abn"],
+                         ["cat", "dog"], [["cat", "cat"], ["cat", "dog"]])
     assert len(fig.axes) == 2 * 3  # a row per image: the image, then each node's map over it
-    assert [ax.get_title() for ax in fig.axes[:3]] == ["", "0: resnet8_abn", "1: resnet8_abn"]
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["label: cat", "0: resnet8_abn\n→ cat", "1: resnet8_abn\n→ cat",
+                      "label: dog", "0: resnet8_abn\n→ cat", "1: resnet8_abn\n→ dog"]
+    assert fig.axes[4].title.get_color() == "red" and fig.axes[5].title.get_color() == "black"  # wrong, right
     heat = fig.axes[1].get_images()[1].get_array()  # the map, upsampled to the image
     assert heat.shape == (32, 32) and 0 <= heat.min() and heat.max() <= 1
 

@@ -1,4 +1,5 @@
 """ktg_ensemble.py end to end on the embedded data: presets, a graph file, the search and its workers, bad input."""
+import csv
 import json
 import os
 import re
@@ -42,7 +43,11 @@ def test_presets_end_to_end(tmp_path, preset):
     assert res["node_mean_top1"] == pytest.approx(sum(node["top1"] for node in res["nodes"]) / 2)
     assert res["ensemble_top1"] > 15 and res["train_img_per_s"] > 0 and res["wall_s"] > 0  # chance is 10 %
     assert png_size(out / "graph.png") == (700, 700)
-    assert png_size(out / "attention.png") == (600, 800)  # 4 images × (the image and 2 nodes' maps)
+    assert png_size(out / "attention.png") == (600, 1100)  # 5 images × (the image and 2 nodes' maps)
+    # one test image of each of the first five classes, with each node's prediction
+    shown = list(csv.DictReader(open(out / "attention.csv")))
+    assert [row["label"] for row in shown] == ["airplane", "automobile", "bird", "cat", "deer"]
+    assert all(row["0: resnet8_abn"] and row["1: resnet8_abn"] for row in shown)
 
 
 def test_graph_from_a_file(tmp_path):

@@ -1,5 +1,6 @@
 """takd.py end to end on the embedded data: chains, --compare, auto, resume, DDP and bad input."""
 import contextlib
+import csv
 import io
 import re
 
@@ -8,7 +9,7 @@ import torch
 
 import takd
 from common.run import UserError
-from conftest import kill_when, metrics_without_speed, results, run_main, snapshot
+from conftest import kill_when, metrics_without_speed, png_size, results, run_main, snapshot
 
 QUICK = ["--epochs", "2", "--train-subset", "500", "--batch-size", "50", "--lr", "0.05"]
 
@@ -50,6 +51,17 @@ def test_three_step_chain_with_compare(compared):
     table = (out / "compare.csv").read_text().splitlines()
     assert table[0] == "network,alone_top1,in_chain_top1,learned_from" and len(table) == 1 + 3 + 3
     assert "NOKD" in stdout and "BLKD" in stdout and "TAKD" in stdout
+    # compare.png draws the figures of compare.csv: each network alone, then the student three ways
+    fig = takd.plot_comparison(out / "again.png", compare, [], res["chain"])
+    bars = fig.axes[0].patches
+    assert [bar.get_height() for bar in bars] == [*compare["alone_top1"].values(), compare["nokd_top1"],
+                                                  compare["blkd_top1"], compare["takd_top1"]]
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()][-3:] == ["plain2 NOKD", "plain2 BLKD", "plain2 TAKD"]
+    assert png_size(out / "compare.png") == (600, 400)
+    # each network's curves carry its distillation term: zero alone, positive from a teacher
+    for folder, distilled in (("plain6", False), ("plain6_to_plain4", True)):
+        rows = list(csv.DictReader(open(out / folder / "metrics.csv")))
+        assert all((float(row["loss_distill"]) > 0) == distilled for row in rows), folder
 
 
 def test_choose_assistant_takes_the_candidate_nearest_the_midpoint():
@@ -77,6 +89,15 @@ def test_auto_end_to_end(tmp_path):
     # the student alone served as neighbour and candidate: trained once, in one folder
     assert {p.name for p in out.iterdir() if p.is_dir()} == {"plain6", "plain4", "plain2", f"plain6_to_{choice['chosen']}",
                                                              f"plain6_to_{choice['chosen']}_to_plain2"}
+    # compare.png: the candidates' validation accuracies, the chosen one green, against the midpoint
+    fig = takd.plot_comparison(out / "again.png", None, [choice], res["chain"])
+    ax = fig.axes[0]
+    assert [bar.get_height() for bar in ax.patches] == list(choice["candidates"].values())
+    midpoint = (choice["teacher_top1"] + choice["student_alone_top1"]) / 2
+    assert [line.get_ydata()[0] for line in ax.get_lines()] == pytest.approx(
+        [choice["teacher_top1"], midpoint, choice["student_alone_top1"]])
+    rows = list(csv.DictReader(open(out / "ta_choice.csv")))
+    assert [row["candidate"] for row in rows if row["chosen"] == "True"] == [choice["chosen"]]
 
 
 def test_reuse_a_teacher_trained_elsewhere(tmp_path, compared):
