@@ -46,14 +46,14 @@ from common.data import DATASETS, PADDING, SMALL_SIDE, hold_out, load_dataset, m
 from common.losses import cross_entropy, hard_distillation_loss, soft_distillation_loss
 from common.models import (both_heads, count_parameters, create_model, freeze, has_distillation_token, load_teacher,
                            split_heads)
-from common.run import (TrainLog, UserError, check_fraction, cosine_schedule, end_epoch, exit_on_user_error, finish,
-                        inference_dtype, load_checkpoint, make_fabric, prepare_run_folder, require_positive, seed_epoch,
-                        write_json)
+from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, cosine_schedule, end_epoch,
+                        exit_on_user_error, finish, inference_dtype, load_checkpoint, make_fabric, prepare_run_folder,
+                        require_positive, seed_epoch, write_json)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", default="deit_tiny", help="the student: deit_*, vit_*, resnet<depth> or a timm name")
     parser.add_argument("--teacher", help="the teacher's model name (with --teacher-ckpt)")
     parser.add_argument("--teacher-ckpt", help="the teacher's weights: a run folder's .ckpt, a .pth or .safetensors")
@@ -229,8 +229,8 @@ def main(args):
 
     teacher, teacher_decisions, teacher_top1 = None, None, None
     if args.teacher:  # not set up by Fabric: it has nothing to train
-        teacher = freeze(load_teacher(args.teacher, args.teacher_ckpt, num_classes, args.img_size, device=fabric.device),
-                         inference_dtype(fabric), args.compile)
+        teacher = load_teacher(args.teacher, args.teacher_ckpt, num_classes, args.img_size, device=fabric.device)
+        teacher = freeze(teacher, inference_dtype(fabric), args.compile)
         teacher_decisions, teacher_top1 = teacher_predictions(teacher, test_loader, fabric)
         teacher_top1 = teacher_top1.item()
         fabric.print(f"teacher {args.teacher}: top-1 {teacher_top1:.2f} % on the test split")
@@ -297,14 +297,17 @@ def main(args):
         "top1": accuracy[0], "top1_cls": accuracy[1] if distilled else None,
         "top1_dist": accuracy[2] if distilled else None, "teacher_top1": teacher_top1,
         "teacher_agreement": accuracy[3] if teacher is not None else None,
-        "best_on": "validation" if args.val_split else "test", "train_img_per_s": state["history"][-1]["img_per_s"], "wall_s": state["wall_s"],
+        "best_on": "validation" if args.val_split else "test",
+        "train_img_per_s": state["history"][-1]["img_per_s"], "wall_s": state["wall_s"],
         "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
     }
     if fabric.is_global_zero:
         write_json(out / "results.json", results)
-        print(f"\n{args.model} ({args.distillation_type} distillation{' from ' + args.teacher if teacher is not None else ''}) "
-              f"on {args.dataset}, {args.epochs} epochs -> {out}")
-        heads = f" (class head {results['top1_cls']:.2f}, distillation head {results['top1_dist']:.2f})" if distilled else ""
+        source = f" from {args.teacher}" if teacher is not None else ""
+        print(f"\n{args.model} ({args.distillation_type} distillation{source}) on {args.dataset}, {args.epochs} epochs "
+              f"-> {out}")
+        heads = (f" (class head {results['top1_cls']:.2f}, distillation head {results['top1_dist']:.2f})"
+                 if distilled else "")
         print(f"top-1 {results['top1']:.2f}{heads}")
         if teacher is not None:
             print(f"teacher top-1 {teacher_top1:.2f}, agreement {results['teacher_agreement']:.2f}")

@@ -52,13 +52,14 @@ from common.data import DATASETS, PADDING, hold_out, load_dataset, make_loader, 
 from common.landscape import loss_curve, plot as plot_landscape, write_csv as write_landscape_csv
 from common.losses import cross_entropy, dml_loss
 from common.models import count_parameters, create_model, has_distillation_token, prediction, split_heads
-from common.run import (TrainLog, UserError, check_fraction, cosine_schedule, end_epoch, exit_on_user_error, finish,
-                        load_checkpoint, make_fabric, prepare_run_folder, require_positive, seed_epoch, write_json)
+from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, cosine_schedule, end_epoch,
+                        exit_on_user_error, finish, load_checkpoint, make_fabric, prepare_run_folder, require_positive,
+                        seed_epoch, write_json)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--students", nargs="+", default=["vit_tiny", "vit_tiny"],
                         help="K >= 2 models: vit_*, deit_*, resnet<depth> or any timm name")
     parser.add_argument("--mode", choices=["dml", "independent"], default="dml",

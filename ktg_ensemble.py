@@ -17,14 +17,16 @@ gets right). Label edges are CE (an ABN's own loss: CE on both branches).
 `--graph dml` and `--graph independent` are presets; a JSON file (see
 common/graph.py) gives any graph. `--search N` samples the loss type and gate of
 every edge at random (Optuna's random sampler), trains each graph, reports the
-ensemble's error on `--val-split` of the training set every epoch, and prunes by
+ensemble's error on `--val-split` of the training set (0.2, held out by
+`--split-seed`: the same images for every worker) every epoch, and prunes by
 successive halving, as the authors' code does. Workers share a study through
-`--storage`; then the best graph is retrained on the whole training set and
-tested once.
+`--storage`; then the best graph is retrained on the rest of the training set,
+best.ckpt chosen on the same held-out part, and tested once.
 
 Recipe (the authors' CIFAR code): SGD with Nesterov momentum 0.9, lr 0.1 at batch
 64 (scaled with `--batch-size`), weight decay 5e-4, 200 epochs, each node its own
-optimizer (here its own parameter group of one optimizer: the same update). The schedule is theirs too, lr ÷10 at epochs 60, 120 and 180 (scaled
+optimizer (here its own parameter group of one optimizer: the same update). The
+schedule is theirs too, lr ÷10 at epochs 60, 120 and 180 (scaled
 with `--epochs`): a step schedule, so that graphs searched and retrained here
 compare with the paper's. One addition, a linear warm-up over the first epoch:
 without it the `dml` preset of three resnet20_abn on cifar10-mini blew up in its
@@ -52,19 +54,24 @@ from common.data import DATASETS, PADDING, DeviceLoader, load_dataset, make_load
 from common.graph import LABEL, LOSSES, check_graph, draw_attention, draw_graph, load_graph, preset, sample_graph
 from common.losses import edge_loss, gate, label_loss
 from common.models import ABN_ALIASES, count_parameters, create_model
-from common.run import (TrainLog, UserError, end_epoch, exit_on_user_error, finish, load_checkpoint, make_fabric,
-                        prepare_run_folder, require_positive, seed_epoch, step_schedule, write_csv, write_json)
+from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, end_epoch, exit_on_user_error, finish,
+                        load_checkpoint, make_fabric, prepare_run_folder, require_positive, seed_epoch, step_schedule,
+                        write_csv, write_json)
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--nodes", nargs="+", help="the network nodes (default: the graph file's, else "
                                                    "resnet20_abn × 3); attention losses need *_abn models")
     parser.add_argument("--graph", default="dml", help="independent, dml, or a graph JSON file")
     parser.add_argument("--crop-sizes", type=int, nargs="+", default=[3, 7, 11],
                         help="attention crops around the source map's peak")
     parser.add_argument("--search", type=int, default=0, help="search this many graphs (0: train --graph)")
-    parser.add_argument("--val-split", type=float, default=0.2, help="part of the training set a search scores on")
+    parser.add_argument("--val-split", type=float,
+                        help="hold out this part of each training class: search trials are scored on it, and it "
+                             "chooses best.ckpt (default: 0.2 with --search, else 0: off)")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="seed of the held-out part: one split for all workers of a study")
     parser.add_argument("--storage", help="Optuna storage URL shared by search workers, e.g. "
                                           "postgresql+psycopg://user:password@host:5432/db (default: SQLite in --out)")
     parser.add_argument("--study-name", default="ktg", help="the Optuna study in --storage")
@@ -94,8 +101,11 @@ def check_args(args):
                      heartbeat_grace=args.heartbeat_grace, log_every=args.log_every)
     if args.search < 0:
         raise UserError(f"--search must be a number of trials, got {args.search}")
-    if not 0 < args.val_split < 1:
-        raise UserError(f"--val-split must lie between 0 and 1, got {args.val_split}")
+    if args.val_split is None:
+        args.val_split = 0.2 if args.search else 0.0
+    check_fraction("val_split", args.val_split)
+    if args.search and not args.val_split:
+        raise UserError("--search scores its trials on held-out training images: --val-split must be above 0")
     if args.warmup_epochs < 0:
         raise UserError(f"--warmup-epochs must not be negative, got {args.warmup_epochs}")
     if any(size < 1 for size in args.crop_sizes):
@@ -158,6 +168,7 @@ def graph_loss(graph, outputs, labels, step, total_steps, crop_sizes):
 def curve_panels(nodes):
     """What curves.png draws: the loss per node, each node's and the ensemble's accuracy, the learning rate."""
     accuracy = [(f"top1_{m}", f"{m}: {name}") for m, name in enumerate(nodes)] + [("top1_ensemble", "ensemble")]
+    accuracy += [(f"val_{column}", f"{label} (validation)") for column, label in accuracy]
     return [("training loss per node", [("loss", "graph loss / nodes")]), ("top-1 (%)", accuracy),
             ("learning rate", [("lr", "lr")])]
 
@@ -179,13 +190,15 @@ def evaluate(nodes, loader, fabric):
 
 
 def train_graph(graph, data, fabric, args, out=None, report=None):
-    """Train the graph's nodes together, evaluating on data["test"] after every
-    epoch. With `out`: checkpoints, metrics and --resume. `report(epoch, error)`
+    """Train the graph's nodes together, evaluating on data["test"] (and
+    data["val"], if held out, which then chooses best.ckpt) after every epoch.
+    With `out`: checkpoints, metrics and --resume. `report(epoch, error)`
     receives the ensemble's error (a search trial prunes there). Returns the
     nodes, the last accuracies and the state."""
     per_device_batch = max(1, args.batch_size // fabric.world_size)
     train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed)
     test_loader = make_loader(data, "test", per_device_batch, fabric)
+    val_loader = make_loader(data, "val", per_device_batch, fabric) if "val" in data else None
     torch.manual_seed(args.seed)  # every graph starts from the same weights
     models = [create_model(name, len(data["classes"]), args.img_size, device=fabric.device) for name in graph["nodes"]]
     models = [torch.compile(model) if args.compile else model for model in models]
@@ -227,10 +240,15 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": means["loss"] / M}
         row.update({f"top1_{m}": accuracy[m] for m in range(M)})
         row.update(top1_ensemble=accuracy[M], img_per_s=means["img_per_s"])
+        score = accuracy[M]
+        if val_loader is not None:  # best.ckpt is chosen on the validation split, never on test
+            val_accuracy = evaluate(nodes, val_loader, fabric)
+            row.update({f"val_top1_{m}": val_accuracy[m] for m in range(M)})
+            row["val_top1_ensemble"] = score = val_accuracy[M]
         if report is not None:
             report(epoch, 100 - accuracy[M])
         if out is not None:
-            end_epoch(fabric, out, state, row, accuracy[M], log, curve_panels(graph["nodes"]))
+            end_epoch(fabric, out, state, row, score, log, curve_panels(graph["nodes"]))
         else:  # a search trial: no run folder
             state["history"].append(row)
     if accuracy is None:  # resumed a finished run

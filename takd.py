@@ -21,13 +21,13 @@ Recipe (paper): SGD momentum 0.9, lr 0.1 at batch 128 (scaled linearly with
 `--epochs`), weight decay 1e-4, crop + flip. The paper trains its plain CNNs at
 a constant lr 0.1 without weight decay (the authors' code: 0.01): that is
 `--schedule constant --weight-decay 0` (with `--lr 0.01` as in their code); by
-default every network uses the ResNet recipe. One addition: a linear warm-up over the first epoch (Goyal et al. 2017). Without it
-plain4 died on cifar10-mini at lr 0.1 within the first epoch (every output
-constant, top-1 10 %, in fp32 as in bf16); with it, it reached 45.6 % in 8
-epochs. The
-authors searched λ and τ for each step (λ in [0.05, 1], τ in {1, 2, 5, 10, 15,
-20}); the defaults λ = 0.9, τ = 4 are the usual CIFAR KD setting (the KD
-baseline of Tian et al., CRD, ICLR 2020), which works without a search.
+default every network uses the ResNet recipe. One addition: a linear warm-up
+over the first epoch (Goyal et al. 2017). Without it plain4 died on
+cifar10-mini at lr 0.1 within the first epoch (every output constant, top-1
+10 %, in fp32 as in bf16); with it, it reached 45.6 % in 8 epochs. The authors
+searched λ and τ for each step (λ in [0.05, 1], τ in {1, 2, 5, 10, 15, 20});
+the defaults λ = 0.9, τ = 4 are the usual CIFAR KD setting (the KD baseline of
+Tian et al., CRD, ICLR 2020), which works without a search.
 
 Each trained network has a sub-folder named by its lineage (`plain10`,
 `plain10_to_plain4`, `plain10_to_plain4_to_plain2`), so the chain, the
@@ -56,16 +56,16 @@ import torch
 from common.data import DATASETS, PADDING, hold_out, load_dataset, make_loader
 from common.losses import cross_entropy, kd_loss
 from common.models import count_parameters, create_model, freeze, load_teacher
-from common.run import (TrainLog, UserError, check_fraction, end_epoch, exit_on_user_error, finish, inference_dtype,
-                        load_checkpoint, make_fabric, prepare_run_folder, require_positive, seed_epoch, step_schedule,
-                        write_csv, write_json)
+from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, end_epoch, exit_on_user_error, finish,
+                        inference_dtype, load_checkpoint, make_fabric, prepare_run_folder, require_positive,
+                        seed_epoch, step_schedule, write_csv, write_json)
 
 AUTO = "auto"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--chain", nargs="+", default=["plain10", "plain4", "plain2"],
                         help="teacher, assistant(s), student: plain<2..10>, resnet<depth>, any model, or auto")
     parser.add_argument("--ta-candidates", nargs="+", default=[], help="networks an `auto` in the chain chooses from")
@@ -362,7 +362,8 @@ def plot_comparison(path, compare, ta_choices, chain):
     axes = list(axes[0])
     if compare:
         ax = axes.pop(0)
-        names = [f"{name} alone" for name in compare["alone_top1"]] + [f"{chain[-1]} {m}" for m in ("NOKD", "BLKD", "TAKD")]
+        names = [f"{name} alone" for name in compare["alone_top1"]]
+        names += [f"{chain[-1]} {method}" for method in ("NOKD", "BLKD", "TAKD")]
         values = list(compare["alone_top1"].values()) + [compare[f"{m}_top1"] for m in ("nokd", "blkd", "takd")]
         colours = ["lightgrey"] * len(compare["alone_top1"]) + ["tab:grey", "tab:blue", "tab:green"]
         bars = ax.bar(names, values, color=colours)

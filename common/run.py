@@ -4,6 +4,7 @@ A run folder holds `args.json`, `metrics.csv`, `results.json`, `last.ckpt`,
 `best.ckpt` and plots. Checkpoints are written to a temporary file and renamed,
 so a kill at any moment leaves the last good one.
 """
+import argparse
 import csv
 import json
 import os
@@ -16,6 +17,16 @@ import torch
 from lightning_fabric import Fabric
 from lightning_fabric.connector import _is_using_cli
 from tqdm import tqdm
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default once: none for flags without one, and none
+    added where the help text already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class UserError(Exception):

@@ -155,9 +155,9 @@ def test_unknown_node_model(tmp_path):
 
 
 def test_attention_edge_between_plain_resnets_is_refused(tmp_path):
-    graph = {"nodes": ["resnet8", "resnet8"], "edges": [{"source": "label", "target": 0, "loss": "ce", "gate": "through"},
-                                                        {"source": 0, "target": 1, "loss": "att_attract",
-                                                         "gate": "through"}]}
+    graph = {"nodes": ["resnet8", "resnet8"],
+             "edges": [{"source": "label", "target": 0, "loss": "ce", "gate": "through"},
+                       {"source": 0, "target": 1, "loss": "att_attract", "gate": "through"}]}
     (tmp_path / "graph.json").write_text(json.dumps(graph))
     with pytest.raises(UserError, match="attention losses need attention maps"):
         run_main(ktg_ensemble, "--graph", tmp_path / "graph.json", "--out", tmp_path / "run")

@@ -87,8 +87,9 @@ def test_auto_end_to_end(tmp_path):
                                                      choice["student_alone_top1"])
     assert res["chain"] == ["plain6", choice["chosen"], "plain2"] and res["requested_chain"][1] == "auto"
     # the student alone served as neighbour and candidate: trained once, in one folder
-    assert {p.name for p in out.iterdir() if p.is_dir()} == {"plain6", "plain4", "plain2", f"plain6_to_{choice['chosen']}",
-                                                             f"plain6_to_{choice['chosen']}_to_plain2"}
+    chosen = choice["chosen"]
+    assert {p.name for p in out.iterdir() if p.is_dir()} == {"plain6", "plain4", "plain2", f"plain6_to_{chosen}",
+                                                             f"plain6_to_{chosen}_to_plain2"}
     # compare.png: the candidates' validation accuracies, the chosen one green, against the midpoint
     fig = takd.plot_comparison(out / "again.png", None, [choice], res["chain"])
     ax = fig.axes[0]
