@@ -45,16 +45,19 @@ cifar10-mini, vit_micro × 2, 30 epochs, batch 128, seed 0, DML gave 49.6/49.0
 """
 import argparse
 from datetime import datetime
+from pathlib import Path
 
 import torch
+from timm.utils import ModelEmaV3
 
 from common.data import DATASETS, PADDING, hold_out, load_dataset, make_loader, subset
 from common.landscape import loss_curve, plot as plot_landscape, write_csv as write_landscape_csv
 from common.losses import cross_entropy, dml_loss
-from common.models import count_parameters, create_model, has_distillation_token, prediction, split_heads
-from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, cosine_schedule, end_epoch,
-                        exit_on_user_error, finish, load_checkpoint, make_fabric, prepare_run_folder, require_positive,
-                        seed_epoch, write_json)
+from common.models import (count_parameters, create_model, describe_pretrained, has_distillation_token, load_pretrained,
+                           prediction, save_weights, split_heads, weight_decay_groups)
+from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, clip_each, cosine_schedule, end_epoch,
+                        exit_on_user_error, finish, load_checkpoint, make_fabric, make_logger, no_backward_sync,
+                        parse_with_config, prepare_run_folder, require_positive, seed_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -76,13 +79,20 @@ def parse_args(argv=None):
                         help="hold out this part of each training class; it chooses best.ckpt (0: the test split does)")
     parser.add_argument("--epochs", type=int, default=300, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=512, help="batch size over all devices")
-    parser.add_argument("--lr", type=float, default=5e-3, help="peak learning rate for batch 512 (scaled by batch/512)")
+    parser.add_argument("--grad-accum-steps", type=int, default=1,
+                        help="accumulate this many batches per optimizer step (the effective batch is their sum)")
+    parser.add_argument("--lr", type=float, default=5e-3,
+                        help="peak learning rate for an effective batch of 512 (scaled linearly with it)")
     parser.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     parser.add_argument("--warmup-epochs", type=float, default=5, help="linear warm-up (at most a fifth of the run)")
     parser.add_argument("--smoothing", type=float, default=0.1, help="label smoothing of the CE")
     parser.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the ViTs")
-    parser.add_argument("--pretrained", nargs="+", help="local weights file(s): one for all students or one each")
+    parser.add_argument("--clip-grad", type=float, help="clip each student's gradient norm to this (default: off)")
+    parser.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of each student")
+    parser.add_argument("--model-ema-decay", type=float, default=0.99996, help="its decay per step (DeiT's)")
+    parser.add_argument("--pretrained", nargs="+",
+                        help="local weights file(s), one for all students or one each, loaded as timm does")
     parser.add_argument("--compile", action="store_true", help="wrap the students in torch.compile")
     parser.add_argument("--landscape", action="store_true", help="after training, write each student's loss landscape")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
@@ -90,14 +100,20 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="run folder (default: runs/dml/<date-time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.ckpt")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
-    return parser.parse_args(argv)
+    parser.add_argument("--eval", help="evaluate this checkpoint (with its run's arguments) instead of training")
+    parser.add_argument("--logger", choices=["csv", "tensorboard"], default="csv",
+                        help="also log steps and epochs to logs/metrics.csv or tensorboard/")
+    parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
+    parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data (default: min(8, cores))")
+    return parse_with_config(parser, argv)
 
 
 def check_args(args):
     if len(args.students) < 2:
         raise UserError(f"DML needs at least two students, got --students {' '.join(args.students)}")
     require_positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size,
-                     patch_size=args.patch_size, log_every=args.log_every)
+                     patch_size=args.patch_size, log_every=args.log_every, grad_accum_steps=args.grad_accum_steps,
+                     clip_grad=args.clip_grad, model_ema_decay=args.model_ema_decay)
     check_fraction("val_split", args.val_split)
     if args.pretrained and len(args.pretrained) not in (1, len(args.students)):
         raise UserError(f"--pretrained takes one file or one per student ({len(args.students)})")
@@ -144,7 +160,8 @@ def evaluate(students, loader, fabric):
     correct = torch.zeros(len(students) + 1, 2, device=fabric.device)
     seen = torch.zeros((), device=fabric.device)
     for images, labels in loader.epoch():
-        logits = [prediction(student(images)).float() for student in students]
+        with fabric.autocast():  # for the EMA copies, which Fabric does not wrap
+            logits = [prediction(student(images)).float() for student in students]
         logits.append(torch.stack(logits).mean(0))
         for i, scores in enumerate(logits):
             top = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]
@@ -159,6 +176,7 @@ def main(args):
     fabric.seed_everything(args.seed)
     args.out = args.out or fabric.broadcast(f"runs/dml/{datetime.now():%Y%m%d-%H%M%S}")
     out = prepare_run_folder(fabric, args.out, args.resume, args.overwrite)
+    logger = make_logger(args.logger, out)
 
     with fabric.rank_zero_first(local=True):  # a download happens once per machine
         data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
@@ -166,26 +184,37 @@ def main(args):
     if args.val_split:
         data = hold_out(data, args.val_split, args.seed)
     per_device_batch = max(1, args.batch_size // fabric.world_size)
-    train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed)
-    test_loader = make_loader(data, "test", per_device_batch, fabric)
-    val_loader = make_loader(data, "val", per_device_batch, fabric) if args.val_split else None
+    train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed, workers=args.workers)
+    test_loader = make_loader(data, "test", per_device_batch, fabric, workers=args.workers)
+    val_loader = make_loader(data, "val", per_device_batch, fabric, workers=args.workers) if args.val_split else None
 
-    models = []
+    models, emas, pretrained = [], [], []
     for k, name in enumerate(args.students):
-        pretrained = args.pretrained and args.pretrained[k % len(args.pretrained)]
-        model = create_model(name, len(data["classes"]), args.img_size, args.patch_size, args.drop_path, pretrained,
-                             fabric.device)
-        models.append(torch.compile(model) if args.compile else model)
-    lr = args.lr * args.batch_size / 512
-    optimizer = torch.optim.AdamW([{"params": model.parameters()} for model in models], lr=lr,
-                                  weight_decay=args.weight_decay)
-    students = [fabric.setup_module(model) for model in models]
+        model = create_model(name, len(data["classes"]), args.img_size, args.patch_size, args.drop_path, fabric.device)
+        if args.pretrained:
+            pretrained.append(load_pretrained(model, args.pretrained[k % len(args.pretrained)]))
+            fabric.print(f"student {k}: {describe_pretrained(pretrained[-1])}")
+        if args.model_ema:
+            emas.append(ModelEmaV3(model, decay=args.model_ema_decay))
+        models.append(model)
+    lr = args.lr * args.batch_size * args.grad_accum_steps / 512
+    # one optimizer, a parameter group per student and decay kind: norms, biases, position
+    # embeddings and tokens get no weight decay, as in timm and DeiT
+    optimizer = torch.optim.AdamW([group for model in models for group in weight_decay_groups(model, args.weight_decay)],
+                                  lr=lr)
+    students = [fabric.setup_module(torch.compile(model) if args.compile else model) for model in models]
     optimizer = fabric.setup_optimizers(optimizer)
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = len(train_loader) // args.grad_accum_steps  # optimizer steps
+    if steps_per_epoch == 0:
+        raise UserError(f"--grad-accum-steps {args.grad_accum_steps} is more than the {len(train_loader)} batches "
+                        f"of an epoch")
     scheduler = cosine_schedule(optimizer, lr, args.min_lr, args.epochs, args.warmup_epochs, steps_per_epoch)
 
     state = {f"student{k}": s for k, s in enumerate(students)}
+    state.update({f"ema{k}": ema for k, ema in enumerate(emas)})
     state.update(optimizer=optimizer, epoch=0, history=[], best_top1=-1.0, wall_s=0.0, args=vars(args))
+    if args.eval:
+        return evaluate_checkpoint(fabric, args, out, state, students, emas, test_loader, val_loader)
     if args.resume:
         load_checkpoint(fabric, out / "last.ckpt", state, args)
         fabric.print(f"resuming {out} at epoch {state['epoch']}")
@@ -200,14 +229,27 @@ def main(args):
         seed_epoch(args.seed, epoch)
         for student in students:
             student.train()
-        log = TrainLog(fabric, names, epoch, args.epochs, steps_per_epoch, args.log_every, out)
-        for step, (images, labels) in enumerate(train_loader.epoch(epoch)):
+        log = TrainLog(fabric, names, epoch, args.epochs, steps_per_epoch * args.grad_accum_steps, args.log_every, out,
+                       logger=logger)
+        optimizer.zero_grad(set_to_none=True)
+        for batch, (images, labels) in enumerate(train_loader.epoch(epoch)):
+            step, last_of_step = divmod(batch, args.grad_accum_steps)
+            if step == steps_per_epoch:
+                break  # too few batches left for another optimizer step
+            last_of_step = last_of_step == args.grad_accum_steps - 1
             scheduler.step_update(epoch * steps_per_epoch + step)
-            terms = student_losses(students, images, labels, args)
-            fabric.backward(terms.sum())  # one backward for all: L_k reaches only student k, the peers being detached
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            log.step(step, terms.flatten(), len(labels))
+            with no_backward_sync(fabric, students, enabled=not last_of_step):
+                terms = student_losses(students, images, labels, args)
+                # one backward for all: L_k reaches only student k, the peers being detached
+                fabric.backward(terms.sum() / args.grad_accum_steps)
+            if last_of_step:
+                if args.clip_grad:
+                    clip_each(fabric, optimizer, students, args.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                for ema, student in zip(emas, students):
+                    ema.update(student.module)
+            log.step(batch, terms.flatten(), len(labels))
         means = log.close()
 
         accuracy = evaluate(students, test_loader, fabric)
@@ -217,6 +259,9 @@ def main(args):
                         f"kl_{k}": means[f"kl_{k}"]})
         row.update({f"top1_{k}": accuracy[k][0] for k in range(K)})
         row.update(top1_ensemble=accuracy[K][0], img_per_s=means["img_per_s"])
+        if emas:
+            ema_accuracy = evaluate([ema.module for ema in emas], test_loader, fabric)
+            row.update({f"ema_top1_{k}": ema_accuracy[k][0] for k in range(K)})
         score = accuracy[K][0]
         if val_loader is not None:  # best.ckpt is chosen on the validation split, never on test
             val_accuracy = evaluate(students, val_loader, fabric)
@@ -228,18 +273,8 @@ def main(args):
     # --- results ------------------------------------------------------------
     if accuracy is None:  # resumed a finished run
         accuracy = evaluate(students, test_loader, fabric)
-    last = state["history"][-1]
-    results = {
-        "method": "dml", "mode": args.mode, "dml_target": args.dml_target, "dataset": args.dataset,
-        "epochs": args.epochs, "seed": args.seed,
-        "students": [{"name": name, "params": count_parameters(student), "top1": accuracy[k][0],
-                      "top5": accuracy[k][1], "distillation_token": has_distillation_token(student)}
-                     for k, (name, student) in enumerate(zip(args.students, students))],
-        "ensemble_top1": accuracy[K][0], "ensemble_top5": accuracy[K][1],
-        "best_on": "validation" if args.val_split else "test",
-        "train_img_per_s": last["img_per_s"], "wall_s": state["wall_s"],
-        "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
-    }
+    results = run_results(fabric, args, students, emas, accuracy, test_loader)
+    results.update(pretrained=pretrained, train_img_per_s=state["history"][-1]["img_per_s"], wall_s=state["wall_s"])
     if args.landscape:
         # a fixed, class-balanced part of the training set, without augmentation
         fixed = subset(data, min(1000, len(data["train"][1])), args.seed)
@@ -250,7 +285,45 @@ def main(args):
             write_landscape_csv(out / "landscape.csv", curves)
             plot_landscape(out / "landscape.png", {args.mode: curves})
     if fabric.is_global_zero:
+        for k, student in enumerate(students):  # loadable with plain load_state_dict
+            save_weights(out / f"student{k}.safetensors", student)
         write_json(out / "results.json", results)
+        print_summary(results, out)
+    finish(fabric)
+
+
+def run_results(fabric, args, students, emas, accuracy, test_loader):
+    """The results.json fields of the students' (and their averages') test accuracies."""
+    K = len(students)
+    results = {
+        "method": "dml", "mode": args.mode, "dml_target": args.dml_target, "dataset": args.dataset,
+        "epochs": args.epochs, "seed": args.seed,
+        "students": [{"name": name, "params": count_parameters(student), "top1": accuracy[k][0],
+                      "top5": accuracy[k][1], "distillation_token": has_distillation_token(student)}
+                     for k, (name, student) in enumerate(zip(args.students, students))],
+        "ensemble_top1": accuracy[K][0], "ensemble_top5": accuracy[K][1],
+        "best_on": "validation" if args.val_split else "test",
+        "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
+    }
+    if emas:
+        ema_accuracy = evaluate([ema.module for ema in emas], test_loader, fabric)
+        for k, student in enumerate(results["students"]):
+            student["ema_top1"] = ema_accuracy[k][0]
+    return results
+
+
+def evaluate_checkpoint(fabric, args, out, state, students, emas, test_loader, val_loader):
+    """--eval: the checkpoint's students (and averages) on the test split, no training."""
+    try:
+        fabric.load(args.eval, state, strict=False, weights_only=True)
+    except Exception as error:
+        raise UserError(f"checkpoint {args.eval} does not fit these students: {type(error).__name__}") from None
+    results = run_results(fabric, args, students, emas, evaluate(students, test_loader, fabric), test_loader)
+    results.update(evaluated=str(args.eval), epochs_trained=state["epoch"], train_img_per_s=None, wall_s=None)
+    if val_loader is not None:
+        results["val_ensemble_top1"] = evaluate(students, val_loader, fabric)[len(students)][0]
+    if fabric.is_global_zero:
+        write_json(Path(out) / "results.json", results)
         print_summary(results, out)
     finish(fabric)
 
@@ -262,7 +335,8 @@ def print_summary(results, out):
         print(f"{f'{k}: ' + student['name']:<20}{student['params'] / 1e6:>9.2f}M"
               f"{student['top1']:>8.2f}{student['top5']:>8.2f}")
     print(f"{'ensemble':<20}{'':>10}{results['ensemble_top1']:>8.2f}{results['ensemble_top5']:>8.2f}")
-    print(f"train {results['train_img_per_s']:.0f} img/s, wall {results['wall_s']:.0f} s")
+    if results["train_img_per_s"] is not None:
+        print(f"train {results['train_img_per_s']:.0f} img/s, wall {results['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -50,8 +50,9 @@ from datetime import datetime
 
 import torch
 
-from common.data import DATASETS, PADDING, DeviceLoader, load_dataset, make_loader, validation_split
-from common.graph import LABEL, LOSSES, check_graph, draw_attention, draw_graph, load_graph, preset, sample_graph
+from common.data import DATASETS, PADDING, DeviceLoader, hold_out, load_dataset, make_loader
+from common.graph import (LABEL, LOSSES, check_graph, draw_attention, draw_graph, load_graph, preset, sample_graph,
+                          untrained_nodes)
 from common.losses import edge_loss, gate, label_loss
 from common.models import ABN_ALIASES, count_parameters, create_model
 from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, end_epoch, exit_on_user_error, finish,
@@ -335,7 +336,15 @@ def search(nodes, data, fabric, args, out):
     from optuna.trial import TrialState
 
     study = open_study(args, out)
-    val_data = validation_split(data, args.val_split, args.seed)
+    # one validation split for the whole study: every worker ranks its trials on the same images
+    split = {"fraction": args.val_split, "seed": args.split_seed}
+    if "val_split" not in study.user_attrs:
+        study.set_user_attr("val_split", split)
+    elif study.user_attrs["val_split"] != split:
+        first = study.user_attrs["val_split"]
+        raise UserError(f"study {args.study_name!r} scores on --val-split {first['fraction']} --split-seed "
+                        f"{first['seed']}: give this worker the same, not {args.val_split} and {args.split_seed}")
+    val_data = {**data, "test": data["val"]}  # trials are evaluated on the held-out part
     # attention losses only if every node has an attention branch
     losses = [loss for loss in LOSSES if loss.startswith("prob") or all(name in ABN_ALIASES for name in nodes)]
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -344,6 +353,8 @@ def search(nodes, data, fabric, args, out):
         graph = sample_graph(trial, nodes, losses)
         trial.set_user_attr("graph", graph)
         trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
+        if untrained_nodes(graph):  # a node that keeps its random weights: not worth training
+            raise optuna.TrialPruned()
 
         def report(epoch, error):
             trial.report(error, epoch)
@@ -354,8 +365,8 @@ def search(nodes, data, fabric, args, out):
         return 100 - train_graph(graph, val_data, fabric, args, report=report)[1][-1]
 
     # A lost server stops the worker with one line, not Optuna's and SQLAlchemy's
-    # tracebacks; the heartbeat thread, which usually meets it first, interrupts
-    # the training rather than die alone. The trial left RUNNING fails once the
+    # tracebacks. The heartbeat thread, which usually meets it first, interrupts
+    # the training instead of dying alone. The trial left RUNNING fails once the
     # server is back and its heartbeat is stale.
     url, lost, default_hook = storage_url(args, out), [], threading.excepthook
 
@@ -375,7 +386,8 @@ def search(nodes, data, fabric, args, out):
         # Other workers' last trials may still beat the best: wait until none runs,
         # on two reads a second apart (a worker between its count and its next trial
         # shows on the second), so that every worker retrains the same graph. A
-        # killed worker's trial runs until --heartbeat-grace without a beat fails it.
+        # killed worker's trial stays RUNNING until its last heartbeat is
+        # --heartbeat-grace seconds old.
         quiet_reads = 0
         while True:
             optuna.storages.fail_stale_trials(study)
@@ -399,9 +411,41 @@ def search(nodes, data, fabric, args, out):
     summary = {"study_name": args.study_name, "trials": len(trials), "completed": len(completed),
                "pruned": sum(t.state == TrialState.PRUNED for t in trials),
                "failed": sum(t.state == TrialState.FAIL for t in trials),
-               "best_trial": best.number, "best_val_error": best.value, "best_graph": best.user_attrs["graph"]}
+               "best_trial": best.number, "best_val_error": best.value, "best_graph": best.user_attrs["graph"],
+               "val_split": args.val_split, "val_split_seed": args.split_seed}
     write_json(out / "best_graph.json", best.user_attrs["graph"])
+    search_picture(out / "search.png", study)
     return best.user_attrs["graph"], summary
+
+
+def search_picture(path, study):
+    """search.png, from Optuna's own plots: every trial's validation error over the
+    epochs (pruned ones stop early), and which edges' loss and gate choices matter
+    most (parameter importances, once two trials have completed). Its data is
+    trials.csv."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as plots
+
+    from common.run import save_figure
+
+    drawn = [plots.plot_intermediate_values(study).figure]
+    try:
+        drawn.append(plots.plot_param_importances(study).figure)
+    except (ValueError, RuntimeError):  # too few completed trials, or no variation among them
+        pass
+    fig, axes = plt.subplots(1, len(drawn), figsize=(7 * len(drawn), 5), squeeze=False)
+    for ax, part in zip(axes[0], drawn):
+        part.set_size_inches(7, 5)
+        part.tight_layout()
+        part.canvas.draw()
+        ax.imshow(part.canvas.buffer_rgba())
+        ax.axis("off")
+        plt.close(part)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return fig
 
 
 def trial_rows(trials):
@@ -428,6 +472,8 @@ def main(args):
     with fabric.rank_zero_first(local=True):  # a download happens once per machine
         data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
     args.img_size = data["img_size"]
+    if args.val_split:  # held out by --split-seed: the same images in every worker of a search
+        data = hold_out(data, args.val_split, args.split_seed)
     for name in set(graph["nodes"]):
         create_model(name, len(data["classes"]), args.img_size)  # an unknown name stops the run before training
     if fabric.is_global_zero:
@@ -437,7 +483,8 @@ def main(args):
     if args.search:
         graph, search_summary = search(graph["nodes"], data, fabric, args, out)
         fabric.print(f"best graph: trial {search_summary['best_trial']}, validation error "
-                     f"{search_summary['best_val_error']:.2f} %; retraining it on the whole training set")
+                     f"{search_summary['best_val_error']:.2f} %; retraining it, best.ckpt chosen on the same "
+                     f"held-out images")
     nodes, accuracy, state = train_graph(graph, data, fabric, args, out=out)
 
     # --- results ------------------------------------------------------------
@@ -448,6 +495,7 @@ def main(args):
         "nodes": [{"name": name, "params": count_parameters(node), "top1": accuracy[m]}
                   for m, (name, node) in enumerate(zip(graph["nodes"], nodes))],
         "node_mean_top1": sum(accuracy[:M]) / M, "ensemble_top1": accuracy[M],
+        "best_on": "validation" if args.val_split else "test",
         "train_img_per_s": state["history"][-1]["img_per_s"], "wall_s": state["wall_s"],
         "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
     }

@@ -98,12 +98,6 @@ def hold_out(data, fraction, seed):
     return {**data, "train": pick(~is_val), "val": pick(is_val)}
 
 
-def validation_split(data, fraction, seed):
-    """`hold_out`, with the held-out part as the split that is evaluated (`test`)."""
-    split = hold_out(data, fraction, seed)
-    return {**split, "test": split["val"]}
-
-
 def _round_robin(lists):
     for i in range(max(len(x) for x in lists)):
         yield [x[i] for x in lists if i < len(x)]
@@ -374,7 +368,8 @@ class TransformLoader:
     `repeats` > 1 uses timm's repeated-augmentation sampler (Hoffer et al. 2020).
     """
 
-    def __init__(self, split, data, batch_size, device, train, seed, rank, world_size, transform, repeats=1):
+    def __init__(self, split, data, batch_size, device, train, seed, rank, world_size, transform, repeats=1,
+                 workers=None):
         from timm.data.distributed_sampler import RepeatAugSampler
 
         images, labels = split
@@ -386,7 +381,7 @@ class TransformLoader:
                                                                drop_last=True)
         else:  # every test image once: DistributedSampler would repeat some to even out the ranks
             self.sampler = _EveryNth(len(dataset), rank, world_size)
-        workers = min(8, os.cpu_count() or 1)
+        workers = min(8, os.cpu_count() or 1) if workers is None else workers
         # Workers start anew each epoch and draw their seeds from torch's generator,
         # which `seed_epoch` seeds: RandAugment draws the same after a resume.
         self.loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=self.sampler, num_workers=workers,
@@ -421,15 +416,16 @@ class _EveryNth(torch.utils.data.Sampler):
         pass
 
 
-def make_loader(data, split, batch_size, fabric, seed=0, transform=None, repeats=1, augment=True):
+def make_loader(data, split, batch_size, fabric, seed=0, transform=None, repeats=1, augment=True, workers=None):
     """The training (shuffled, augmented unless `augment` is False) or test loader of
     `split` for this rank: on the device, unless the data is streamed or a per-image
-    `transform` is asked for."""
+    `transform` is asked for (then through `workers` DataLoader processes, default
+    min(8, cores))."""
     train = split == "train"
     if data.get("streamed") or transform is not None:
         transform = transform or default_transform(data, train and augment)
         return TransformLoader(data[split], data, batch_size, fabric.device, train, seed, fabric.global_rank,
-                               fabric.world_size, transform, repeats)
+                               fabric.world_size, transform, repeats, workers)
     return DeviceLoader(data[split], data, batch_size, fabric.device, train, seed, fabric.global_rank,
                         fabric.world_size, augment)
 

@@ -1,6 +1,9 @@
 """Models by name: timm ViTs and DeiTs, CIFAR ResNets, and any other timm model.
 
-Nothing is downloaded: weights start random unless `pretrained` names a local file.
+Nothing is downloaded: weights start random unless `load_pretrained` reads a local
+file, which it does the way timm does (resampling position and patch embeddings).
+Weights files and checkpoints are read with `weights_only=True`: a downloaded
+file cannot run code.
 A DeiT (`deit_*`) has a distillation token and returns `(class_logits,
 distill_logits)` in training; in eval mode it returns their average, which is
 the model's prediction (DeiT, section 5).
@@ -48,7 +51,7 @@ ABN_ALIASES = [f"resnet{d}_abn" for d in CIFAR_RESNET_DEPTHS] + ["resnet18_abn"]
 ALIASES = list(VIT_ALIASES) + [f"resnet{d}" for d in CIFAR_RESNET_DEPTHS] + list(PLAIN_CNNS) + ABN_ALIASES
 
 
-def create_model(name, num_classes, img_size, patch_size=None, drop_path=0.0, pretrained=None, device=None):
+def create_model(name, num_classes, img_size, patch_size=None, drop_path=0.0, device=None):
     """A model by alias (see ALIASES) or timm name, for `img_size` inputs, made on
     `device` (default: the CPU, with kernels that suit any device).
 
@@ -56,8 +59,6 @@ def create_model(name, num_classes, img_size, patch_size=None, drop_path=0.0, pr
     """
     with torch.device(device or "cpu"):
         model = _build(name, num_classes, img_size, patch_size, drop_path)
-    if pretrained:
-        load_weights(model, pretrained, strict=False)
     if device is not None and torch.device(device).type == "cpu":
         # On the CPU, PyTorch's fused (flash) attention kernel is slow for short
         # sequences: its backward took 30 % of a vit_tiny step at 65 tokens; timm's
@@ -90,7 +91,11 @@ def _build(name, num_classes, img_size, patch_size, drop_path):
         except TypeError:  # CNNs take no img_size
             model = timm.create_model(name, num_classes=num_classes, drop_path_rate=drop_path)
     else:
-        raise UserError(f"unknown model {name!r}: use one of {', '.join(ALIASES)} or a timm model name")
+        import difflib
+
+        close = difflib.get_close_matches(name, ALIASES + timm.list_models(), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise UserError(f"unknown model {name!r}: {hint}use one of {', '.join(ALIASES)} or a timm model name")
     return model
 
 
@@ -104,7 +109,7 @@ def read_state_dict(path):
             from safetensors.torch import load_file
             state = load_file(path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise UserError(f"cannot read weights {path}: {type(error).__name__}") from None
     for key in ("model", "student0", "state_dict", "model_state_dict"):
@@ -115,21 +120,71 @@ def read_state_dict(path):
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
-def load_weights(model, path, strict=True, state=None):
-    """Load weights from `path` (see read_state_dict; `state` if already read) into `model`.
-
-    With strict=False, tensors whose shape does not fit (a new classifier head,
-    another resolution) are left at their initial values.
-    """
+def load_weights(model, path, state=None):
+    """Load all weights from `path` (see read_state_dict; `state` if already read) into `model`, exactly."""
     state = read_state_dict(path) if state is None else state
-    own = model.state_dict()
-    if not strict:
-        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     try:
-        model.load_state_dict(state, strict=strict)
+        model.load_state_dict(state)
     except RuntimeError as error:
         first = str(error).split("\n\t")[1] if "\n\t" in str(error) else str(error)
         raise UserError(f"weights {path} do not fit {type(model).__name__}: {first.strip()}") from None
+
+
+def load_pretrained(model, path):
+    """Start `model` from the weights in `path` as timm does: the model's own
+    checkpoint filter resamples position and patch embeddings to this resolution
+    and patch size; what still does not fit (a classifier for other classes)
+    keeps its initial values. Refuses a file that mostly does not fit. Returns
+    the report {file, loaded, resampled, skipped}."""
+    import sys
+
+    state = read_state_dict(path)
+    own = model.state_dict()
+    checkpoint_filter = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    filtered = state
+    if checkpoint_filter is not None:
+        try:
+            filtered = checkpoint_filter(dict(state), model)
+        except Exception:  # a file of another architecture: judged below
+            pass
+    fits = {key: value for key, value in filtered.items() if key in own and value.shape == own[key].shape}
+    if len(fits) < len(own) / 2:
+        raise UserError(f"--pretrained {path} does not fit {type(model).__name__}: only {len(fits)} of its "
+                        f"{len(own)} tensors match")
+    model.load_state_dict(fits, strict=False)
+    resampled = sorted(key for key in fits if key in state and state[key].shape != fits[key].shape)
+    return {"file": str(path), "loaded": len(fits), "resampled": resampled, "skipped": sorted(set(own) - set(fits))}
+
+
+def describe_pretrained(report):
+    """One line for the log."""
+    return (f"pretrained {report['file']}: {report['loaded']} tensors loaded, resampled: "
+            f"{', '.join(report['resampled']) or 'none'}; left at their initial values: "
+            f"{', '.join(report['skipped']) or 'none'}")
+
+
+def model_name_in(path):
+    """The model a checkpoint of this project was made for (deit.py's, takd.py's
+    network, dml.py's first student), or None for a bare weights file."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("args"), dict):
+        return None
+    args = raw["args"]
+    return raw.get("model_name") or args.get("model") or (args.get("students") or [None])[0]
+
+
+def save_weights(path, model):
+    """The weights of a trained `model` as safetensors, loadable with
+    `load_state_dict(strict=True)` into the same model made by create_model
+    (or, for timm models, by timm.create_model with the same arguments)."""
+    from safetensors.torch import save_file
+
+    model = getattr(model, "module", model)  # Fabric's wrapper
+    model = getattr(model, "_orig_mod", model)  # torch.compile's
+    save_file({key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}, str(path))
 
 
 def load_teacher(name, path, num_classes, img_size, patch_size=None, device=None):
@@ -143,6 +198,16 @@ def load_teacher(name, path, num_classes, img_size, patch_size=None, device=None
                         f"{num_classes}")
     load_weights(model, path, state=state)
     return model.eval().requires_grad_(False)
+
+
+def weight_decay_groups(model, weight_decay):
+    """AdamW parameter groups as in timm and DeiT: weight decay for the weights of
+    linear and conv layers, none for norms, biases, position embeddings and the
+    class/distillation tokens (the model's `no_weight_decay()`)."""
+    from timm.optim import param_groups_weight_decay
+
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
 
 
 def freeze(model, dtype=torch.float32, compile=False):

@@ -29,6 +29,39 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def parse_with_config(parser, argv=None):
+    """Parse the command line. `--config RUN/args.json`, or a checkpoint given to
+    `--eval`, supplies that run's arguments as defaults; flags on the command
+    line override them."""
+    args = parser.parse_args(argv)
+    saved = None
+    if getattr(args, "config", None):
+        try:
+            saved = json.loads(Path(args.config).read_text())
+        except (OSError, ValueError) as error:
+            parser.error(f"--config {args.config}: cannot read it as JSON ({type(error).__name__})")
+    elif getattr(args, "eval", None):
+        try:
+            saved = torch.load(args.eval, map_location="cpu", weights_only=True).get("args")
+        except Exception as error:
+            parser.error(f"--eval {args.eval}: cannot read it as a checkpoint ({type(error).__name__})")
+    if saved:
+        known = {action.dest for action in parser._actions}
+        parser.set_defaults(**{key: value for key, value in saved.items()
+                               if key in known and key not in ("out", "resume", "overwrite", "config", "eval")})
+        args = parser.parse_args(argv)
+    return args
+
+
+def make_logger(kind, out):
+    """Fabric's CSV (`logs/metrics.csv`) or TensorBoard (`tensorboard/`) logger in the run folder."""
+    from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
+
+    if kind == "tensorboard":
+        return TensorBoardLogger(root_dir=out, name="tensorboard", version="")
+    return CSVLogger(root_dir=out, name="logs", version="")
+
+
 class UserError(Exception):
     """Bad input: the scripts print its message as one line and exit with status 2."""
 
@@ -71,6 +104,25 @@ def make_fabric():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls in 32-true runs
         torch.backends.cudnn.benchmark = True  # every batch has the same shape: tune the convolutions once
     return fabric
+
+
+def no_backward_sync(fabric, modules, enabled):
+    """Fabric's no_backward_sync for several modules: skip DDP's gradient
+    all-reduce in the backward of a batch that only accumulates."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    for module in modules:
+        stack.enter_context(fabric.no_backward_sync(module, enabled=enabled))
+    return stack
+
+
+def clip_each(fabric, optimizer, modules, max_norm):
+    """Clip each module's gradient norm to `max_norm` on its own (a student is not
+    held back by its peer's gradients), after unscaling them once (16-mixed)."""
+    fabric.strategy.precision.unscale_gradients(optimizer)
+    for module in modules:
+        torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
 
 
 def inference_dtype(fabric):
@@ -123,8 +175,9 @@ class TrainLog:
     inside the epoch prints one line instead.
     """
 
-    def __init__(self, fabric, names, epoch, epochs, steps, log_every, out, desc=""):
+    def __init__(self, fabric, names, epoch, epochs, steps, log_every, out, desc="", logger=None):
         self.fabric, self.names, self.epoch, self.steps, self.log_every = fabric, names, epoch, steps, log_every
+        self.logger = logger
         self.out, self.desc = out, f"{desc} epoch {epoch + 1}/{epochs}".strip()
         self.sums = torch.zeros(len(names), device=fabric.device)
         self.first_bad_step = torch.full((), -1, device=fabric.device)
@@ -155,6 +208,9 @@ class TrainLog:
             raise UserError(f"the loss became NaN or infinite at epoch {self.epoch + 1}, {where}: stopped{kept}")
         self.means = dict(zip(self.names, packed[:-1]))
         self.seconds = time.perf_counter() - self.start
+        if self.logger is not None:
+            self.logger.log_metrics({f"train/{name}": value for name, value in self.means.items()}
+                                    | {"train/img_per_s": self.img_per_s}, step=self.epoch * self.steps + done)
         figures = {name: f"{value:.3f}" for name, value in self.means.items()} | {"img_s": f"{self.img_per_s:.0f}"}
         if self.terminal:
             self.bar.set_postfix(figures)
@@ -182,6 +238,10 @@ def end_epoch(fabric, out, state, row, score, log, panels):
              if key.startswith(("top1", "val_top1")) and value is not None]
     shown += [f"{key}={value:.3f}" for key, value in row.items() if key.startswith("loss") and value is not None]
     fabric.print(f"{log.desc}: " + " ".join(shown) + f" {row['img_per_s']:.0f} img/s")
+    if log.logger is not None:
+        log.logger.log_metrics({f"epoch/{key}": value for key, value in row.items() if isinstance(value, (int, float))},
+                               step=row["epoch"] * log.steps)
+        log.logger.save()
     save_epoch(fabric, out, state, score, panels)
 
 
@@ -245,14 +305,14 @@ def save_epoch(fabric, out, state, top1, panels):
 # What --resume may change: nothing that shapes the run (models, data, epochs,
 # batch size, learning rate and schedule, seed, losses), only where it is
 # written, how it is logged and how fast it runs.
-RESUMABLE = {"out", "resume", "overwrite", "log_every", "workers", "compile", "data_dir", "logger",
+RESUMABLE = {"out", "resume", "overwrite", "log_every", "workers", "compile", "data_dir", "logger", "config", "eval",
              "heartbeat_grace"}
 
 
 def load_checkpoint(fabric, path, state, args):
     """Load `path` into `state` in place; refuse a checkpoint made with other run-shaping `args`."""
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=False)
+        raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise UserError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
     if not isinstance(raw, dict) or "args" not in raw:
@@ -264,7 +324,7 @@ def load_checkpoint(fabric, path, state, args):
         raise UserError(f"cannot resume {path}: it was made with {was}; a resumed run may change only "
                         f"logging, workers and --compile")
     try:  # read a second time, now by Fabric, into the (possibly distributed) modules
-        remainder = fabric.load(path, state)
+        remainder = fabric.load(path, state, weights_only=True)
     except Exception as error:
         raise UserError(f"checkpoint {path} does not fit this run: {type(error).__name__}: {error}") from None
     return remainder

@@ -136,8 +136,96 @@ def test_two_process_ddp(tmp_path):
                "--batch-size", "100", "--out", out)
     res = results(out)
     assert res["world_size"] == 2 and len(res["students"]) == 2
-    assert sorted(p.name for p in out.iterdir()) == ["args.json", "best.ckpt", "curves.png", "last.ckpt",
-                                                     "metrics.csv", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "best.ckpt", "curves.png", "last.ckpt", "logs",
+                                                     "metrics.csv", "results.json", "student0.safetensors",
+                                                     "student1.safetensors"]
+
+
+# --- what timm and DeiT users expect ------------------------------------------------
+
+
+def test_ema_clipping_accumulation_tensorboard_and_weights_out(tmp_path):
+    from safetensors.torch import load_file
+
+    from common.models import create_model
+
+    out = tmp_path / "run"
+    run_main(dml, "--students", "vit_micro", "resnet8", "--epochs", "2", "--train-subset", "400", "--batch-size", "50",
+             "--model-ema", "--model-ema-decay", "0.9", "--clip-grad", "1.0", "--grad-accum-steps", "2",
+             "--logger", "tensorboard", "--out", out)
+    res = results(out)
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    for k, student in enumerate(res["students"]):  # the averaged weights are evaluated each epoch
+        assert student["ema_top1"] > 10 and float(rows[-1][f"ema_top1_{k}"]) == student["ema_top1"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    saved = torch.load(out / "last.ckpt", weights_only=True)
+    assert saved["ema0"].keys() == {f"module.{key}" for key in saved["student0"]}
+    # batches of 50, two per step: the lr is scaled by the effective batch of 100 (a peak of 5e-3 · 100/512),
+    # and after one epoch of the cosine it is still above the peak a batch of 50 would give
+    assert 5e-3 * 50 / 512 < float(rows[0]["lr"]) <= 5e-3 * 100 / 512
+    for k, name in enumerate(("vit_micro", "resnet8")):  # weights out: plain load_state_dict, strict
+        model = create_model(name, 10, 32)
+        model.load_state_dict(load_file(out / f"student{k}.safetensors"))
+        assert torch.equal(model.state_dict()[next(iter(saved[f"student{k}"]))],
+                           saved[f"student{k}"][next(iter(saved[f"student{k}"]))])
+
+
+def test_eval_reproduces_the_last_accuracies_and_config_restarts_a_run(tmp_path, finished_run):
+    run_main(dml, "--eval", finished_run / "last.ckpt", "--out", tmp_path / "eval")
+    evaluated, trained = results(tmp_path / "eval"), results(finished_run)
+    assert [s["top1"] for s in evaluated["students"]] == [s["top1"] for s in trained["students"]]
+    assert evaluated["ensemble_top1"] == trained["ensemble_top1"] and evaluated["epochs_trained"] == 1
+    # --config: the run's arguments, a flag overriding one of them
+    args = dml.parse_args(["--config", str(finished_run / "args.json"), "--epochs", "3"])
+    assert args.students == ["vit_micro", "vit_micro"] and args.train_subset == 100 and args.epochs == 3
+
+
+def test_pretrained_weights_are_resampled_as_timm_does(tmp_path, capsys):
+    import timm
+
+    from common.models import create_model, load_pretrained
+
+    torch.manual_seed(0)
+    imagenet = timm.create_model("vit_tiny_patch16_224", num_classes=1000)  # 224 px, 16-pixel patches
+    torch.save(imagenet.state_dict(), tmp_path / "vit_tiny_imagenet.pth")
+    model = create_model("vit_tiny", 10, 32)  # 32 px, 4-pixel patches, 10 classes
+    report = load_pretrained(model, tmp_path / "vit_tiny_imagenet.pth")
+    assert report["resampled"] == ["patch_embed.proj.weight", "pos_embed"]
+    assert report["skipped"] == ["head.bias", "head.weight"] and report["loaded"] == len(model.state_dict()) - 2
+    assert torch.equal(model.blocks[0].attn.qkv.weight, imagenet.blocks[0].attn.qkv.weight)
+    # a file of another network is refused, not silently half-loaded
+    torch.save(create_model("resnet8", 10, 32).state_dict(), tmp_path / "resnet8.pth")
+    with pytest.raises(UserError, match="does not fit VisionTransformer: only 0 of"):
+        load_pretrained(model, tmp_path / "resnet8.pth")
+    out = tmp_path / "run"
+    torch.save(create_model("vit_micro", 10, 32).state_dict(), tmp_path / "vit_micro.pth")
+    run_main(dml, "--students", "vit_tiny", "vit_micro", "--pretrained", tmp_path / "vit_tiny_imagenet.pth",
+             tmp_path / "vit_micro.pth", "--epochs", "1", "--train-subset", "100", "--batch-size", "50",
+             "--out", out)
+    reported = results(out)["pretrained"]
+    assert [r["file"] for r in reported] == [str(tmp_path / "vit_tiny_imagenet.pth"), str(tmp_path / "vit_micro.pth")]
+    assert reported[0]["resampled"] == ["patch_embed.proj.weight", "pos_embed"] and reported[1]["skipped"] == []
+    assert "pos_embed" in capsys.readouterr().out
+
+
+def test_weight_decay_spares_norms_biases_embeddings_and_tokens():
+    from common.models import create_model, weight_decay_groups
+
+    model = create_model("deit_tiny", 10, 32)
+    spared, decayed = weight_decay_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared_names = {names[id(p)] for p in spared["params"]}
+    assert {"pos_embed", "cls_token", "dist_token", "norm.weight", "head.bias"} <= spared_names
+    assert all(names[id(p)].endswith("weight") and p.ndim > 1 for p in decayed["params"])
+    assert decayed["weight_decay"] == 0.05 and spared["weight_decay"] == 0.0
+    assert len(decayed["params"]) + len(spared["params"]) == len(list(model.parameters()))
+
+
+def test_unknown_model_suggests_the_nearest_names():
+    from common.models import create_model
+
+    with pytest.raises(UserError, match="unknown model 'vit_tinny': did you mean vit_tiny"):
+        create_model("vit_tinny", 10, 32)
 
 
 # --- bad input: one line, non-zero exit, nothing overwritten -------------------

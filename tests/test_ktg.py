@@ -78,6 +78,23 @@ def test_search_writes_study_table_and_best_graph(tmp_path):
     assert search["best_val_error"] == best.value and search["completed"] + search["pruned"] == 3
     assert json.loads((out / "best_graph.json").read_text()) == search["best_graph"] == res["graph"]
     assert best.user_attrs["graph"] == res["graph"]
+    # scored on 20 % of the training set held out by --split-seed, which also chose best.ckpt
+    assert search["val_split"] == 0.2 and search["val_split_seed"] == 0 and res["best_on"] == "validation"
+    assert png_size(out / "search.png")[0] in (700, 1400)  # the trials' curves (and importances)
+
+
+def test_search_prunes_a_graph_with_an_untrained_node_and_keeps_one_split(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name="ktg", direction="minimize")
+    # every edge into node 1 cut off: it would keep its random weights
+    study.enqueue_trial({"label_to_0_gate": "through", "label_to_1_gate": "cutoff", "0_to_1_loss": "prob_attract",
+                         "0_to_1_gate": "cutoff", "1_to_0_loss": "prob_attract", "1_to_0_gate": "through"})
+    run_main(ktg_ensemble, *SEARCH, "--search", "4", "--storage", storage, "--out", tmp_path / "w0")
+    first = study_trials(storage)[0]
+    assert first.state.name == "PRUNED" and first.intermediate_values == {}  # pruned before any training
+    with pytest.raises(UserError, match="scores on --val-split 0.2 --split-seed 0: give this worker the same"):
+        run_main(ktg_ensemble, *SEARCH, "--search", "3", "--storage", storage, "--split-seed", "1",
+                 "--out", tmp_path / "w1")
 
 
 def test_killed_search_keeps_its_finished_trials(tmp_path):
@@ -136,7 +153,8 @@ def test_two_workers_share_one_study(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--nodes", "resnet8_abn"], "2 to 8 network nodes"),
     (["--graph", "/nonexistent/graph.json"], "neither a preset"),
-    (["--val-split", "1.5"], "--val-split must lie between 0 and 1"),
+    (["--val-split", "1.5"], "--val-split must lie in [0, 1)"),
+    (["--search", "3", "--val-split", "0"], "--val-split must be above 0"),
     (["--search", "-2"], "--search must be a number of trials"),
     (["--epochs", "0"], "--epochs must be positive"),
     (["--crop-sizes", "3", "0"], "--crop-sizes must be positive"),

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from common.models import (ALIASES, CifarResNet, count_parameters, create_model, load_weights, prediction,
-                           split_heads)
+from common.models import (ALIASES, CifarResNet, count_parameters, create_model, load_pretrained, load_weights,
+                           prediction, split_heads)
 from common.run import UserError
 
 
@@ -73,8 +73,10 @@ def test_load_weights_roundtrip_and_mismatch(tmp_path):
     with pytest.raises(UserError, match="cannot read"):
         load_weights(target, tmp_path / "bad.pth")
     # --pretrained: a new head (100 classes) keeps its fresh init, the rest loads
-    other = create_model("resnet8", 100, 32, pretrained=tmp_path / "w.pth")
+    other = create_model("resnet8", 100, 32)
+    report = load_pretrained(other, tmp_path / "w.pth")
     assert torch.equal(other.stem[0].weight, source.stem[0].weight)
+    assert report["skipped"] == ["fc.bias", "fc.weight"] and report["resampled"] == []
 
 
 def test_cpu_attention_matches_the_fused_kernel():
