@@ -41,21 +41,24 @@ import argparse
 from datetime import datetime
 
 import torch
+from timm.utils import ModelEmaV3
 
 from common.data import DATASETS, PADDING, SMALL_SIDE, hold_out, load_dataset, make_loader
 from common.losses import cross_entropy, hard_distillation_loss, soft_distillation_loss
-from common.models import (both_heads, count_parameters, create_model, freeze, has_distillation_token, load_teacher,
-                           split_heads)
+from common.models import (both_heads, count_parameters, create_model, describe_pretrained, freeze,
+                           has_distillation_token, load_pretrained, load_teacher, model_name_in, save_weights,
+                           split_heads, weight_decay_groups)
 from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, cosine_schedule, end_epoch,
-                        exit_on_user_error, finish, inference_dtype, load_checkpoint, make_fabric, prepare_run_folder,
-                        require_positive, seed_epoch, write_json)
+                        exit_on_user_error, finish, inference_dtype, load_checkpoint, make_fabric, make_logger,
+                        parse_with_config, prepare_run_folder, require_positive, seed_epoch, write_json)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--model", default="deit_tiny", help="the student: deit_*, vit_*, resnet<depth> or a timm name")
-    parser.add_argument("--teacher", help="the teacher's model name (with --teacher-ckpt)")
+    parser.add_argument("--teacher", help="the teacher's model name (default: the one a checkpoint of this "
+                                          "project was made for; needed for a bare .pth)")
     parser.add_argument("--teacher-ckpt", help="the teacher's weights: a run folder's .ckpt, a .pth or .safetensors")
     parser.add_argument("--distillation-type", choices=["none", "soft", "hard"], default="none",
                         help="what the distillation head learns from (hard: the paper's best)")
@@ -79,30 +82,47 @@ def parse_args(argv=None):
                         help="hold out this part of each training class; it chooses best.ckpt (0: the test split does)")
     parser.add_argument("--epochs", type=int, default=300, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=1024, help="batch size over all devices")
-    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate for batch 512 (scaled by batch/512)")
+    parser.add_argument("--grad-accum-steps", type=int, default=1,
+                        help="accumulate this many batches per optimizer step (the effective batch is their sum)")
+    parser.add_argument("--lr", type=float, default=5e-4,
+                        help="peak learning rate for an effective batch of 512 (scaled linearly with it)")
     parser.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     parser.add_argument("--warmup-epochs", type=float, default=5, help="linear warm-up (at most a fifth of the run)")
-    parser.add_argument("--compile", action="store_true", help="wrap the student in torch.compile")
+    parser.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (default: off)")
+    parser.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of the student")
+    parser.add_argument("--model-ema-decay", type=float, default=0.99996, help="its decay per step (DeiT's)")
+    parser.add_argument("--pretrained", help="start the student from this local weights file, loaded as timm does")
+    parser.add_argument("--compile", action="store_true", help="wrap the student and the teacher in torch.compile")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
     parser.add_argument("--log-every", type=int, default=50, help="read the losses (a host sync) every N steps")
     parser.add_argument("--out", help="run folder (default: runs/deit/<date-time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.ckpt")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
-    return parser.parse_args(argv)
+    parser.add_argument("--eval", help="evaluate this checkpoint (with its run's arguments) instead of training")
+    parser.add_argument("--logger", choices=["csv", "tensorboard"], default="csv",
+                        help="also log steps and epochs to logs/metrics.csv or tensorboard/")
+    parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
+    parser.add_argument("--workers", type=int, help="DataLoader workers (recipe deit, streamed data; "
+                                                    "default: min(8, cores))")
+    return parse_with_config(parser, argv)
 
 
 def check_args(args):
     distilling = args.distillation_type != "none"
+    if distilling and args.teacher_ckpt and not args.teacher:
+        args.teacher = model_name_in(args.teacher_ckpt)  # a checkpoint of this project knows its model
     if distilling and not (args.teacher and args.teacher_ckpt):
-        raise UserError(f"--distillation-type {args.distillation_type} needs --teacher and --teacher-ckpt")
+        raise UserError(f"--distillation-type {args.distillation_type} needs --teacher-ckpt (and --teacher for a "
+                        f"weights file that is not one of this project's checkpoints)")
     if not distilling and (args.teacher or args.teacher_ckpt):
         raise UserError("--teacher is used only with --distillation-type soft or hard")
     if not 0 <= args.distillation_alpha <= 1:
         raise UserError(f"--distillation-alpha must be in [0, 1], got {args.distillation_alpha}")
     require_positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size,
                      patch_size=args.patch_size, distillation_tau=args.distillation_tau,
-                     repeated_aug=args.repeated_aug, log_every=args.log_every)
+                     repeated_aug=args.repeated_aug, log_every=args.log_every, grad_accum_steps=args.grad_accum_steps,
+                     clip_grad=args.clip_grad, model_ema_decay=args.model_ema_decay)
     check_fraction("val_split", args.val_split)
     if args.resume and not args.out:
         raise UserError("--resume needs --out, the run folder to continue")
@@ -184,7 +204,7 @@ def evaluate(model, loader, fabric, teacher_decisions=None):
     model.eval()
     counts = torch.zeros(5, device=fabric.device)  # prediction, class head, distillation head, agreement, seen
     for batch, (images, labels) in enumerate(loader.epoch()):
-        with both_heads(model):
+        with both_heads(model), fabric.autocast():  # autocast for the EMA copy, which Fabric does not wrap
             class_logits, distill_logits = split_heads(model(images))
         predicted = (class_logits.float() + distill_logits.float()).argmax(1)
         real = labels != PADDING
@@ -204,6 +224,7 @@ def main(args):
     fabric.seed_everything(args.seed)
     args.out = args.out or fabric.broadcast(f"runs/deit/{datetime.now():%Y%m%d-%H%M%S}")
     out = prepare_run_folder(fabric, args.out, args.resume, args.overwrite)
+    logger = make_logger(args.logger, out)
 
     with fabric.rank_zero_first(local=True):  # a download happens once per machine
         data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
@@ -221,11 +242,13 @@ def main(args):
     erase = mixup = None
     if args.recipe == "deit":
         transform, erase, mixup = deit_augmentation(args, data, num_classes, fabric.device)
-        train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed, transform, args.repeated_aug)
+        train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed, transform, args.repeated_aug,
+                                   workers=args.workers)
     else:  # cifar: crop + flip on the device; none: only resized
-        train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed, augment=args.recipe == "cifar")
-    test_loader = make_loader(data, "test", per_device_batch, fabric)
-    val_loader = make_loader(data, "val", per_device_batch, fabric) if args.val_split else None
+        train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed, augment=args.recipe == "cifar",
+                                   workers=args.workers)
+    test_loader = make_loader(data, "test", per_device_batch, fabric, workers=args.workers)
+    val_loader = make_loader(data, "val", per_device_batch, fabric, workers=args.workers) if args.val_split else None
 
     teacher, teacher_decisions, teacher_top1 = None, None, None
     if args.teacher:  # not set up by Fabric: it has nothing to train
@@ -237,16 +260,31 @@ def main(args):
 
     model = create_model(args.model, num_classes, args.img_size, args.patch_size, args.drop_path,
                          device=fabric.device)
-    if args.compile:
-        model = torch.compile(model)
-    lr = args.lr * args.batch_size / 512
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
-    model, optimizer = fabric.setup(model, optimizer)
-    steps_per_epoch = len(train_loader)
+    pretrained = []
+    if args.pretrained:
+        pretrained.append(load_pretrained(model, args.pretrained))
+        fabric.print(describe_pretrained(pretrained[-1]))
+    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    lr = args.lr * args.batch_size * args.grad_accum_steps / 512
+    # norms, biases, position embeddings and tokens get no weight decay, as in timm and DeiT
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, args.weight_decay), lr=lr)
+    model, optimizer = fabric.setup(torch.compile(model) if args.compile else model, optimizer)
+    steps_per_epoch = len(train_loader) // args.grad_accum_steps  # optimizer steps
+    if steps_per_epoch == 0:
+        raise UserError(f"--grad-accum-steps {args.grad_accum_steps} is more than the {len(train_loader)} batches "
+                        f"of an epoch")
     scheduler = cosine_schedule(optimizer, lr, args.min_lr, args.epochs, args.warmup_epochs, steps_per_epoch)
 
     state = {"model": model, "optimizer": optimizer, "epoch": 0, "history": [], "best_top1": -1.0, "wall_s": 0.0}
-    if args.resume:
+    if ema is not None:
+        state["ema"] = ema
+    if args.eval:
+        try:
+            fabric.load(args.eval, state, strict=False, weights_only=True)
+        except Exception as error:
+            raise UserError(f"checkpoint {args.eval} does not fit {args.model}: {type(error).__name__}") from None
+        state["history"] = []  # what follows reports the checkpoint's accuracy, not its training
+    elif args.resume:
         load_checkpoint(fabric, out / "last.ckpt", state, args)
         fabric.print(f"resuming {out} at epoch {state['epoch']}")
     elif fabric.is_global_zero:
@@ -254,11 +292,17 @@ def main(args):
     state["args"] = vars(args)
 
     accuracy = None
-    for epoch in range(state["epoch"], args.epochs):
+    for epoch in range(state["epoch"], args.epochs if not args.eval else 0):
         seed_epoch(args.seed, epoch)
         model.train()
-        log = TrainLog(fabric, ["loss", "ce", "distill"], epoch, args.epochs, steps_per_epoch, args.log_every, out)
-        for step, (images, labels) in enumerate(train_loader.epoch(epoch)):
+        log = TrainLog(fabric, ["loss", "ce", "distill"], epoch, args.epochs, steps_per_epoch * args.grad_accum_steps,
+                       args.log_every, out, logger=logger)
+        optimizer.zero_grad(set_to_none=True)
+        for batch, (images, labels) in enumerate(train_loader.epoch(epoch)):
+            step, last_of_step = divmod(batch, args.grad_accum_steps)
+            if step == steps_per_epoch:
+                break  # too few batches left for another optimizer step
+            last_of_step = last_of_step == args.grad_accum_steps - 1
             scheduler.step_update(epoch * steps_per_epoch + step)
             targets = labels
             if erase is not None:
@@ -269,11 +313,17 @@ def main(args):
             if teacher is not None:  # the teacher sees the same, mixed batch
                 with torch.no_grad():
                     teacher_logits = teacher(images.to(next(teacher.parameters()).dtype))
-            loss, ce, distill = student_loss(model(images), teacher_logits, targets, args)
-            fabric.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            log.step(step, torch.stack([loss, ce, distill]), len(labels))
+            with fabric.no_backward_sync(model, enabled=not last_of_step):
+                loss, ce, distill = student_loss(model(images), teacher_logits, targets, args)
+                fabric.backward(loss / args.grad_accum_steps)
+            if last_of_step:
+                if args.clip_grad:
+                    fabric.clip_gradients(model, optimizer, max_norm=args.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(model.module)
+            log.step(batch, torch.stack([loss, ce, distill]), len(labels))
         means = log.close()
 
         accuracy = evaluate(model, test_loader, fabric, teacher_decisions)
@@ -281,6 +331,8 @@ def main(args):
                "loss_ce": means["ce"], "loss_distill": means["distill"], "top1": accuracy[0],
                "top1_cls": accuracy[1], "top1_dist": accuracy[2],
                "teacher_agreement": accuracy[3] if teacher is not None else None, "img_per_s": means["img_per_s"]}
+        if ema is not None:
+            row["ema_top1"] = evaluate(ema.module, test_loader, fabric)[0]
         score = accuracy[0]
         if val_loader is not None:  # best.ckpt is chosen on the validation split, never on test
             row["val_top1"] = score = evaluate(model, val_loader, fabric)[0]
@@ -297,11 +349,16 @@ def main(args):
         "top1": accuracy[0], "top1_cls": accuracy[1] if distilled else None,
         "top1_dist": accuracy[2] if distilled else None, "teacher_top1": teacher_top1,
         "teacher_agreement": accuracy[3] if teacher is not None else None,
-        "best_on": "validation" if args.val_split else "test",
-        "train_img_per_s": state["history"][-1]["img_per_s"], "wall_s": state["wall_s"],
+        "best_on": "validation" if args.val_split else "test", "pretrained": pretrained,
+        "ema_top1": evaluate(ema.module, test_loader, fabric)[0] if ema is not None else None,
+        "train_img_per_s": state["history"][-1]["img_per_s"] if state["history"] else None, "wall_s": state["wall_s"],
         "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
     }
+    if args.eval:
+        results.update(evaluated=str(args.eval), epochs_trained=state["epoch"], wall_s=None)
     if fabric.is_global_zero:
+        if not args.eval:
+            save_weights(out / "model.safetensors", model)  # loadable with plain load_state_dict
         write_json(out / "results.json", results)
         source = f" from {args.teacher}" if teacher is not None else ""
         print(f"\n{args.model} ({args.distillation_type} distillation{source}) on {args.dataset}, {args.epochs} epochs "
@@ -311,7 +368,8 @@ def main(args):
         print(f"top-1 {results['top1']:.2f}{heads}")
         if teacher is not None:
             print(f"teacher top-1 {teacher_top1:.2f}, agreement {results['teacher_agreement']:.2f}")
-        print(f"train {results['train_img_per_s']:.0f} img/s, wall {results['wall_s']:.0f} s")
+        if results["train_img_per_s"] is not None:
+            print(f"train {results['train_img_per_s']:.0f} img/s, wall {results['wall_s']:.0f} s")
     finish(fabric)
 
 

@@ -200,8 +200,8 @@ def main(args):
     lr = args.lr * args.batch_size * args.grad_accum_steps / 512
     # one optimizer, a parameter group per student and decay kind: norms, biases, position
     # embeddings and tokens get no weight decay, as in timm and DeiT
-    optimizer = torch.optim.AdamW([group for model in models for group in weight_decay_groups(model, args.weight_decay)],
-                                  lr=lr)
+    groups = [group for model in models for group in weight_decay_groups(model, args.weight_decay)]
+    optimizer = torch.optim.AdamW(groups, lr=lr)
     students = [fabric.setup_module(torch.compile(model) if args.compile else model) for model in models]
     optimizer = fabric.setup_optimizers(optimizer)
     steps_per_epoch = len(train_loader) // args.grad_accum_steps  # optimizer steps

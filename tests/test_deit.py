@@ -37,7 +37,8 @@ def test_students_distilled_from_the_teacher(teacher, tmp_path, kind):
              "--distillation-type", kind, "--epochs", "2", *SMALL, "--out", out)
     res = results(out)
     assert res["distillation_type"] == kind and res["teacher"] == "resnet8"
-    assert res["teacher_top1"] == pytest.approx(results(teacher)["top1"], abs=0.01)  # the same network, re-measured
+    # the same network, re-measured; held in bf16 in a bf16 run, a few of the 1,000 images may flip
+    assert res["teacher_top1"] == pytest.approx(results(teacher)["top1"], abs=1.0)
     assert res["top1"] > 15 and res["top1_cls"] > 12 and res["top1_dist"] > 12  # chance is 10 %
     assert 15 < res["teacher_agreement"] <= 100  # chance agreement with a 10-class teacher is about 10 %
     assert res["epochs"] == 2 and res["seed"] == 0 and res["dataset"] == "cifar10-mini"
@@ -53,6 +54,25 @@ def test_students_distilled_from_the_teacher(teacher, tmp_path, kind):
     assert [line.get_label() for line in accuracy.get_lines()] == [
         "prediction (both heads)", "class head", "distillation head", "agreement with the teacher"]
     assert list(accuracy.get_lines()[3].get_ydata()) == [float(row["teacher_agreement"]) for row in rows]
+
+
+def test_teacher_from_a_project_checkpoint_ema_eval_and_weights_out(teacher, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "student"
+    # no --teacher: the checkpoint knows it holds a resnet8
+    run_main(deit, "--model", "deit_micro", "--teacher-ckpt", teacher / "last.ckpt", "--distillation-type", "soft",
+             "--model-ema", "--model-ema-decay", "0.9", "--clip-grad", "1.0", "--grad-accum-steps", "2",
+             "--epochs", "1", *SMALL, "--out", out)
+    res = results(out)
+    assert res["teacher"] == "resnet8" and res["ema_top1"] is not None and res["ema_top1"] > 10
+    model = create_model("deit_micro", 10, 32)
+    model.load_state_dict(load_file(out / "model.safetensors"))  # strict
+    run_main(deit, "--eval", out / "last.ckpt", "--out", tmp_path / "eval")
+    evaluated = results(tmp_path / "eval")
+    for key in ("top1", "top1_cls", "top1_dist", "teacher_top1", "teacher_agreement", "ema_top1"):
+        assert evaluated[key] == res[key], key
+    assert evaluated["evaluated"] == str(out / "last.ckpt") and evaluated["epochs_trained"] == 1
 
 
 def test_deit_recipe_with_mixup_runs(teacher, tmp_path):
