@@ -26,8 +26,9 @@ over the first epoch (Goyal et al. 2017). Without it plain4 died on
 cifar10-mini at lr 0.1 within the first epoch (every output constant, top-1
 10 %, in fp32 as in bf16); with it, it reached 45.6 % in 8 epochs. The authors
 searched λ and τ for each step (λ in [0.05, 1], τ in {1, 2, 5, 10, 15, 20});
-the defaults λ = 0.9, τ = 4 are the usual CIFAR KD setting (the KD baseline of
-Tian et al., CRD, ICLR 2020), which works without a search.
+the defaults λ = 0.9, τ = 4 (`--distillation-alpha`, `--distillation-tau`) are
+the usual CIFAR KD setting (the KD baseline of Tian et al., CRD, ICLR 2020),
+which works without a search.
 
 Each trained network has a sub-folder named by its lineage (`plain10`,
 `plain10_to_plain4`, `plain10_to_plain4_to_plain2`), so the chain, the
@@ -55,10 +56,11 @@ import torch
 
 from common.data import DATASETS, PADDING, hold_out, load_dataset, make_loader
 from common.losses import cross_entropy, kd_loss
-from common.models import count_parameters, create_model, freeze, load_teacher
+from common.models import (count_parameters, create_model, describe_pretrained, freeze, load_pretrained, load_teacher,
+                           model_name_in, save_weights)
 from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, end_epoch, exit_on_user_error, finish,
-                        inference_dtype, load_checkpoint, make_fabric, prepare_run_folder, require_positive,
-                        seed_epoch, step_schedule, write_csv, write_json)
+                        inference_dtype, load_checkpoint, make_fabric, make_logger, parse_with_config,
+                        prepare_run_folder, require_positive, seed_epoch, step_schedule, write_csv, write_json)
 
 AUTO = "auto"
 
@@ -72,8 +74,9 @@ def parse_args(argv=None):
     parser.add_argument("--teacher-ckpt", help="weights of the chain's first network, instead of training it")
     parser.add_argument("--compare", action="store_true",
                         help="also train the student alone (NOKD) and from the teacher directly (BLKD)")
-    parser.add_argument("--kd-lambda", type=float, default=0.9, help="λ: weight of the KD term, 1-λ of the CE")
-    parser.add_argument("--kd-tau", type=float, default=4.0, help="τ: softmax temperature of the KD term")
+    parser.add_argument("--distillation-alpha", type=float, default=0.9,
+                        help="λ: weight of the KD term, 1-λ of the CE")
+    parser.add_argument("--distillation-tau", type=float, default=4.0, help="τ: softmax temperature of the KD term")
     parser.add_argument("--dataset", choices=DATASETS, default="cifar10-mini", help="the data set")
     parser.add_argument("--data-dir", help="where cifar10/cifar100/imagefolder data is")
     parser.add_argument("--img-size", type=int, help="training resolution (default: 32 for CIFAR, 224 for ImageFolder)")
@@ -88,13 +91,21 @@ def parse_args(argv=None):
     parser.add_argument("--schedule", choices=["step", "constant"], default="step",
                         help="step: ÷10 at 80 and 120 of 150 epochs (ResNets); constant: the paper's plain CNNs")
     parser.add_argument("--warmup-epochs", type=float, default=1, help="linear warm-up of the learning rate")
+    parser.add_argument("--pretrained", help="start the student (the chain's last network, in every lineage) from "
+                                             "this local weights file, loaded as timm does")
     parser.add_argument("--compile", action="store_true", help="wrap the trained networks in torch.compile")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
     parser.add_argument("--log-every", type=int, default=50, help="read the losses (a host sync) every N steps")
     parser.add_argument("--out", help="run folder (default: runs/takd/<date-time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
-    return parser.parse_args(argv)
+    parser.add_argument("--eval", help="evaluate this network checkpoint (a sub-folder's .ckpt, with its run's "
+                                       "arguments) instead of training")
+    parser.add_argument("--logger", choices=["csv", "tensorboard"], default="csv",
+                        help="also log steps and epochs to logs/metrics.csv or tensorboard/ of each network")
+    parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
+    parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data (default: min(8, cores))")
+    return parse_with_config(parser, argv)
 
 
 def check_args(args):
@@ -114,9 +125,9 @@ def check_args(args):
     if AUTO in chain and not args.val_split:
         raise UserError("--chain has `auto`, which chooses on held-out training images: give --val-split "
                         "(e.g. 0.1), never the test split")
-    if not 0 <= args.kd_lambda <= 1:
-        raise UserError(f"--kd-lambda must lie in [0, 1], got {args.kd_lambda}")
-    require_positive(kd_tau=args.kd_tau, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+    if not 0 <= args.distillation_alpha <= 1:
+        raise UserError(f"--distillation-alpha must lie in [0, 1], got {args.distillation_alpha}")
+    require_positive(distillation_tau=args.distillation_tau, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                      img_size=args.img_size, log_every=args.log_every)
     for flag in ("weight_decay", "warmup_epochs"):
         if getattr(args, flag) < 0:
@@ -174,12 +185,15 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
     train_loader, test_loader, val_loader = loaders
     torch.manual_seed(args.seed)  # the same initial weights alone and distilled
     model = create_model(name, len(data["classes"]), args.img_size, device=fabric.device)
-    if args.compile:
-        model = torch.compile(model)
+    pretrained = None
+    if args.pretrained and name == args.chain[-1]:
+        pretrained = load_pretrained(model, args.pretrained)
+        fabric.print(f"{folder.name}: {describe_pretrained(pretrained)}")
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    model, optimizer = fabric.setup(model, optimizer)
+    model, optimizer = fabric.setup(torch.compile(model) if args.compile else model, optimizer)
+    # model_name: a checkpoint of this project knows the network it holds
     state = dict(model=model, optimizer=optimizer, epoch=0, history=[], best_top1=-1.0, wall_s=0.0, images=0,
-                 train_s=0.0, args=vars(args))
+                 train_s=0.0, model_name=name, args=vars(args))
     if (folder / "last.ckpt").is_file():
         load_checkpoint(fabric, folder / "last.ckpt", state, args)
         fabric.print(f"{folder.name}: continuing at epoch {state['epoch']}" if state["epoch"] < args.epochs
@@ -188,11 +202,12 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
         folder.mkdir(parents=True, exist_ok=True)
 
     steps_per_epoch = len(train_loader)
+    logger = make_logger(args.logger, folder) if state["epoch"] < args.epochs else None
     for epoch in range(state["epoch"], args.epochs):
         seed_epoch(args.seed, epoch)
         model.train()
         log = TrainLog(fabric, ["loss", "ce", "distill"], epoch, args.epochs, steps_per_epoch, args.log_every, folder,
-                       folder.name)
+                       folder.name, logger)
         for step, (images, labels) in enumerate(train_loader.epoch(epoch)):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(args, epoch, step, steps_per_epoch)
@@ -203,7 +218,8 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
             else:
                 with torch.no_grad():
                     teacher_logits = teacher(images.to(next(teacher.parameters()).dtype))
-                loss, ce, distill = kd_loss(logits, teacher_logits, labels, args.kd_lambda, args.kd_tau)
+                loss, ce, distill = kd_loss(logits, teacher_logits, labels, args.distillation_alpha,
+                                            args.distillation_tau)
             fabric.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -226,8 +242,9 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
               "params": count_parameters(model), "top1": last["top1"], "top5": last["top5"],
               "val_top1": last.get("val_top1"),
               "train_img_per_s": state["images"] / state["train_s"], "images": state["images"],
-              "train_s": state["train_s"], "wall_s": state["wall_s"]}
+              "train_s": state["train_s"], "wall_s": state["wall_s"], "pretrained": pretrained}
     if fabric.is_global_zero:
+        save_weights(folder / "model.safetensors", model)  # loadable with plain load_state_dict
         write_json(folder / "results.json", result)
     return freeze(model.module, inference_dtype(fabric), args.compile), result  # outside DDP: the next teacher
 
@@ -247,12 +264,14 @@ def main(args):
         data = hold_out(data, args.val_split, args.seed)
     for name in set(args.chain + args.ta_candidates) - {AUTO}:
         create_model(name, len(data["classes"]), args.img_size)  # an unknown name stops the run before training
-    if fabric.is_global_zero:
+    if fabric.is_global_zero and not args.eval:
         write_json(out / "args.json", vars(args))
     per_device_batch = max(1, args.batch_size // fabric.world_size)
-    loaders = (make_loader(data, "train", per_device_batch, fabric, args.seed),
-               make_loader(data, "test", per_device_batch, fabric),
-               make_loader(data, "val", per_device_batch, fabric) if args.val_split else None)
+    loaders = (make_loader(data, "train", per_device_batch, fabric, args.seed, workers=args.workers),
+               make_loader(data, "test", per_device_batch, fabric, workers=args.workers),
+               make_loader(data, "val", per_device_batch, fabric, workers=args.workers) if args.val_split else None)
+    if args.eval:
+        return evaluate_checkpoint(fabric, args, out, data, loaders)
 
     teacher_name, student_name = args.chain[0], args.chain[-1]
     loaded_teacher = None  # (network, results) of the chain's first network, from --teacher-ckpt
@@ -311,7 +330,8 @@ def main(args):
     train_s = sum(result["train_s"] for result in results_of_trained)
     results = {
         "method": "takd", "chain": chain, "requested_chain": args.chain, "dataset": args.dataset,
-        "epochs": args.epochs, "seed": args.seed, "kd_lambda": args.kd_lambda, "kd_tau": args.kd_tau,
+        "epochs": args.epochs, "seed": args.seed, "distillation_alpha": args.distillation_alpha,
+        "distillation_tau": args.distillation_tau,
         "steps": steps, "student_top1": steps[-1]["top1"], "compare": compare,
         "best_on": "validation" if args.val_split else "test", "schedule": args.schedule,
         "ta_choice": (ta_choices[0] if len(ta_choices) == 1 else ta_choices) or None,
@@ -332,6 +352,28 @@ def main(args):
         if compare or ta_choices:
             plot_comparison(out / "compare.png", compare, ta_choices, chain)
         print_summary(results, out)
+    finish(fabric)
+
+
+def evaluate_checkpoint(fabric, args, out, data, loaders):
+    """--eval: one network's checkpoint (a sub-folder's last.ckpt or best.ckpt) on the test split."""
+    name = model_name_in(args.eval)
+    if name is None:
+        raise UserError(f"--eval {args.eval} is not a network checkpoint of takd.py")
+    model = fabric.setup_module(create_model(name, len(data["classes"]), args.img_size, device=fabric.device))
+    state = {"model": model, "epoch": 0}
+    try:
+        fabric.load(args.eval, state, strict=False, weights_only=True)
+    except Exception as error:
+        raise UserError(f"checkpoint {args.eval} does not fit {name}: {type(error).__name__}") from None
+    top1, top5 = evaluate(model, loaders[1], fabric)
+    results = {"method": "takd", "model": name, "evaluated": str(args.eval), "epochs_trained": state["epoch"],
+               "dataset": args.dataset, "top1": top1, "top5": top5,
+               "val_top1": evaluate(model, loaders[2], fabric)[0] if loaders[2] is not None else None,
+               "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size}
+    if fabric.is_global_zero:
+        write_json(out / "results.json", results)
+        print(f"{name} from {args.eval}: top-1 {top1:.2f}, top-5 {top5:.2f}")
     finish(fabric)
 
 

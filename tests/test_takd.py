@@ -101,6 +101,26 @@ def test_auto_end_to_end(tmp_path):
     assert [row["candidate"] for row in rows if row["chosen"] == "True"] == [choice["chosen"]]
 
 
+def test_eval_pretrained_and_weights_out(tmp_path, compared):
+    from safetensors.torch import load_file
+
+    from common.models import create_model
+
+    out, _ = compared
+    res = results(out)
+    model = create_model("plain4", 10, 32)
+    model.load_state_dict(load_file(out / "plain6_to_plain4" / "model.safetensors"))  # strict
+    run_main(takd, "--eval", out / "plain6_to_plain4" / "last.ckpt", "--out", tmp_path / "eval")
+    evaluated = results(tmp_path / "eval")
+    assert evaluated["model"] == "plain4" and evaluated["top1"] == res["networks"]["plain6_to_plain4"]["top1"]
+    # the student starts from a weights file in every lineage
+    run_main(takd, "--chain", "plain6", "plain2", "--teacher-ckpt", out / "plain6" / "last.ckpt", "--pretrained",
+             out / "plain2" / "model.safetensors", "--epochs", "1", "--train-subset", "100", "--batch-size", "50",
+             "--out", tmp_path / "pretrained")
+    report = results(tmp_path / "pretrained")["networks"]["plain6_to_plain2"]["pretrained"]
+    assert report["file"] == str(out / "plain2" / "model.safetensors") and report["skipped"] == []
+
+
 def test_reuse_a_teacher_trained_elsewhere(tmp_path, compared):
     out, _ = compared
     teacher = out / "plain6" / "last.ckpt"
@@ -140,9 +160,9 @@ def test_resume_after_sigkill_in_the_second_step(tmp_path, capsys):
     (["--chain", "plain6", "auto", "plain2", "--ta-candidates", "plain4"], "give --val-split"),
     (["--chain", "plain8", "auto", "auto", "plain2", "--ta-candidates", "plain4"], "two `auto`s in a row"),
     (["--chain", "auto", "plain2", "--ta-candidates", "plain4"], "cannot be `auto`"),
-    (["--kd-lambda", "1.5"], "--kd-lambda must lie in [0, 1]"),
-    (["--kd-lambda", "-0.1"], "--kd-lambda must lie in [0, 1]"),
-    (["--kd-tau", "0"], "--kd-tau must be positive"),
+    (["--distillation-alpha", "1.5"], "--distillation-alpha must lie in [0, 1]"),
+    (["--distillation-alpha", "-0.1"], "--distillation-alpha must lie in [0, 1]"),
+    (["--distillation-tau", "0"], "--distillation-tau must be positive"),
     (["--epochs", "0"], "--epochs must be positive"),
     (["--resume"], "--resume needs --out"),
 ])
