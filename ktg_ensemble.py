@@ -54,10 +54,11 @@ from common.data import DATASETS, PADDING, DeviceLoader, hold_out, load_dataset,
 from common.graph import (LABEL, LOSSES, check_graph, draw_attention, draw_graph, load_graph, preset, sample_graph,
                           untrained_nodes)
 from common.losses import edge_loss, gate, label_loss
-from common.models import ABN_ALIASES, count_parameters, create_model
+from common.models import (ABN_ALIASES, count_parameters, create_model, describe_pretrained, load_pretrained,
+                           save_weights)
 from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, end_epoch, exit_on_user_error, finish,
-                        load_checkpoint, make_fabric, prepare_run_folder, require_positive, seed_epoch, step_schedule,
-                        write_csv, write_json)
+                        load_checkpoint, make_fabric, make_logger, parse_with_config, prepare_run_folder,
+                        require_positive, seed_epoch, step_schedule, write_csv, write_json)
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -94,7 +95,15 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="run folder (default: runs/ktg/<date-time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run (or the search) in --out")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
-    return parser.parse_args(argv)
+    parser.add_argument("--pretrained", nargs="+",
+                        help="local weights file(s), one for all nodes or one each, loaded as timm does")
+    parser.add_argument("--eval", help="evaluate this checkpoint (its graph, with its run's arguments) instead of "
+                                       "training")
+    parser.add_argument("--logger", choices=["csv", "tensorboard"], default="csv",
+                        help="also log steps and epochs to logs/metrics.csv or tensorboard/")
+    parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
+    parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data (default: min(8, cores))")
+    return parse_with_config(parser, argv)
 
 
 def check_args(args):
@@ -197,11 +206,16 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
     receives the ensemble's error (a search trial prunes there). Returns the
     nodes, the last accuracies and the state."""
     per_device_batch = max(1, args.batch_size // fabric.world_size)
-    train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed)
-    test_loader = make_loader(data, "test", per_device_batch, fabric)
-    val_loader = make_loader(data, "val", per_device_batch, fabric) if "val" in data else None
+    train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed, workers=args.workers)
+    test_loader = make_loader(data, "test", per_device_batch, fabric, workers=args.workers)
+    val_loader = make_loader(data, "val", per_device_batch, fabric, workers=args.workers) if "val" in data else None
     torch.manual_seed(args.seed)  # every graph starts from the same weights
     models = [create_model(name, len(data["classes"]), args.img_size, device=fabric.device) for name in graph["nodes"]]
+    pretrained = [load_pretrained(model, args.pretrained[m % len(args.pretrained)])
+                  for m, model in enumerate(models)] if args.pretrained else []
+    if out is not None:
+        for m, loaded in enumerate(pretrained):
+            fabric.print(f"node {m}: {describe_pretrained(loaded)}")
     models = [torch.compile(model) if args.compile else model for model in models]
     # one optimizer, a parameter group per node: the same update as one optimizer each
     optimizer = torch.optim.SGD([{"params": model.parameters()} for model in models], lr=args.lr, momentum=0.9,
@@ -210,8 +224,14 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
     optimizer = fabric.setup_optimizers(optimizer)
 
     state = {f"node{m}": node for m, node in enumerate(nodes)}
-    state.update(optimizer=optimizer, epoch=0, history=[], best_top1=-1.0, wall_s=0.0, args=vars(args), graph=graph)
-    if out is not None and args.resume and (out / "last.ckpt").is_file():
+    state.update(optimizer=optimizer, epoch=0, history=[], best_top1=-1.0, wall_s=0.0, args=vars(args), graph=graph,
+                 pretrained=pretrained)
+    if out is not None and args.eval:
+        try:
+            fabric.load(args.eval, state, strict=False, weights_only=True)
+        except Exception as error:
+            raise UserError(f"checkpoint {args.eval} does not fit this graph: {type(error).__name__}") from None
+    elif out is not None and args.resume and (out / "last.ckpt").is_file():
         load_checkpoint(fabric, out / "last.ckpt", state, args)
         if state["graph"] != graph:
             raise UserError(f"cannot resume {out / 'last.ckpt'}: it trained another graph")
@@ -220,11 +240,12 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
     M, steps_per_epoch = len(nodes), len(train_loader)
     total_steps = args.epochs * steps_per_epoch
     accuracy = None
-    for epoch in range(state["epoch"], args.epochs):
+    logger = make_logger(args.logger, out) if out is not None else None
+    for epoch in range(state["epoch"], args.epochs if not args.eval else 0):
         seed_epoch(args.seed, epoch)
         for node in nodes:
             node.train()
-        log = TrainLog(fabric, ["loss"], epoch, args.epochs, steps_per_epoch, args.log_every, out)
+        log = TrainLog(fabric, ["loss"], epoch, args.epochs, steps_per_epoch, args.log_every, out, logger=logger)
         for step, (images, labels) in enumerate(train_loader.epoch(epoch)):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(args, epoch, step, steps_per_epoch)
@@ -476,11 +497,13 @@ def main(args):
         data = hold_out(data, args.val_split, args.split_seed)
     for name in set(graph["nodes"]):
         create_model(name, len(data["classes"]), args.img_size)  # an unknown name stops the run before training
-    if fabric.is_global_zero:
+    if fabric.is_global_zero and not args.eval:
         write_json(out / "args.json", vars(args))
 
     search_summary = None
-    if args.search:
+    if args.eval:  # the graph the checkpoint trained, not a search
+        graph = torch.load(args.eval, map_location="cpu", weights_only=True)["graph"]
+    elif args.search:
         graph, search_summary = search(graph["nodes"], data, fabric, args, out)
         fabric.print(f"best graph: trial {search_summary['best_trial']}, validation error "
                      f"{search_summary['best_val_error']:.2f} %; retraining it, best.ckpt chosen on the same "
@@ -496,12 +519,18 @@ def main(args):
                   for m, (name, node) in enumerate(zip(graph["nodes"], nodes))],
         "node_mean_top1": sum(accuracy[:M]) / M, "ensemble_top1": accuracy[M],
         "best_on": "validation" if args.val_split else "test",
-        "train_img_per_s": state["history"][-1]["img_per_s"], "wall_s": state["wall_s"],
+        "pretrained": state["pretrained"],
+        "train_img_per_s": state["history"][-1]["img_per_s"] if state["history"] else None, "wall_s": state["wall_s"],
         "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
     }
     if search_summary:
         results["search"] = search_summary
+    if args.eval:
+        results.update(evaluated=str(args.eval), epochs_trained=state["epoch"], train_img_per_s=None, wall_s=None)
     if fabric.is_global_zero:
+        if not args.eval:
+            for m, node in enumerate(nodes):  # loadable with plain load_state_dict
+                save_weights(out / f"node{m}.safetensors", node)
         write_json(out / "results.json", results)
         draw_graph(out / "graph.png", graph, {**dict(enumerate(accuracy[:M])), "ensemble": accuracy[M]})
         attention_picture(out / "attention.png", nodes, graph, data, fabric)
@@ -548,7 +577,8 @@ def print_summary(results, out):
         search = results["search"]
         print(f"search: {search['trials']} trials, {search['completed']} completed, {search['pruned']} pruned, "
               f"best validation error {search['best_val_error']:.2f} % (trial {search['best_trial']})")
-    print(f"train {results['train_img_per_s']:.0f} img/s, wall {results['wall_s']:.0f} s")
+    if results["train_img_per_s"] is not None:
+        print(f"train {results['train_img_per_s']:.0f} img/s, wall {results['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

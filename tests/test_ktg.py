@@ -50,6 +50,26 @@ def test_presets_end_to_end(tmp_path, preset):
     assert all(row["0: resnet8_abn"] and row["1: resnet8_abn"] for row in shown)
 
 
+def test_eval_pretrained_and_weights_out(tmp_path):
+    from safetensors.torch import load_file
+
+    from common.models import create_model
+
+    out = tmp_path / "run"
+    run_main(ktg_ensemble, *NODES, "--graph", "dml", "--epochs", "1", "--train-subset", "100", "--batch-size", "50",
+             "--out", out)
+    model = create_model("resnet8_abn", 10, 32)
+    model.load_state_dict(load_file(out / "node1.safetensors"))  # strict
+    run_main(ktg_ensemble, "--eval", out / "last.ckpt", "--out", tmp_path / "eval")
+    trained, evaluated = results(out), results(tmp_path / "eval")
+    assert evaluated["graph"] == trained["graph"] and evaluated["ensemble_top1"] == trained["ensemble_top1"]
+    assert [n["top1"] for n in evaluated["nodes"]] == [n["top1"] for n in trained["nodes"]]
+    run_main(ktg_ensemble, *NODES, "--graph", "independent", "--pretrained", out / "node0.safetensors", "--epochs", "1",
+             "--train-subset", "100", "--batch-size", "50", "--out", tmp_path / "pretrained")
+    reports = results(tmp_path / "pretrained")["pretrained"]
+    assert len(reports) == 2 and all(r["skipped"] == [] and r["loaded"] > 0 for r in reports)
+
+
 def test_graph_from_a_file(tmp_path):
     graph = {"nodes": ["resnet8_abn", "resnet8"],
              "edges": [{"source": "label", "target": 0, "loss": "ce", "gate": "through"},
