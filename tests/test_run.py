@@ -1,4 +1,6 @@
 """common/run.py: the one-line error, run folders, atomic checkpoints, the schedules."""
+import re
+
 import pytest
 
 from common.run import UserError, exit_on_user_error, prepare_run_folder, require_positive, step_schedule
@@ -50,3 +52,29 @@ def test_step_schedule():
     rates = [step_schedule(0.1, epoch, 9, 10, [2, 4], 1) for epoch in range(5)]
     assert rates == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
     assert step_schedule(0.1, 0, 4, 10, [2, 4], 1) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("script", ["dml", "deit", "takd", "ktg_ensemble"])
+def test_help_says_each_default_once_and_the_lr_batch(script, capsys):
+    import importlib
+
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    # no flag says its default twice, nor "None"
+    assert "(default: None)" not in text and not re.search(r"\(default: [^)]*\) \(default:", text)
+    lr_help = text.split("--lr LR ")[1].split(" --")[0]
+    assert "batch" in lr_help and any(size in lr_help for size in ("512", "128", "64"))
+
+
+def test_config_starts_from_a_runs_arguments_and_bad_config_is_one_line(tmp_path, capsys):
+    import dml
+
+    (tmp_path / "args.json").write_text('{"students": ["resnet8", "resnet14"], "epochs": 7, "out": "elsewhere"}')
+    args = dml.parse_args(["--config", str(tmp_path / "args.json"), "--epochs", "9"])
+    assert args.students == ["resnet8", "resnet14"] and args.epochs == 9 and args.out is None
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(SystemExit) as exit_:
+        dml.parse_args(["--config", str(tmp_path / "broken.json")])
+    assert exit_.value.code == 2 and "cannot read it as JSON" in capsys.readouterr().err
