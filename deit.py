@@ -101,7 +101,7 @@ def parse_args(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
     parser.add_argument("--eval", help="evaluate this checkpoint (with its run's arguments) instead of training")
     parser.add_argument("--logger", choices=["csv", "tensorboard"], default="csv",
-                        help="also log steps and epochs to logs/metrics.csv or tensorboard/")
+                        help="also log steps and epochs to logs/version_<n>/metrics.csv or tensorboard/")
     parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
     parser.add_argument("--workers", type=int, help="DataLoader workers (recipe deit, streamed data; "
                                                     "default: min(8, cores))")

@@ -100,7 +100,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval", help="evaluate this checkpoint (its graph, with its run's arguments) instead of "
                                        "training")
     parser.add_argument("--logger", choices=["csv", "tensorboard"], default="csv",
-                        help="also log steps and epochs to logs/metrics.csv or tensorboard/")
+                        help="also log steps and epochs to logs/version_<n>/metrics.csv or tensorboard/")
     parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
     parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data (default: min(8, cores))")
     return parse_with_config(parser, argv)
@@ -440,10 +440,10 @@ def search(nodes, data, fabric, args, out):
 
 
 def search_picture(path, study):
-    """search.png, from Optuna's own plots: every trial's validation error over the
-    epochs (pruned ones stop early), and which edges' loss and gate choices matter
-    most (parameter importances, once two trials have completed). Its data is
-    trials.csv."""
+    """search.png, from Optuna's own plots: the optimisation history of the
+    completed trials, every trial's validation error over the epochs (pruned ones
+    stop early), and which edges' loss and gate choices matter most (parameter
+    importances, once two trials have completed). Its data is trials.csv."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -451,14 +451,14 @@ def search_picture(path, study):
 
     from common.run import save_figure
 
-    drawn = [plots.plot_intermediate_values(study).figure]
+    drawn = [plots.plot_optimization_history(study).figure, plots.plot_intermediate_values(study).figure]
     try:
         drawn.append(plots.plot_param_importances(study).figure)
     except (ValueError, RuntimeError):  # too few completed trials, or no variation among them
         pass
-    fig, axes = plt.subplots(1, len(drawn), figsize=(7 * len(drawn), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(drawn), figsize=(6 * len(drawn), 4.5), squeeze=False)
     for ax, part in zip(axes[0], drawn):
-        part.set_size_inches(7, 5)
+        part.set_size_inches(6, 4.5)
         part.tight_layout()
         part.canvas.draw()
         ax.imshow(part.canvas.buffer_rgba())

@@ -102,7 +102,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval", help="evaluate this network checkpoint (a sub-folder's .ckpt, with its run's "
                                        "arguments) instead of training")
     parser.add_argument("--logger", choices=["csv", "tensorboard"], default="csv",
-                        help="also log steps and epochs to logs/metrics.csv or tensorboard/ of each network")
+                        help="also log steps and epochs to logs/ or tensorboard/ of each network")
     parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
     parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data (default: min(8, cores))")
     return parse_with_config(parser, argv)

@@ -54,12 +54,14 @@ def parse_with_config(parser, argv=None):
 
 
 def make_logger(kind, out):
-    """Fabric's CSV (`logs/metrics.csv`) or TensorBoard (`tensorboard/`) logger in the run folder."""
+    """Fabric's CSV (`logs/version_<n>/metrics.csv`, a new version for each
+    resumed session, so none overwrites another) or TensorBoard (`tensorboard/`,
+    which appends) logger in the run folder."""
     from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
 
     if kind == "tensorboard":
         return TensorBoardLogger(root_dir=out, name="tensorboard", version="")
-    return CSVLogger(root_dir=out, name="logs", version="")
+    return CSVLogger(root_dir=out, name="logs")
 
 
 class UserError(Exception):

@@ -102,6 +102,7 @@ def test_image_folder_streamed(tmp_path, monkeypatch):
     monkeypatch.setattr(data_module, "IN_MEMORY_BYTES", 0)
     data = load_dataset("imagefolder", tmp_path, img_size=48)
     assert data.get("streamed")
+    assert make_loader(data, "train", 4, FakeFabric(), seed=0, workers=3).loader.num_workers == 3  # --workers
     loader = make_loader(data, "train", 4, FakeFabric(), seed=0)
     loader.loader.num_workers = 0
     images, labels = next(loader.epoch(0))

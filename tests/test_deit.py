@@ -68,6 +68,11 @@ def test_teacher_from_a_project_checkpoint_ema_eval_and_weights_out(teacher, tmp
     assert res["teacher"] == "resnet8" and res["ema_top1"] is not None and res["ema_top1"] > 10
     model = create_model("deit_micro", 10, 32)
     model.load_state_dict(load_file(out / "model.safetensors"))  # strict
+    # a run started from those weights, with a note of what was loaded
+    run_main(deit, "--model", "deit_micro", "--pretrained", out / "model.safetensors", "--epochs", "1",
+             "--train-subset", "100", "--batch-size", "50", "--out", tmp_path / "pretrained")
+    assert results(tmp_path / "pretrained")["pretrained"] == [
+        {"file": str(out / "model.safetensors"), "loaded": len(model.state_dict()), "resampled": [], "skipped": []}]
     run_main(deit, "--eval", out / "last.ckpt", "--out", tmp_path / "eval")
     evaluated = results(tmp_path / "eval")
     for key in ("top1", "top1_cls", "top1_dist", "teacher_top1", "teacher_agreement", "ema_top1"):

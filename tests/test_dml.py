@@ -40,7 +40,7 @@ def test_dml_run_folder(tmp_path, capsys):
     assert torch.load(out / "best.ckpt", weights_only=False)["epoch"] == 1 + val.index(max(val))
     assert "ensemble" in capsys.readouterr().out  # the summary table
     # the default CSV logger: losses at every log point and each epoch's record
-    logged = list(csv.DictReader(open(out / "logs" / "metrics.csv")))
+    logged = list(csv.DictReader(open(out / "logs" / "version_0" / "metrics.csv")))
     assert any(row.get("train/ce_0") for row in logged) and any(row.get("epoch/top1_ensemble") for row in logged)
     # the curves: each student's CE and KL, every accuracy (validation dashed), the learning rate
     assert png_size(out / "curves.png") == (1500, 400)
