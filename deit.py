@@ -48,7 +48,7 @@ from common.losses import cross_entropy, hard_distillation_loss, soft_distillati
 from common.models import (both_heads, count_parameters, create_model, describe_pretrained, freeze,
                            has_distillation_token, load_pretrained, load_teacher, model_name_in, save_weights,
                            split_heads, weight_decay_groups)
-from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, cosine_schedule, end_epoch,
+from common.run import (HelpFormatter, TrainLog, UserError, accumulate, check_fraction, cosine_schedule, end_epoch,
                         exit_on_user_error, finish, inference_dtype, load_checkpoint, make_fabric, make_logger,
                         parse_with_config, prepare_run_folder, require_positive, seed_epoch, write_json)
 
@@ -298,11 +298,8 @@ def main(args):
         log = TrainLog(fabric, ["loss", "ce", "distill"], epoch, args.epochs, steps_per_epoch * args.grad_accum_steps,
                        args.log_every, out, logger=logger)
         optimizer.zero_grad(set_to_none=True)
-        for batch, (images, labels) in enumerate(train_loader.epoch(epoch)):
-            step, last_of_step = divmod(batch, args.grad_accum_steps)
-            if step == steps_per_epoch:
-                break  # too few batches left for another optimizer step
-            last_of_step = last_of_step == args.grad_accum_steps - 1
+        batches = accumulate(train_loader.epoch(epoch), args.grad_accum_steps, steps_per_epoch)
+        for batch, step, last_of_step, images, labels in batches:
             scheduler.step_update(epoch * steps_per_epoch + step)
             targets = labels
             if erase is not None:

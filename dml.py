@@ -55,9 +55,10 @@ from common.landscape import loss_curve, plot as plot_landscape, write_csv as wr
 from common.losses import cross_entropy, dml_loss
 from common.models import (count_parameters, create_model, describe_pretrained, has_distillation_token, load_pretrained,
                            prediction, save_weights, split_heads, weight_decay_groups)
-from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, clip_each, cosine_schedule, end_epoch,
-                        exit_on_user_error, finish, load_checkpoint, make_fabric, make_logger, no_backward_sync,
-                        parse_with_config, prepare_run_folder, require_positive, seed_epoch, write_json)
+from common.run import (HelpFormatter, TrainLog, UserError, accumulate, check_fraction, clip_each, cosine_schedule,
+                        end_epoch, exit_on_user_error, finish, load_checkpoint, make_fabric, make_logger,
+                        no_backward_sync, parse_with_config, prepare_run_folder, require_positive, seed_epoch,
+                        write_json)
 
 
 def parse_args(argv=None):
@@ -232,11 +233,8 @@ def main(args):
         log = TrainLog(fabric, names, epoch, args.epochs, steps_per_epoch * args.grad_accum_steps, args.log_every, out,
                        logger=logger)
         optimizer.zero_grad(set_to_none=True)
-        for batch, (images, labels) in enumerate(train_loader.epoch(epoch)):
-            step, last_of_step = divmod(batch, args.grad_accum_steps)
-            if step == steps_per_epoch:
-                break  # too few batches left for another optimizer step
-            last_of_step = last_of_step == args.grad_accum_steps - 1
+        batches = accumulate(train_loader.epoch(epoch), args.grad_accum_steps, steps_per_epoch)
+        for batch, step, last_of_step, images, labels in batches:
             scheduler.step_update(epoch * steps_per_epoch + step)
             with no_backward_sync(fabric, students, enabled=not last_of_step):
                 terms = student_losses(students, images, labels, args)

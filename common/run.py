@@ -108,6 +108,17 @@ def make_fabric():
     return fabric
 
 
+def accumulate(batches, accum_steps, steps):
+    """(batch index, optimizer step, whether the batch ends that step, images,
+    labels) for the first `steps` × `accum_steps` batches: with gradient
+    accumulation, one optimizer step every `accum_steps` batches."""
+    for batch, (images, labels) in enumerate(batches):
+        step, position = divmod(batch, accum_steps)
+        if step == steps:
+            return  # too few batches left for another optimizer step
+        yield batch, step, position == accum_steps - 1, images, labels
+
+
 def no_backward_sync(fabric, modules, enabled):
     """Fabric's no_backward_sync for several modules: skip DDP's gradient
     all-reduce in the backward of a batch that only accumulates."""
