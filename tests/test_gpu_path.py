@@ -345,3 +345,27 @@ def test_attention_picture_runs_the_nodes_outside_ddp(tmp_path):
     fabric.autocast = lambda: contextlib.nullcontext()
     ktg_ensemble.attention_picture(tmp_path / "attention.png", nodes, graph, data, fabric)
     assert (tmp_path / "attention.png").is_file()
+
+
+@pytest.mark.parametrize("script, flags", [
+    (dml, ["--students", "resnet8", "resnet8"]), (deit, ["--model", "resnet8"]),
+    (takd, ["--chain", "plain4", "plain2"]), (ktg_ensemble, ["--nodes", "resnet8_abn", "resnet8_abn"]),
+])
+def test_data_is_loaded_on_local_rank_zero_first(tmp_path, monkeypatch, script, flags):
+    """Defect 8: every rank downloaded a torchvision data set at once."""
+    import lightning_fabric
+
+    inside = []
+
+    @contextlib.contextmanager
+    def rank_zero_first(self, local=False):
+        inside.append(local)
+        yield
+        inside.clear()
+
+    loaded_inside, load_dataset = [], script.load_dataset
+    monkeypatch.setattr(lightning_fabric.Fabric, "rank_zero_first", rank_zero_first)
+    monkeypatch.setattr(script, "load_dataset",
+                        lambda *args, **kwargs: loaded_inside.append(list(inside)) or load_dataset(*args, **kwargs))
+    run_main(script, *flags, "--epochs", "1", "--train-subset", "100", "--batch-size", "50", "--out", tmp_path / "run")
+    assert loaded_inside == [[True]]  # loaded once, inside rank_zero_first(local=True)
