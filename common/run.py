@@ -1,8 +1,9 @@
 """Run folders, checkpoints and the one-line error every script ends with on bad input.
 
 A run folder holds `args.json`, `metrics.csv`, `results.json`, `last.ckpt`,
-`best.ckpt` and plots. Checkpoints are written to a temporary file and renamed,
-so a kill at any moment leaves the last good one.
+`best.ckpt`, plots (PNG, each with its data in a CSV), the trained weights as
+safetensors and `logs/`. Checkpoints, tables and plots are written to a
+temporary file and renamed, so a kill at any moment leaves the last good one.
 """
 import argparse
 import csv
