@@ -43,9 +43,7 @@ Expect (seed 002, Stanford Dogs, ABN × 3, ensemble top-1): Independent 71.41,
 DML 72.08, the searched graph 73.41.
 """
 import argparse
-import fcntl
 import os
-import warnings
 from datetime import datetime
 
 import torch
@@ -59,6 +57,8 @@ from common.models import (ABN_ALIASES, count_parameters, create_model, describe
 from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, end_epoch, exit_on_user_error, finish,
                         load_checkpoint, make_fabric, make_logger, parse_with_config, prepare_run_folder,
                         require_positive, seed_epoch, step_schedule, write_csv, write_json)
+from common.study import open_study, search_picture, storage_failure, storage_url, trial_rows
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -281,72 +281,6 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
 # --- search ------------------------------------------------------------------
 
 
-def open_study(args, out):
-    """The Optuna study in --storage (created if new), with the authors' random
-    sampler and successive-halving pruner. Heartbeats let a later worker mark
-    the trial of a killed process as failed."""
-    import optuna
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    url = storage_url(args, out)
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    # Workers starting together on a new SQLite file race to create its tables:
-    # they take turns, through a lock file beside it.
-    lock_path = url.removeprefix("sqlite:///") + ".lock" if url.startswith("sqlite:///") else os.devnull
-    try:
-        with open(lock_path, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            # a trial beats three times per grace period: one late beat does not fail it
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine,
-                                                 heartbeat_interval=max(1, args.heartbeat_grace // 3),
-                                                 grace_period=args.heartbeat_grace)
-            study = optuna.create_study(storage=storage, study_name=args.study_name, direction="minimize",
-                                        load_if_exists=True)
-    except Exception as error:  # a bad URL, an unreachable server, a missing folder
-        failure = storage_failure(error, url)
-        if failure:
-            raise UserError(f"cannot reach the study storage at {failure}") from None
-        raise UserError(f"cannot open study {args.study_name!r} in {masked(url)}: {type(error).__name__}: "
-                        f"{str(error).splitlines()[0]}") from None
-    # Seeded by the trials already there: one worker is reproducible, a resumed one draws new graphs.
-    study.sampler = optuna.samplers.RandomSampler(seed=args.seed * 100_003 + len(study.trials))
-    study.pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
-    return study
-
-
-def storage_url(args, out):
-    """The study's database: --storage, else SQLite in the run folder."""
-    return args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
-
-
-def masked(url):
-    """The URL with its password hidden: it is printed."""
-    import re
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
-
-
-def storage_failure(error, url):
-    """'host:port: what failed' when `error`, or an error it arose from, is the
-    database's (SQLAlchemy's OperationalError: no server, a wrong password, no such
-    database, a lost connection), else None."""
-    import sqlalchemy
-    while error is not None and not isinstance(error, (sqlalchemy.exc.OperationalError,
-                                                       sqlalchemy.exc.InterfaceError)):
-        error = error.__cause__ or error.__context__
-    if error is None:
-        return None
-    # psycopg: 'connection failed: connection to server at "h", port p failed: FATAL:  what'
-    message = str(error.orig).strip().split("FATAL:")[-1].split(" failed: ")[-1].strip()
-    what = message.splitlines()[0] if message else type(error.orig).__name__
-    if "refused" in what.lower():
-        what = "connection refused (is the server running?)"
-    elif "authentication failed" in what:
-        what += " (wrong user or password?)"
-    url = sqlalchemy.engine.make_url(url)
-    where = url.database if url.get_backend_name() == "sqlite" else f"{url.host}:{url.port or 5432}"
-    return f"{where}: {what}"
-
-
 def search(nodes, data, fabric, args, out):
     """Run trials until --search of them have finished (completed or pruned) in the study; return the best graph."""
     import _thread
@@ -437,46 +371,6 @@ def search(nodes, data, fabric, args, out):
     write_json(out / "best_graph.json", best.user_attrs["graph"])
     search_picture(out / "search.png", study)
     return best.user_attrs["graph"], summary
-
-
-def search_picture(path, study):
-    """search.png, from Optuna's own plots: the optimisation history of the
-    completed trials, every trial's validation error over the epochs (pruned ones
-    stop early), and which edges' loss and gate choices matter most (parameter
-    importances, once two trials have completed). Its data is trials.csv."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna.visualization.matplotlib as plots
-
-    from common.run import save_figure
-
-    drawn = [plots.plot_optimization_history(study).figure, plots.plot_intermediate_values(study).figure]
-    try:
-        drawn.append(plots.plot_param_importances(study).figure)
-    except (ValueError, RuntimeError):  # too few completed trials, or no variation among them
-        pass
-    fig, axes = plt.subplots(1, len(drawn), figsize=(6 * len(drawn), 4.5), squeeze=False)
-    for ax, part in zip(axes[0], drawn):
-        part.set_size_inches(6, 4.5)
-        part.tight_layout()
-        part.canvas.draw()
-        ax.imshow(part.canvas.buffer_rgba())
-        ax.axis("off")
-        plt.close(part)
-    fig.tight_layout()
-    save_figure(fig, path)
-    return fig
-
-
-def trial_rows(trials):
-    """The table of the trials: state, validation error, epochs run, and the sampled edges."""
-    params = sorted({name for trial in trials for name in trial.params})
-    return [{"number": t.number, "state": t.state.name, "val_error": t.value,
-             "epochs": (t.last_step + 1) if t.last_step is not None else 0,
-             "duration_s": t.duration.total_seconds() if t.duration else None,
-             "worker": t.user_attrs.get("worker"), **{name: t.params.get(name) for name in params}}
-            for t in trials]
 
 
 # --- main --------------------------------------------------------------------
