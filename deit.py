@@ -291,7 +291,7 @@ def main(args):
         write_json(out / "args.json", vars(args))
     state["args"] = vars(args)
 
-    accuracy = None
+    accuracy = ema_top1 = None
     for epoch in range(state["epoch"], args.epochs if not args.eval else 0):
         seed_epoch(args.seed, epoch)
         model.train()
@@ -329,15 +329,16 @@ def main(args):
                "top1_cls": accuracy[1], "top1_dist": accuracy[2],
                "teacher_agreement": accuracy[3] if teacher is not None else None, "img_per_s": means["img_per_s"]}
         if ema is not None:
-            row["ema_top1"] = evaluate(ema.module, test_loader, fabric)[0]
+            row["ema_top1"] = ema_top1 = evaluate(ema.module, test_loader, fabric)[0]
         score = accuracy[0]
         if val_loader is not None:  # best.ckpt is chosen on the validation split, never on test
             row["val_top1"] = score = evaluate(model, val_loader, fabric)[0]
         end_epoch(fabric, out, state, row, score, log, CURVE_PANELS)
 
     # --- results ------------------------------------------------------------
-    if accuracy is None:  # resumed a finished run
+    if accuracy is None:  # resumed a finished run, or --eval
         accuracy = evaluate(model, test_loader, fabric, teacher_decisions)
+        ema_top1 = evaluate(ema.module, test_loader, fabric)[0] if ema is not None else None
     distilled = has_distillation_token(model)
     results = {
         "method": "deit", "model": args.model, "teacher": args.teacher,
@@ -347,7 +348,7 @@ def main(args):
         "top1_dist": accuracy[2] if distilled else None, "teacher_top1": teacher_top1,
         "teacher_agreement": accuracy[3] if teacher is not None else None,
         "best_on": "validation" if args.val_split else "test", "pretrained": pretrained,
-        "ema_top1": evaluate(ema.module, test_loader, fabric)[0] if ema is not None else None,
+        "ema_top1": ema_top1,
         "train_img_per_s": state["history"][-1]["img_per_s"] if state["history"] else None, "wall_s": state["wall_s"],
         "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
     }

@@ -7,8 +7,9 @@ students see the same batch; student k minimises (eq. 1-2)
 
 with the peers' p_j detached. Each student is a parameter group of one
 optimizer (the same update as one optimizer each, with one launch and, in
-16-mixed, one loss scale for all). All students are updated on the same batch at once (the peers' predictions of this
-step, not of a peer already updated in this step). `--mode independent` trains
+16-mixed, one loss scale for all). All students are updated on the same batch
+at once (the peers' predictions of this step, not of a peer already updated in
+this step). `--mode independent` trains
 the same students with CE only: with the same `--seed` both modes start from the
 same weights and see the same data in the same order.
 
@@ -225,7 +226,7 @@ def main(args):
 
     K = len(students)
     names = [f"{term}_{k}" for k in range(K) for term in ("ce", "kl")]
-    accuracy = None
+    accuracy = ema_accuracy = None
     for epoch in range(state["epoch"], args.epochs):
         seed_epoch(args.seed, epoch)
         for student in students:
@@ -271,7 +272,8 @@ def main(args):
     # --- results ------------------------------------------------------------
     if accuracy is None:  # resumed a finished run
         accuracy = evaluate(students, test_loader, fabric)
-    results = run_results(fabric, args, students, emas, accuracy, test_loader)
+        ema_accuracy = evaluate([ema.module for ema in emas], test_loader, fabric) if emas else None
+    results = run_results(fabric, args, students, accuracy, ema_accuracy)
     results.update(pretrained=pretrained, train_img_per_s=state["history"][-1]["img_per_s"], wall_s=state["wall_s"])
     if args.landscape:
         # a fixed, class-balanced part of the training set, without augmentation
@@ -290,7 +292,7 @@ def main(args):
     finish(fabric)
 
 
-def run_results(fabric, args, students, emas, accuracy, test_loader):
+def run_results(fabric, args, students, accuracy, ema_accuracy=None):
     """The results.json fields of the students' (and their averages') test accuracies."""
     K = len(students)
     results = {
@@ -303,8 +305,7 @@ def run_results(fabric, args, students, emas, accuracy, test_loader):
         "best_on": "validation" if args.val_split else "test",
         "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
     }
-    if emas:
-        ema_accuracy = evaluate([ema.module for ema in emas], test_loader, fabric)
+    if ema_accuracy is not None:
         for k, student in enumerate(results["students"]):
             student["ema_top1"] = ema_accuracy[k][0]
     return results
@@ -316,7 +317,8 @@ def evaluate_checkpoint(fabric, args, out, state, students, emas, test_loader, v
         fabric.load(args.eval, state, strict=False, weights_only=True)
     except Exception as error:
         raise UserError(f"checkpoint {args.eval} does not fit these students: {type(error).__name__}") from None
-    results = run_results(fabric, args, students, emas, evaluate(students, test_loader, fabric), test_loader)
+    ema_accuracy = evaluate([ema.module for ema in emas], test_loader, fabric) if emas else None
+    results = run_results(fabric, args, students, evaluate(students, test_loader, fabric), ema_accuracy)
     results.update(evaluated=str(args.eval), epochs_trained=state["epoch"], train_img_per_s=None, wall_s=None)
     if val_loader is not None:
         results["val_ensemble_top1"] = evaluate(students, val_loader, fabric)[len(students)][0]
