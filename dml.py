@@ -79,6 +79,8 @@ def parse_args(argv=None):
     parser.add_argument("--train-subset", type=int, help="train on a class-balanced subset of this many images")
     parser.add_argument("--val-split", type=float, default=0.0,
                         help="hold out this part of each training class; it chooses best.ckpt (0: the test split does)")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="seed of the --train-subset and --val-split images: the same images for every --seed")
     parser.add_argument("--epochs", type=int, default=300, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=512, help="batch size over all devices")
     parser.add_argument("--grad-accum-steps", type=int, default=1,
@@ -181,10 +183,10 @@ def main(args):
     logger = make_logger(args.logger, out)
 
     with fabric.rank_zero_first(local=True):  # a download happens once per machine
-        data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
+        data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.split_seed)
     args.img_size = data["img_size"]
     if args.val_split:
-        data = hold_out(data, args.val_split, args.seed)
+        data = hold_out(data, args.val_split, args.split_seed)
     per_device_batch = max(1, args.batch_size // fabric.world_size)
     train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed, workers=args.workers)
     test_loader = make_loader(data, "test", per_device_batch, fabric, workers=args.workers)

@@ -73,7 +73,7 @@ def parse_args(argv=None):
                         help="hold out this part of each training class: search trials are scored on it, and it "
                              "chooses best.ckpt (default: 0.2 with --search, else 0: off)")
     parser.add_argument("--split-seed", type=int, default=0,
-                        help="seed of the held-out part: one split for all workers of a study")
+                        help="seed of the --train-subset and --val-split images: one split for all workers of a study")
     parser.add_argument("--storage", help="Optuna storage URL shared by search workers, e.g. "
                                           "postgresql+psycopg://user:password@host:5432/db (default: SQLite in --out)")
     parser.add_argument("--study-name", default="ktg", help="the Optuna study in --storage")
@@ -385,7 +385,7 @@ def main(args):
     args.out = args.out or fabric.broadcast(f"runs/ktg/{datetime.now():%Y%m%d-%H%M%S}")
     out = prepare_run_folder(fabric, args.out, args.resume, args.overwrite, marker="args.json")
     with fabric.rank_zero_first(local=True):  # a download happens once per machine
-        data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
+        data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.split_seed)
     args.img_size = data["img_size"]
     if args.val_split:  # held out by --split-seed: the same images in every worker of a search
         data = hold_out(data, args.val_split, args.split_seed)

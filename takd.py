@@ -69,7 +69,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--chain", nargs="+", default=["plain10", "plain4", "plain2"],
-                        help="teacher, assistant(s), student: plain<2..10>, resnet<depth>, any model, or auto")
+                        help="teacher, assistant(s), student: plain<2..10>, resnet<depth>, any model, or auto "
+                             "(one network: train it alone)")
     parser.add_argument("--ta-candidates", nargs="+", default=[], help="networks an `auto` in the chain chooses from")
     parser.add_argument("--teacher-ckpt", help="weights of the chain's first network, instead of training it")
     parser.add_argument("--compare", action="store_true",
@@ -84,6 +85,8 @@ def parse_args(argv=None):
     parser.add_argument("--val-split", type=float, default=0.0,
                         help="hold out this part of each training class; it chooses best.ckpt and the `auto` "
                              "assistant (0: off; `auto` needs it)")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="seed of the --train-subset and --val-split images: the same images for every --seed")
     parser.add_argument("--epochs", type=int, default=150, help="training epochs of every network")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size over all devices")
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate for batch 128 (scaled by batch/128)")
@@ -110,8 +113,8 @@ def parse_args(argv=None):
 
 def check_args(args):
     chain = args.chain
-    if len(chain) < 2:
-        raise UserError(f"--chain needs a teacher and a student, got {' '.join(chain)}")
+    if len(chain) < 2 and args.compare:  # a chain of one network trains it alone, e.g. a teacher for later runs
+        raise UserError(f"--compare needs a teacher and a student in --chain, got {' '.join(chain)}")
     if AUTO in (chain[0], chain[-1]):
         raise UserError("--chain: the teacher and the student cannot be `auto`, only the networks between them")
     if any(a == b == AUTO for a, b in zip(chain, chain[1:])):
@@ -258,10 +261,10 @@ def main(args):
     start = time.perf_counter()
 
     with fabric.rank_zero_first(local=True):  # a download happens once per machine
-        data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.seed)
+        data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.split_seed)
     args.img_size = data["img_size"]
     if args.val_split:
-        data = hold_out(data, args.val_split, args.seed)
+        data = hold_out(data, args.val_split, args.split_seed)
     for name in set(args.chain + args.ta_candidates) - {AUTO}:
         create_model(name, len(data["classes"]), args.img_size)  # an unknown name stops the run before training
     if fabric.is_global_zero and not args.eval:

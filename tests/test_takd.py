@@ -155,7 +155,7 @@ def test_resume_after_sigkill_in_the_second_step(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--chain", "plain4"], "--chain needs a teacher and a student"),
+    (["--chain", "plain4", "--compare"], "--compare needs a teacher and a student"),
     (["--chain", "plain6", "auto", "plain2"], "--ta-candidates names no networks"),
     (["--chain", "plain6", "auto", "plain2", "--ta-candidates", "plain4"], "give --val-split"),
     (["--chain", "plain8", "auto", "auto", "plain2", "--ta-candidates", "plain4"], "two `auto`s in a row"),

@@ -1,0 +1,351 @@
+"""Each seed document's table, rerun at CPU scale over several seeds.
+
+    python reproduce.py dml              # seed 000: Table 1 (Independent, DML (ViT), DML (DeiT)) and Fig. 3
+    python reproduce.py deit             # seeds 001/003: no distillation, soft, hard, from a CNN teacher
+    python reproduce.py takd             # seed 004: NOKD, BLKD, TAKD, the assistant sweep, the automatic choice
+    python reproduce.py ktg              # seed 002: ensembles of 3 ABNs, Independent, DML, a searched graph
+    python reproduce.py dml --quick      # the whole table on a few hundred images in a minute (a smoke test)
+
+Every (configuration, seed) is one run of the method script as it is (its
+`main`, in this process) in `--out/runs/<configuration>/seed<k>`: a finished run
+is reused, a killed one resumed, so rerunning the command after a kill goes on
+where it stopped. The teacher of a table is trained once, not per seed, so the
+spread over seeds is the students' alone; `--split-seed` stays 0, so every seed
+trains on the same images and only weights, data order and augmentation vary.
+Written to `--out` (default `results/<table>`): `table.json` (every row's
+per-seed values, mean and std; every claim of the seed document with whether it
+held and by what margin), `table.md` and `table.png`.
+
+Settings (the `SETTINGS` below) are chosen so that each table takes about an
+hour on a 2-core CPU with 3 seeds and so that the effects have a chance: the
+methods are regularisers and teachers, which help where the baseline overfits,
+so the students see few images (100 or 200 per class of cifar10-mini) for many
+epochs, and teachers get twice the students' epochs. Every method of a table
+uses the same hyper-parameters, fixed before any run (the scripts' defaults,
+or the one value written beside it); nothing is tuned, on validation or test.
+"""
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import deit
+import dml
+import ktg_ensemble
+import takd
+from common.run import HelpFormatter, UserError, exit_on_user_error, save_figure, write_json
+
+SEEDS = [0, 1, 2]
+QUICK_SEEDS = [0, 1]
+RUNS_WALL_S = []  # each run's own wall time, finished now or before: what a table costs
+MARKER = {dml: "last.ckpt", deit: "last.ckpt", takd: "args.json", ktg_ensemble: "args.json"}  # what --resume needs
+
+# Each table's flags, given to every run of it; `quick` replaces them under --quick.
+SETTINGS = {
+    # 100 images per class for 100 epochs: the Independent ViTs fit their training
+    # images and their test accuracy stops rising about half-way (METHODS.md), the
+    # regime where mutual learning can regularise. Batch 100: 10 steps per epoch.
+    "dml": {"full": ["--train-subset", "1000", "--epochs", "100", "--batch-size", "100"],
+            "quick": ["--train-subset", "200", "--epochs", "1", "--batch-size", "50"]},
+    # The same images; the teacher (a CIFAR ResNet-20, the SGD recipe of takd.py)
+    # gets 200 epochs, the students 100 at the DML table's learning rate
+    # (5e-3 per 512, AdamW), with crop and flip.
+    "deit": {"full": ["--train-subset", "1000", "--epochs", "100", "--batch-size", "100", "--lr", "5e-3",
+                      "--recipe", "cifar"],
+             "quick": ["--train-subset", "200", "--epochs", "1", "--batch-size", "50", "--lr", "5e-3",
+                       "--recipe", "cifar"]},
+    # 200 images per class, 10 % of them held out for the automatic choice;
+    # plain CNNs at the script's recipe, the plain10 teacher for 60 epochs.
+    "takd": {"full": ["--train-subset", "2000", "--val-split", "0.1", "--epochs", "30"],
+             "quick": ["--train-subset", "200", "--val-split", "0.2", "--epochs", "1"]},
+    # 100 images per class, 20 % held out to score the search (and, for every
+    # row alike, to choose best.ckpt); ResNet-8 ABNs so that a search fits.
+    "ktg": {"full": ["--train-subset", "1000", "--val-split", "0.2", "--epochs", "30"],
+            "quick": ["--train-subset", "200", "--val-split", "0.2", "--epochs", "1"]},
+}
+TEACHER_EPOCHS = {"full": "200", "quick": "1"}  # deit's teacher; takd's gets twice its students' epochs
+KTG_SEARCH = {"full": "10", "quick": "2"}        # graphs tried by the KTG search
+
+
+# --- runs -------------------------------------------------------------------
+
+def train(script, folder, flags):
+    """Run `script` with `flags` into `folder`; return its results.json. A finished
+    run is reused, a killed one resumed, anything else there replaced."""
+    folder = Path(folder)
+    if not (folder / "results.json").is_file():
+        state = "--resume" if (folder / MARKER[script]).is_file() else "--overwrite"
+        argv = [*map(str, flags), "--out", str(folder), state]
+        print(f"\n=== {script.__name__}.py {' '.join(argv)}", flush=True)
+        script.main(script.parse_args(argv))
+    results = json.loads((folder / "results.json").read_text())
+    RUNS_WALL_S.append(results["wall_s"])
+    return results
+
+
+def summary(method, metric, values):
+    """A table row: the per-seed values, their mean and sample standard deviation."""
+    values = [round(v, 3) for v in values]
+    return {"method": method, "metric": metric, "values": values, "mean": round(statistics.mean(values), 3),
+            "std": round(statistics.stdev(values), 3) if len(values) > 1 else 0.0}
+
+
+def claim(text, better, worse):
+    """A claim that `better` beats `worse` (per-seed lists of the same seeds):
+    holds when the mean difference is positive; also how many seeds agree."""
+    differences = [b - w for b, w in zip(better, worse)]
+    margin = statistics.mean(differences)
+    return {"claim": text, "holds": margin > 0, "margin": round(margin, 3),
+            "seeds_agreeing": f"{sum(d > 0 for d in differences)}/{len(differences)}"}
+
+
+def mean(values):
+    return statistics.mean(values)
+
+
+def final_train_ce(folder, columns):
+    """The last epoch's training CE (mean of `columns` in metrics.csv): how well the run fit its images."""
+    lines = (Path(folder) / "metrics.csv").read_text().splitlines()
+    header, last = lines[0].split(","), lines[-1].split(",")
+    return mean(float(last[header.index(column)]) for column in columns)
+
+
+# --- the tables ---------------------------------------------------------------
+
+def dml_table(flags, seeds, runs, quick):
+    """Seed 000, Table 1: Independent, DML (ViT) and DML (DeiT) for a pair of equal
+    students, Independent and DML for a pair of unequal ones; Fig. 3: the loss
+    landscape of an Independent and a DML student."""
+    configs = {  # name -> students, mode, whether to draw the loss landscape (Fig. 3)
+        "Independent (ViT), equal": (["vit_micro", "vit_micro"], "independent", True),
+        "DML (ViT), equal": (["vit_micro", "vit_micro"], "dml", True),
+        "DML (DeiT), equal": (["deit_micro", "deit_micro"], "dml", False),
+        "Independent (ViT), unequal": (["vit_micro", "vit_mini"], "independent", False),
+        "DML (ViT), unequal": (["vit_micro", "vit_mini"], "dml", False),
+    }
+    rows, top1, rise = [], {}, {}
+    for name, (students, mode, draw) in configs.items():
+        landscape = ["--landscape"] if draw else []
+        results = []
+        for seed in seeds:
+            folder = runs / slug(name) / f"seed{seed}"
+            results.append(train(dml, folder, [*flags, "--students", *students, "--mode", mode, "--seed", seed,
+                                               *landscape]))
+            if landscape:
+                rise.setdefault(name, []).append(landscape_rise(folder))
+        for k, student in enumerate(students):
+            top1[name, k] = [r["students"][k]["top1"] for r in results]
+            rows.append(summary(name, f"top-1 student {k + 1} ({student})", top1[name, k]))
+        rows.append(summary(name, "top-1 ensemble", [r["ensemble_top1"] for r in results]))
+        columns = [f"ce_{k}" for k in range(len(students))]
+        rows.append(summary(name, "final training CE", [final_train_ce(runs / slug(name) / f"seed{s}", columns)
+                                                         for s in seeds]))
+    for name, values in rise.items():
+        rows.append(summary(name, "landscape: loss rise at the largest σ", values))
+
+    def students_mean(name):
+        return [mean(pair) for pair in zip(top1[name, 0], top1[name, 1])]
+
+    ind, vit, dei = "Independent (ViT), equal", "DML (ViT), equal", "DML (DeiT), equal"
+    claims = [claim("DML (ViT) > Independent, equal students (mean of the two)", students_mean(vit), students_mean(ind)),
+              claim("DML (DeiT) > Independent, equal students", students_mean(dei), students_mean(ind)),
+              claim("DML (ViT) > DML (DeiT), equal students", students_mean(vit), students_mean(dei)),
+              claim("DML > Independent for the smaller of unequal students (vit_micro)",
+                    top1["DML (ViT), unequal", 0], top1["Independent (ViT), unequal", 0]),
+              claim("DML > Independent for the larger of unequal students (vit_mini)",
+                    top1["DML (ViT), unequal", 1], top1["Independent (ViT), unequal", 1]),
+              claim("Fig. 3: a DML student's training loss rises more slowly under weight noise (wider minimum)",
+                    [-v for v in rise[vit]], [-v for v in rise[ind]])]
+    from common.landscape import compare
+    compare([runs / slug(ind) / f"seed{seeds[0]}", runs / slug(vit) / f"seed{seeds[0]}"],
+            runs.parent / "landscape.png")
+    return rows, claims
+
+
+def landscape_rise(folder):
+    """Mean over the students of loss(σ_max) − loss(0) in landscape.csv."""
+    from common.landscape import read_csv
+    curves = read_csv(Path(folder) / "landscape.csv").values()
+    return mean(curve[-1]["loss_mean"] - curve[0]["loss_mean"] for curve in curves)
+
+
+def deit_table(flags, seeds, runs, quick):
+    """Seeds 001/003: a CNN teacher trained here once, then the student without
+    distillation (a vit_*, the paper's baseline), with soft and with hard
+    distillation; each head alone and the agreement with the teacher."""
+    setting = "quick" if quick else "full"
+    data_flags = flags[:flags.index("--epochs")]  # the students' images, for the teacher too
+    teacher_run = train(takd, runs / "teacher", [*data_flags, "--chain", "resnet20", "--epochs",
+                                                 TEACHER_EPOCHS[setting], "--seed", "0"])
+    teacher_ckpt = runs / "teacher" / "resnet20" / "last.ckpt"
+    configs = {"none (vit_micro)": ["--model", "vit_micro", "--distillation-type", "none"],
+               "soft (deit_micro)": ["--model", "deit_micro", "--distillation-type", "soft"],
+               "hard (deit_micro)": ["--model", "deit_micro", "--distillation-type", "hard"]}
+    rows = [summary("teacher resnet20 (trained once)", "top-1", [teacher_run["student_top1"]])]
+    top1 = {}
+    for name, model_flags in configs.items():
+        teacher_flags = [] if "none" in name else ["--teacher", "resnet20", "--teacher-ckpt", teacher_ckpt]
+        results = [train(deit, runs / slug(name) / f"seed{seed}", [*flags, *model_flags, *teacher_flags,
+                                                                   "--seed", seed]) for seed in seeds]
+        top1[name] = [r["top1"] for r in results]
+        rows.append(summary(name, "top-1", top1[name]))
+        if "none" not in name:
+            top1[name, "cls"] = [r["top1_cls"] for r in results]
+            top1[name, "dist"] = [r["top1_dist"] for r in results]
+            rows += [summary(name, "top-1 class head", top1[name, "cls"]),
+                     summary(name, "top-1 distillation head", top1[name, "dist"]),
+                     summary(name, "agreement with the teacher", [r["teacher_agreement"] for r in results])]
+        rows.append(summary(name, "final training CE", [final_train_ce(runs / slug(name) / f"seed{s}", ["loss_ce"])
+                                                         for s in seeds]))
+    none, soft, hard = configs
+    claims = [claim("hard distillation > no distillation", top1[hard], top1[none]),
+              claim("soft distillation > no distillation", top1[soft], top1[none]),
+              claim("hard > soft distillation", top1[hard], top1[soft]),
+              claim("hard: both heads together > the class head alone", top1[hard], top1[hard, "cls"]),
+              claim("hard: both heads together > the distillation head alone", top1[hard], top1[hard, "dist"])]
+    return rows, claims
+
+
+def takd_table(flags, seeds, runs, quick):
+    """Seed 004: a plain10 teacher trained once; for each seed NOKD, BLKD and TAKD
+    with the assistant chosen automatically (on the validation split), and the
+    sweep of every candidate assistant, whose best is the choice in hindsight."""
+    candidates = ["plain4", "plain6", "plain8"]
+    epochs = flags[flags.index("--epochs") + 1]
+    teacher_flags = [*flags[:flags.index("--epochs")], "--epochs", str(2 * int(epochs))]
+    teacher_run = train(takd, runs / "teacher", [*teacher_flags, "--chain", "plain10", "--seed", "0"])
+    teacher = ["--teacher-ckpt", runs / "teacher" / "plain10" / "last.ckpt"]
+    auto, sweep = [], {candidate: [] for candidate in candidates}
+    for seed in seeds:
+        auto.append(train(takd, runs / "auto" / f"seed{seed}", [*flags, *teacher, "--seed", seed, "--compare",
+                                                                "--chain", "plain10", "auto", "plain2",
+                                                                "--ta-candidates", *candidates]))
+        for candidate in candidates:
+            run = train(takd, runs / f"via-{candidate}" / f"seed{seed}",
+                        [*flags, *teacher, "--seed", seed, "--chain", "plain10", candidate, "plain2"])
+            sweep[candidate].append(run["student_top1"])
+    nokd = [r["compare"]["nokd_top1"] for r in auto]
+    blkd = [r["compare"]["blkd_top1"] for r in auto]
+    takd_auto = [r["student_top1"] for r in auto]
+    hindsight = [max(sweep[c][i] for c in candidates) for i in range(len(seeds))]
+    chosen = [r["chain"][1] for r in auto]
+    best = [max(candidates, key=lambda c: sweep[c][i]) for i in range(len(seeds))]
+    rows = [summary("teacher plain10 (trained once)", "top-1", [teacher_run["student_top1"]]),
+            summary("NOKD (plain2 alone)", "top-1", nokd),
+            summary("BLKD (plain10 → plain2)", "top-1", blkd),
+            summary("TAKD, assistant chosen automatically", "top-1", takd_auto),
+            *[summary(f"TAKD via {c}", "top-1", sweep[c]) for c in candidates],
+            summary("TAKD, best assistant in hindsight (chosen on test)", "top-1", hindsight),
+            *[summary(f"{c} alone", "validation top-1", [r["ta_choice"]["candidates"][c] for r in auto])
+              for c in candidates]]
+    claims = [claim("BLKD > NOKD", blkd, nokd),
+              claim("TAKD (automatic assistant) > BLKD", takd_auto, blkd),
+              claim("TAKD (automatic assistant) > NOKD", takd_auto, nokd),
+              claim("TAKD (best assistant in hindsight) > BLKD", hindsight, blkd),
+              {"claim": "the automatic choice is the best assistant in hindsight",
+               "holds": chosen == best, "margin": round(mean(takd_auto) - mean(hindsight), 2),
+               "seeds_agreeing": f"{sum(c == b for c, b in zip(chosen, best))}/{len(seeds)}",
+               "chosen": chosen, "best_in_hindsight": best}]
+    return rows, claims
+
+
+def ktg_table(flags, seeds, runs, quick):
+    """Seed 002: ensembles of three ABNs trained independently, by DML, and along
+    the best graph of a small search (scored on the validation split, seed 0),
+    each retrained for every seed and tested."""
+    setting = "quick" if quick else "full"
+    nodes = ["--nodes", "resnet8_abn", "resnet8_abn", "resnet8_abn"]
+    search = train(ktg_ensemble, runs / "search", [*flags, *nodes, "--search", KTG_SEARCH[setting], "--seed", "0"])
+    configs = {"Independent": ["--graph", "independent"], "DML": ["--graph", "dml"],
+               "KTG (searched graph)": ["--graph", runs / "search" / "best_graph.json"]}
+    rows, ensemble = [], {}
+    for name, graph in configs.items():
+        results = [train(ktg_ensemble, runs / slug(name) / f"seed{seed}", [*flags, *nodes, *graph, "--seed", seed])
+                   for seed in seeds]
+        ensemble[name] = [r["ensemble_top1"] for r in results]
+        rows += [summary(name, "top-1 ensemble", ensemble[name]),
+                 summary(name, "top-1 mean of the nodes", [r["node_mean_top1"] for r in results])]
+    rows.append(summary("search (seed 0)", "best validation error", [search["search"]["best_val_error"]]))
+    claims = [claim("DML > Independent (ensemble)", ensemble["DML"], ensemble["Independent"]),
+              claim("KTG > Independent (ensemble)", ensemble["KTG (searched graph)"], ensemble["Independent"]),
+              claim("KTG > DML (ensemble)", ensemble["KTG (searched graph)"], ensemble["DML"])]
+    return rows, claims
+
+
+TABLES = {"dml": dml_table, "deit": deit_table, "takd": takd_table, "ktg": ktg_table}
+
+
+def slug(name):
+    """A folder name for a configuration: 'DML (ViT), equal' -> 'dml-vit-equal'."""
+    kept = "".join(c if c.isalnum() else " " for c in name.lower())
+    return "-".join(kept.split())
+
+
+# --- reports --------------------------------------------------------------------
+
+def write_markdown(path, table):
+    lines = [f"Table `{table['table']}`, seeds {table['seeds']}, runs' wall time {table['runs_wall_s'] / 60:.1f} min", "",
+             "| method | metric | mean ± std | n | per seed |", "|---|---|---:|---:|---|"]
+    for r in table["rows"]:
+        digits = 2 if "top-1" in r["metric"] or "agreement" in r["metric"] else 3  # accuracies in points, else losses
+        lines.append(f"| {r['method']} | {r['metric']} | {r['mean']:.{digits}f} ± {r['std']:.{digits}f} | "
+                     f"{len(r['values'])} | {', '.join(f'{v:.{digits}f}' for v in r['values'])} |")
+    lines += ["", "| claim | holds | margin | seeds agreeing |", "|---|---|---:|---:|"]
+    lines += [f"| {c['claim']} | {'yes' if c['holds'] else 'no'} | {c['margin']:+.3g} | {c['seeds_agreeing']} |"
+              for c in table["claims"]]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def plot_table(path, table):
+    """table.png: every top-1 row as a bar (mean) with its spread (± std) and one dot per seed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in table["rows"] if "top-1" in r["metric"] and "validation" not in r["metric"]]
+    labels = [f"{r['method']}: {r['metric']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.4 * len(rows) + 1.2))
+    y = range(len(rows))
+    ax.barh(y, [r["mean"] for r in rows], xerr=[r["std"] for r in rows], color="tab:blue", alpha=0.5, capsize=3)
+    for i, r in enumerate(rows):
+        ax.plot(r["values"], [i] * len(r["values"]), "k.", markersize=5)
+    low = min(min(r["values"]) for r in rows)
+    ax.set(yticks=list(y), yticklabels=labels, xlabel="test top-1 (%)", xlim=(max(0, low - 5), None),
+           title=f"{table['table']}: mean ± std over seeds {table['seeds']} (dots: each seed)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    save_figure(fig, path)
+    return fig
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("table", choices=TABLES, help="which seed document's table")
+    parser.add_argument("--seeds", type=int, nargs="+", help=f"training seeds (default: {SEEDS}, --quick {QUICK_SEEDS})")
+    parser.add_argument("--quick", action="store_true", help="a few hundred images, one epoch: a smoke test")
+    parser.add_argument("--out", help="where runs and the table go (default: results/<table>, --quick: "
+                                      "results/<table>-quick)")
+    return parser.parse_args(argv)
+
+
+def main(args):
+    seeds = args.seeds or (QUICK_SEEDS if args.quick else SEEDS)
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds repeats a seed: {seeds}")
+    out = Path(args.out or f"results/{args.table}{'-quick' if args.quick else ''}")
+    flags = SETTINGS[args.table]["quick" if args.quick else "full"]
+    start = time.perf_counter()
+    RUNS_WALL_S.clear()
+    rows, claims = TABLES[args.table](flags, seeds, out / "runs", args.quick)
+    table = {"table": args.table, "seeds": seeds, "quick": args.quick, "settings": flags,
+             "runs_wall_s": round(sum(RUNS_WALL_S), 1),  # what the table costs, however often it was resumed
+             "wall_s": round(time.perf_counter() - start, 1), "rows": rows, "claims": claims}
+    write_json(out / "table.json", table)
+    write_markdown(out / "table.md", table)
+    plot_table(out / "table.png", table)
+    print("\n" + (out / "table.md").read_text() + f"\nwrote {out}/table.json, table.md, table.png")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main, parse_args())
