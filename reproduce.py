@@ -4,7 +4,7 @@
     python reproduce.py deit             # seeds 001/003: no distillation, soft, hard, from a CNN teacher
     python reproduce.py takd             # seed 004: NOKD, BLKD, TAKD, the assistant sweep, the automatic choice
     python reproduce.py ktg              # seed 002: ensembles of 3 ABNs, Independent, DML, a searched graph
-    python reproduce.py dml --quick      # the whole table on a few hundred images in a minute (a smoke test)
+    python reproduce.py dml --quick      # the whole table on 100 training images, 1 epoch (a smoke test)
 
 Every (configuration, seed) is one run of the method script as it is (its
 `main`, in this process) in `--out/runs/<configuration>/seed<k>`: a finished run
@@ -47,22 +47,22 @@ SETTINGS = {
     # images and their test accuracy stops rising about half-way (METHODS.md), the
     # regime where mutual learning can regularise. Batch 100: 10 steps per epoch.
     "dml": {"full": ["--train-subset", "1000", "--epochs", "100", "--batch-size", "100"],
-            "quick": ["--train-subset", "200", "--epochs", "1", "--batch-size", "50"]},
+            "quick": ["--train-subset", "100", "--epochs", "1", "--batch-size", "50"]},
     # The same images; the teacher (a CIFAR ResNet-20, the SGD recipe of takd.py)
     # gets 200 epochs, the students 100 at the DML table's learning rate
     # (5e-3 per 512, AdamW), with crop and flip.
     "deit": {"full": ["--train-subset", "1000", "--epochs", "100", "--batch-size", "100", "--lr", "5e-3",
                       "--recipe", "cifar"],
-             "quick": ["--train-subset", "200", "--epochs", "1", "--batch-size", "50", "--lr", "5e-3",
+             "quick": ["--train-subset", "100", "--epochs", "1", "--batch-size", "50", "--lr", "5e-3",
                        "--recipe", "cifar"]},
     # 200 images per class, 10 % of them held out for the automatic choice;
     # plain CNNs at the script's recipe, the plain10 teacher for 60 epochs.
     "takd": {"full": ["--train-subset", "2000", "--val-split", "0.1", "--epochs", "30"],
-             "quick": ["--train-subset", "200", "--val-split", "0.2", "--epochs", "1"]},
+             "quick": ["--train-subset", "100", "--val-split", "0.2", "--epochs", "1"]},
     # 100 images per class, 20 % held out to score the search (and, for every
     # row alike, to choose best.ckpt); ResNet-8 ABNs so that a search fits.
     "ktg": {"full": ["--train-subset", "1000", "--val-split", "0.2", "--epochs", "30"],
-            "quick": ["--train-subset", "200", "--val-split", "0.2", "--epochs", "1"]},
+            "quick": ["--train-subset", "100", "--val-split", "0.2", "--epochs", "1"]},
 }
 TEACHER_EPOCHS = {"full": "200", "quick": "1"}  # deit's teacher; takd's gets twice its students' epochs
 KTG_SEARCH = {"full": "10", "quick": "2"}        # graphs tried by the KTG search
@@ -323,7 +323,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("table", choices=TABLES, help="which seed document's table")
     parser.add_argument("--seeds", type=int, nargs="+", help=f"training seeds (default: {SEEDS}, --quick {QUICK_SEEDS})")
-    parser.add_argument("--quick", action="store_true", help="a few hundred images, one epoch: a smoke test")
+    parser.add_argument("--quick", action="store_true", help="2 seeds, 100 training images, one epoch: a smoke test")
     parser.add_argument("--out", help="where runs and the table go (default: results/<table>, --quick: "
                                       "results/<table>-quick)")
     return parser.parse_args(argv)
