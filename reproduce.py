@@ -148,7 +148,8 @@ def dml_table(flags, seeds, runs, quick):
         return [mean(pair) for pair in zip(top1[name, 0], top1[name, 1])]
 
     ind, vit, dei = "Independent (ViT), equal", "DML (ViT), equal", "DML (DeiT), equal"
-    claims = [claim("DML (ViT) > Independent, equal students (mean of the two)", students_mean(vit), students_mean(ind)),
+    claims = [claim("DML (ViT) > Independent, equal students (mean of the two)",
+                    students_mean(vit), students_mean(ind)),
               claim("DML (DeiT) > Independent, equal students", students_mean(dei), students_mean(ind)),
               claim("DML (ViT) > DML (DeiT), equal students", students_mean(vit), students_mean(dei)),
               claim("DML > Independent for the smaller of unequal students (vit_micro)",
@@ -285,7 +286,8 @@ def slug(name):
 # --- reports --------------------------------------------------------------------
 
 def write_markdown(path, table):
-    lines = [f"Table `{table['table']}`, seeds {table['seeds']}, runs' wall time {table['runs_wall_s'] / 60:.1f} min", "",
+    lines = [f"Table `{table['table']}`, seeds {table['seeds']}, the runs' wall time {table['runs_wall_s'] / 60:.1f} min",
+             "",
              "| method | metric | mean ± std | n | per seed |", "|---|---|---:|---:|---|"]
     for r in table["rows"]:
         digits = 2 if "top-1" in r["metric"] or "agreement" in r["metric"] else 3  # accuracies in points, else losses
@@ -322,7 +324,8 @@ def plot_table(path, table):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("table", choices=TABLES, help="which seed document's table")
-    parser.add_argument("--seeds", type=int, nargs="+", help=f"training seeds (default: {SEEDS}, --quick {QUICK_SEEDS})")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help=f"training seeds (default: {SEEDS}, with --quick {QUICK_SEEDS})")
     parser.add_argument("--quick", action="store_true", help="2 seeds, 100 training images, one epoch: a smoke test")
     parser.add_argument("--out", help="where runs and the table go (default: results/<table>, --quick: "
                                       "results/<table>-quick)")
