@@ -78,3 +78,28 @@ def test_config_starts_from_a_runs_arguments_and_bad_config_is_one_line(tmp_path
     with pytest.raises(SystemExit) as exit_:
         dml.parse_args(["--config", str(tmp_path / "broken.json")])
     assert exit_.value.code == 2 and "cannot read it as JSON" in capsys.readouterr().err
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", ["dml", "deit", "takd", "ktg_ensemble"])
+def test_split_seed_not_seed_picks_the_subset_and_the_held_out_images(name, tmp_path, monkeypatch):
+    """`--seed` varies weights, order and augmentation; the images trained on and
+    held out follow `--split-seed` alone, so that seeds of a table share them."""
+    import importlib
+
+    from common.data import load_dataset
+    script = importlib.import_module(name)
+    seeds = []
+    monkeypatch.setattr(script, "load_dataset", lambda *args: seeds.append(("subset", args[-1])) or load_dataset(*args))
+
+    def held_out(data, fraction, seed):
+        seeds.append(("held out", seed))
+        raise Stop  # the images are chosen: no need to train
+    monkeypatch.setattr(script, "hold_out", held_out)
+    with pytest.raises(Stop):
+        script.main(script.parse_args(["--seed", "3", "--split-seed", "7", "--train-subset", "100", "--val-split",
+                                       "0.2", "--epochs", "1", "--out", str(tmp_path / "run")]))
+    assert seeds == [("subset", 7), ("held out", 7)]

@@ -131,6 +131,15 @@ def test_reuse_a_teacher_trained_elsewhere(tmp_path, compared):
     assert sorted(p.name for p in (tmp_path / "reuse").iterdir() if p.is_dir()) == ["plain6_to_plain2"]
 
 
+def test_a_chain_of_one_trains_a_teacher_alone(tmp_path):
+    run_main(takd, "--chain", "plain4", "--epochs", "1", "--train-subset", "100", "--batch-size", "50",
+             "--out", tmp_path / "teacher")
+    res = results(tmp_path / "teacher")
+    assert [step["model"] for step in res["steps"]] == ["plain4"] and res["steps"][0]["teacher"] is None
+    assert (tmp_path / "teacher" / "plain4" / "last.ckpt").is_file()  # what a later chain loads as its teacher
+    assert res["student_top1"] == res["networks"]["plain4"]["top1"]
+
+
 def test_resume_after_sigkill_in_the_second_step(tmp_path, capsys):
     args = ["--chain", "plain4", "plain10", "plain2", "--epochs", "3", "--train-subset", "400", "--batch-size", "50",
             "--lr", "0.05"]
