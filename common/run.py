@@ -303,9 +303,16 @@ def save_checkpoint(fabric, path, state):
     fabric.barrier()
 
 
+# Drawing curves.png takes about half a second, a third of an epoch of 1,000
+# images: it is redrawn at most this often, and after the last epoch.
+CURVES_EVERY_S = 30.0
+_curves_drawn = {}  # curves.png path -> time.monotonic() when last drawn
+
+
 def save_epoch(fabric, out, state, top1, panels):
     """End of an epoch: `last.ckpt`, `best.ckpt` if `top1` is the best so far,
-    `metrics.csv` and `curves.png` (its `panels`, see plot_curves) from `state["history"]`."""
+    `metrics.csv` and, now and then, `curves.png` (its `panels`, see plot_curves)
+    from `state["history"]`."""
     is_best = top1 > state["best_top1"]
     state["best_top1"] = max(state["best_top1"], top1)
     save_checkpoint(fabric, out / "last.ckpt", state)
@@ -313,7 +320,11 @@ def save_epoch(fabric, out, state, top1, panels):
         save_checkpoint(fabric, out / "best.ckpt", state)
     if fabric.is_global_zero:
         write_csv(out / "metrics.csv", state["history"])
-        plot_curves(out / "curves.png", state["history"], panels)
+        curves, now = out / "curves.png", time.monotonic()
+        due = now - _curves_drawn.get(curves, float("-inf")) >= CURVES_EVERY_S
+        if due or state["epoch"] >= state["args"]["epochs"]:
+            plot_curves(curves, state["history"], panels)
+            _curves_drawn[curves] = now
 
 
 # What --resume may change: nothing that shapes the run (models, data, epochs,

@@ -103,3 +103,18 @@ def test_split_seed_not_seed_picks_the_subset_and_the_held_out_images(name, tmp_
         script.main(script.parse_args(["--seed", "3", "--split-seed", "7", "--train-subset", "100", "--val-split",
                                        "0.2", "--epochs", "1", "--out", str(tmp_path / "run")]))
     assert seeds == [("subset", 7), ("held out", 7)]
+
+
+def test_curves_are_redrawn_now_and_then_and_after_the_last_epoch(tmp_path, monkeypatch):
+    import common.run as run
+
+    drawn = []
+    monkeypatch.setattr(run, "save_checkpoint", lambda fabric, path, state: None)
+    monkeypatch.setattr(run, "plot_curves", lambda path, rows, panels: drawn.append(len(rows)))
+    state = {"history": [], "best_top1": -1.0, "args": {"epochs": 4}}
+    for epoch in range(1, 5):
+        state["history"].append({"epoch": epoch, "top1": 10.0})
+        state["epoch"] = epoch
+        run.save_epoch(FolderFabric(), tmp_path, state, 10.0, panels=[])
+    assert drawn == [1, 4]  # the first epoch, then none within CURVES_EVERY_S, then the last
+    assert (tmp_path / "metrics.csv").read_text().count("\n") == 5  # the CSV is written every epoch
