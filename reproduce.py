@@ -9,7 +9,8 @@
 Every (configuration, seed) is one run of the method script as it is (its
 `main`, in this process) in `--out/runs/<configuration>/seed<k>`: a finished run
 is reused, a killed one resumed, so rerunning the command after a kill goes on
-where it stopped. The teacher of a table is trained once, not per seed, so the
+where it stopped; a second `reproduce.py` on the same table (another core, another
+GPU) waits for the run the first is training and reuses it. The teacher of a table is trained once, not per seed, so the
 spread over seeds is the students' alone; `--split-seed` stays 0, so every seed
 trains on the same images and only weights, data order and augmentation vary.
 Written to `--out` (default `results/<table>`): `table.json` (every row's
@@ -25,6 +26,7 @@ uses the same hyper-parameters, fixed before any run (the scripts' defaults,
 or the one value written beside it); nothing is tuned, on validation or test.
 """
 import argparse
+import fcntl
 import json
 import statistics
 import time
@@ -34,7 +36,7 @@ import deit
 import dml
 import ktg_ensemble
 import takd
-from common.run import HelpFormatter, UserError, exit_on_user_error, save_figure, write_json
+from common.run import RESUMABLE, HelpFormatter, UserError, exit_on_user_error, save_figure, write_json
 
 SEEDS = [0, 1, 2]
 QUICK_SEEDS = [0, 1]
@@ -72,13 +74,26 @@ KTG_SEARCH = {"full": "8", "quick": "2"}        # graphs tried by the KTG search
 
 def train(script, folder, flags):
     """Run `script` with `flags` into `folder`; return its results.json. A finished
-    run is reused, a killed one resumed, anything else there replaced."""
+    run is reused (if it was made with these flags), a killed one resumed,
+    anything else there replaced. Several reproduce.py processes may share a
+    table: a run one of them is training, the others wait for."""
     folder = Path(folder)
-    if not (folder / "results.json").is_file():
-        state = "--resume" if (folder / MARKER[script]).is_file() else "--overwrite"
-        argv = [*map(str, flags), "--out", str(folder), state]
-        print(f"\n=== {script.__name__}.py {' '.join(argv)}", flush=True)
-        script.main(script.parse_args(argv))
+    argv = [*map(str, flags), "--out", str(folder)]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process ends, however it ends
+        if (folder / "results.json").is_file():
+            made = json.loads((folder / "args.json").read_text())
+            asked = vars(script.parse_args(argv))
+            changed = [key for key, value in asked.items() if key not in RESUMABLE and value is not None
+                       and made.get(key) != value]
+            if changed:
+                raise UserError(f"{folder} was trained with other {', '.join(changed)}: delete it or give "
+                                f"another --out")
+        else:
+            argv.append("--resume" if (folder / MARKER[script]).is_file() else "--overwrite")
+            print(f"\n=== {script.__name__}.py {' '.join(argv)}", flush=True)
+            script.main(script.parse_args(argv))
     results = json.loads((folder / "results.json").read_text())
     RUNS_WALL_S.append(results["wall_s"])
     return results
