@@ -10,9 +10,10 @@ Every (configuration, seed) is one run of the method script as it is (its
 `main`, in this process) in `--out/runs/<configuration>/seed<k>`: a finished run
 is reused, a killed one resumed, so rerunning the command after a kill goes on
 where it stopped; a run is locked while it trains, so that two processes
-working on one table never train it twice. The teacher of a table is trained once, not per seed, so the
-spread over seeds is the students' alone; `--split-seed` stays 0, so every seed
-trains on the same images and only weights, data order and augmentation vary.
+working on one table never train it twice. The teacher of a table is trained
+once, not per seed, so the spread over seeds is the students' alone;
+`--split-seed` stays 0, so every seed trains on the same images and only
+weights, data order and augmentation vary.
 Written to `--out` (default `results/<table>`): `table.json` (every row's
 per-seed values, mean and std; every claim of the seed document with whether it
 held and by what margin), `table.md` and `table.png`.
