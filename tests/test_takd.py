@@ -127,7 +127,9 @@ def test_reuse_a_teacher_trained_elsewhere(tmp_path, compared):
     run_main(takd, "--chain", "plain6", "plain2", "--teacher-ckpt", teacher, "--epochs", "1", "--train-subset",
              "200", "--batch-size", "50", "--out", tmp_path / "reuse")
     res = results(tmp_path / "reuse")
-    assert res["steps"][0]["top1"] == results(out)["networks"]["plain6"]["top1"]  # the same weights, evaluated
+    # the same weights, evaluated: held in bf16 as a frozen teacher, they may flip an image or two of the
+    # 1,000 (with another thread count, say) against the autocast evaluation at the end of training
+    assert res["steps"][0]["top1"] == pytest.approx(results(out)["networks"]["plain6"]["top1"], abs=0.25)
     assert sorted(p.name for p in (tmp_path / "reuse").iterdir() if p.is_dir()) == ["plain6_to_plain2"]
 
 
