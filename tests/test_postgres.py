@@ -114,7 +114,9 @@ def start_worker(storage, study, seed, out, *flags):
 
 
 def test_three_workers_share_one_study_through_a_kill(tmp_path, postgres_url):
-    workers = [start_worker(postgres_url, "three", seed, tmp_path / f"worker{seed}") for seed in range(3)]
+    # twice as many trials as workers, so that worker 2 surely starts a trial after another has finished
+    more = ("--search", "6")
+    workers = [start_worker(postgres_url, "three", seed, tmp_path / f"worker{seed}", *more) for seed in range(3)]
     victim, running = workers[2], []
 
     def victim_inside_a_trial():
@@ -131,7 +133,7 @@ def test_three_workers_share_one_study_through_a_kill(tmp_path, postgres_url):
             victim.wait()
         killed_trial, = running
         before = finished(study_trials(postgres_url, "three"))
-        workers[2] = start_worker(postgres_url, "three", 2, tmp_path / "worker2", "--resume")
+        workers[2] = start_worker(postgres_url, "three", 2, tmp_path / "worker2", *more, "--resume")
         for worker in workers:
             _, stderr = worker.communicate(timeout=120)
             assert worker.returncode == 0, stderr[-2000:]
@@ -142,7 +144,7 @@ def test_three_workers_share_one_study_through_a_kill(tmp_path, postgres_url):
 
     trials = study_trials(postgres_url, "three")
     after = finished(trials)
-    assert len(after) >= 4 and {number: after.get(number) for number in before} == before  # none lost
+    assert len(after) >= 6 and {number: after.get(number) for number in before} == before  # none lost
     assert not any(t.state.name == "RUNNING" for t in trials)
     assert trials[killed_trial].state.name == "FAIL"
     best = [results(tmp_path / f"worker{seed}")["search"]["best_graph"] for seed in range(3)]
