@@ -37,7 +37,7 @@ import deit
 import dml
 import ktg_ensemble
 import takd
-from common.run import RESUMABLE, HelpFormatter, UserError, exit_on_user_error, save_figure, write_json
+from common.run import HelpFormatter, UserError, exit_on_user_error, run_shaping_changes, save_figure, write_json
 
 SEEDS = [0, 1, 2]
 QUICK_SEEDS = [0, 1]
@@ -85,9 +85,9 @@ def train(script, folder, flags):
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process ends, however it ends
         if (folder / "results.json").is_file():
             made = json.loads((folder / "args.json").read_text())
-            asked = vars(script.parse_args(argv))
-            changed = [key for key, value in asked.items() if key not in RESUMABLE and value is not None
-                       and made.get(key) != value]
+            # flags left unset (None) were filled in by the run itself, e.g. --img-size from the data
+            asked = {key: value for key, value in vars(script.parse_args(argv)).items() if value is not None}
+            changed = run_shaping_changes(made, asked)
             if changed:
                 raise UserError(f"{folder} was trained with other {', '.join(changed)}: delete it or give "
                                 f"another --out")

@@ -306,7 +306,6 @@ def save_checkpoint(fabric, path, state):
 # Drawing curves.png takes about half a second, a third of an epoch of 1,000
 # images: it is redrawn at most this often, and after the last epoch.
 CURVES_EVERY_S = 30.0
-_curves_drawn = {}  # curves.png path -> time.monotonic() when last drawn
 
 
 def save_epoch(fabric, out, state, top1, panels):
@@ -320,11 +319,10 @@ def save_epoch(fabric, out, state, top1, panels):
         save_checkpoint(fabric, out / "best.ckpt", state)
     if fabric.is_global_zero:
         write_csv(out / "metrics.csv", state["history"])
-        curves, now = out / "curves.png", time.monotonic()
-        due = now - _curves_drawn.get(curves, float("-inf")) >= CURVES_EVERY_S
+        curves = out / "curves.png"
+        due = not curves.is_file() or time.time() - curves.stat().st_mtime >= CURVES_EVERY_S
         if due or state["epoch"] >= state["args"]["epochs"]:
             plot_curves(curves, state["history"], panels)
-            _curves_drawn[curves] = now
 
 
 # What --resume may change: nothing that shapes the run (models, data, epochs,
@@ -332,6 +330,12 @@ def save_epoch(fabric, out, state, top1, panels):
 # written, how it is logged and how fast it runs.
 RESUMABLE = {"out", "resume", "overwrite", "log_every", "workers", "compile", "data_dir", "logger", "config", "eval",
              "heartbeat_grace"}
+
+
+def run_shaping_changes(made, asked):
+    """The arguments in `asked` that differ from those a run was `made` with, leaving
+    out what a resumed run may change (RESUMABLE)."""
+    return [key for key, value in asked.items() if key not in RESUMABLE and made.get(key) != value]
 
 
 def load_checkpoint(fabric, path, state, args):
@@ -342,7 +346,7 @@ def load_checkpoint(fabric, path, state, args):
         raise UserError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
     if not isinstance(raw, dict) or "args" not in raw:
         raise UserError(f"{path} is not a checkpoint of this project")
-    changed = [key for key in vars(args) if key not in RESUMABLE and raw["args"].get(key) != getattr(args, key)]
+    changed = run_shaping_changes(raw["args"], vars(args))
     if changed:
         was = ", ".join(f"--{key.replace('_', '-')} {raw['args'].get(key)} (now {getattr(args, key)})"
                         for key in changed)

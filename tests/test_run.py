@@ -110,7 +110,7 @@ def test_curves_are_redrawn_now_and_then_and_after_the_last_epoch(tmp_path, monk
 
     drawn = []
     monkeypatch.setattr(run, "save_checkpoint", lambda fabric, path, state: None)
-    monkeypatch.setattr(run, "plot_curves", lambda path, rows, panels: drawn.append(len(rows)))
+    monkeypatch.setattr(run, "plot_curves", lambda path, rows, panels: drawn.append(len(rows)) or path.touch())
     state = {"history": [], "best_top1": -1.0, "args": {"epochs": 4}}
     for epoch in range(1, 5):
         state["history"].append({"epoch": epoch, "top1": 10.0})
