@@ -3,7 +3,8 @@
 - `cifar10-mini` (default): 500 training and 100 test images per class of real
   CIFAR-10, embedded in the project as JPEG bytes (`cifar10_mini.npz`, 6.6 MB).
 - `cifar10`, `cifar100`: torchvision's format in `--data-dir`, downloaded when online.
-- `imagefolder`: `DIR/train/<class>/*` and `DIR/val/<class>/*`, any size, colour
+- `imagefolder`: `DIR/train/<class>/*` and `DIR/val/<class>/*` (or, where there is
+  no `val/`, `DIR/test/<class>/*`, as CIFAR-10 in JPEG folders), any size, colour
   or grayscale. Decoded once into memory when it fits (`IN_MEMORY_BYTES`),
   otherwise streamed through DataLoader workers with timm's transforms.
 
@@ -54,7 +55,8 @@ def load_dataset(name, data_dir=None, img_size=None, train_subset=None, seed=0):
     elif name in ("cifar10", "cifar100"):
         data = _load_torchvision_cifar(name, data_dir)
     elif name == "imagefolder":
-        data = _load_image_folder(data_dir, img_size)
+        data = _load_image_folder(data_dir, img_size, train_subset, seed)
+        train_subset = None  # taken before decoding
     else:
         raise UserError(f"unknown --dataset {name!r}; choose from {', '.join(DATASETS)}")
     data["img_size"] = img_size
@@ -76,6 +78,14 @@ def subset(data, size, seed):
     order = order.sort().values
     images = [images[i] for i in order] if isinstance(images, list) else images[order]
     return {**data, "train": (images, labels_t[order])}
+
+
+def probe_split(data, seed=0, size=1000):
+    """A fixed, class-balanced part of the training images (at most `size`) as the
+    `test` split, read without augmentation: a network's top-1 on it (`train_top1`)
+    beside its test top-1 says whether a run overfit or underfit."""
+    fixed = subset(data, min(size, len(data["train"][1])), seed)
+    return {**fixed, "test": fixed["train"]}
 
 
 def hold_out(data, fraction, seed):
@@ -225,12 +235,19 @@ def _decode_all(paths, short_side, crop):
     return torch.cat(list(loader))
 
 
-def _load_image_folder(data_dir, img_size):
+def _load_image_folder(data_dir, img_size, train_subset=None, seed=0):
     if data_dir is None:
-        raise UserError("--dataset imagefolder needs --data-dir DIR with DIR/train/<class>/ and DIR/val/<class>/")
+        raise UserError("--dataset imagefolder needs --data-dir DIR with DIR/train/<class>/ and DIR/val/<class>/ "
+                        "(or DIR/test/<class>/)")
     root = Path(data_dir)
     train_paths, train_labels, classes = _scan_folder(root / "train")
-    test_paths, test_labels, _ = _scan_folder(root / "val", classes)
+    evaluated = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
+    if evaluated is None:
+        raise UserError(f"--data-dir {root} has neither val/ nor test/: the split to evaluate on")
+    test_paths, test_labels, _ = _scan_folder(evaluated, classes)
+    if train_subset is not None:  # decode only the chosen images
+        chosen = subset({"classes": classes, "train": (train_paths, train_labels)}, train_subset, seed)
+        train_paths, train_labels = chosen["train"]
     data = {"classes": classes, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     # Large images are stored a little larger than the training size (the usual
     # 0.875 crop ratio), so that random resized crops have pixels to take.

@@ -249,6 +249,16 @@ def prediction(output):
     return (class_logits + distill_logits) / 2 if isinstance(output, tuple) else output
 
 
+def agreeing_pairs(logits, labels):
+    """How many images two networks classify alike, averaged over the pairs of
+    `logits` (one tensor per network): with the number of images, the
+    `agreement` of students or nodes. Padding images (label < 0) are left out."""
+    classes = torch.stack([scores.argmax(1) for scores in logits])
+    same = (classes[:, None] == classes[None, :]) & (labels >= 0)
+    off_diagonal = same.sum() - same.diagonal(dim1=0, dim2=1).sum()  # each pair twice
+    return off_diagonal / (len(logits) * (len(logits) - 1))
+
+
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

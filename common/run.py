@@ -170,6 +170,13 @@ def cosine_schedule(optimizer, lr, min_lr, epochs, warmup_epochs, steps_per_epoc
                              warmup_t=warmup, warmup_lr_init=lr / 100, warmup_prefix=True, t_in_epochs=False)
 
 
+def evaluates_test(epoch, epochs, every):
+    """Whether `epoch` (counted from 0) evaluates the test split: every `every`
+    epochs and always the last. Test sets larger than a small training epoch
+    (CIFAR's 10,000 images against 2,000) would otherwise dominate the run."""
+    return (epoch + 1) % every == 0 or epoch + 1 == epochs
+
+
 def seed_epoch(seed, epoch):
     """Seed torch, numpy and random for one epoch: drop-path, Mixup and the
     DataLoader workers draw the same after a resume as in one go."""
@@ -309,11 +316,11 @@ CURVES_EVERY_S = 30.0
 
 
 def save_epoch(fabric, out, state, top1, panels):
-    """End of an epoch: `last.ckpt`, `best.ckpt` if `top1` is the best so far,
-    `metrics.csv` and, now and then, `curves.png` (its `panels`, see plot_curves)
-    from `state["history"]`."""
-    is_best = top1 > state["best_top1"]
-    state["best_top1"] = max(state["best_top1"], top1)
+    """End of an epoch: `last.ckpt`, `best.ckpt` if `top1` is the best so far
+    (None: an epoch that did not evaluate, never the best), `metrics.csv` and,
+    now and then, `curves.png` (its `panels`, see plot_curves) from `state["history"]`."""
+    is_best = top1 is not None and top1 > state["best_top1"]
+    state["best_top1"] = max(state["best_top1"], top1) if is_best else state["best_top1"]
     save_checkpoint(fabric, out / "last.ckpt", state)
     if is_best:
         save_checkpoint(fabric, out / "best.ckpt", state)
@@ -378,8 +385,9 @@ def write_csv(path, rows):
 def plot_curves(path, rows, panels):
     """The metrics against the epoch, one panel per `(title, [(column, label), ...])`
     of `panels`; markers show every epoch (a one-epoch run too), dashed lines
-    are validation and ensemble figures. Columns a run lacks are left out.
-    Returns the figure."""
+    are validation and ensemble figures. Columns a run lacks are left out; a
+    column's empty values (epochs that did not evaluate, `--eval-every`) are
+    skipped. Returns the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -388,12 +396,12 @@ def plot_curves(path, rows, panels):
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (title, lines) in zip(axes[0], panels):
         for column, label in lines:
-            values = [row.get(column) for row in rows]
-            if any(value is None or value == "" for value in values):
+            points = [(epoch, float(row[column])) for epoch, row in zip(epochs, rows)
+                      if row.get(column) not in (None, "")]
+            if not points:
                 continue
             dashed = column.startswith("val_") or "ensemble" in column
-            ax.plot(epochs, [float(value) for value in values], "--" if dashed else "-", marker="o", markersize=3,
-                    label=label)
+            ax.plot(*zip(*points), "--" if dashed else "-", marker="o", markersize=3, label=label)
         ax.set(xlabel="epoch", title=title)
         if ax.get_lines():
             ax.legend(fontsize=8)

@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 
 import common.data as data_module
-from common.data import PADDING, DeviceLoader, augment, load_dataset, make_loader
+from common.data import PADDING, DeviceLoader, augment, load_dataset, make_loader, probe_split, subset
 from common.run import UserError
 from conftest import FakeFabric
 
@@ -109,6 +109,23 @@ def test_image_folder_streamed(tmp_path, monkeypatch):
     assert images.shape == (4, 3, 48, 48) and labels.shape == (4,)
 
 
+def test_image_folder_test_split_and_subset(tmp_path, monkeypatch):
+    """Without val/ the test/ folder is evaluated on; a --train-subset decodes only its images."""
+    write_folder(tmp_path)
+    (tmp_path / "val").rename(tmp_path / "test")
+    decoded = []
+    original = data_module._decode_all
+    monkeypatch.setattr(data_module, "_decode_all", lambda paths, *size: decoded.append(len(paths)) or original(paths, *size))
+    data = load_dataset("imagefolder", tmp_path, img_size=32, train_subset=6, seed=1)
+    assert decoded == [6, 18]  # the chosen training images, then the whole test split
+    assert torch.bincount(data["train"][1]).tolist() == [2, 2, 2] and len(data["test"][1]) == 18
+    whole = load_dataset("imagefolder", tmp_path, img_size=32)
+    assert torch.equal(subset(whole, 6, seed=1)["train"][0], data["train"][0])  # the same images as before
+    (tmp_path / "test").rename(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="neither val/ nor test/"):
+        load_dataset("imagefolder", tmp_path, img_size=32)
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_dataset("imagefolder", tmp_path / "nowhere")
@@ -153,3 +170,11 @@ def test_streamed_test_split_counts_every_image_once_under_ddp(tmp_path, monkeyp
         assert all(len(labels) == 2 for labels in batches)  # padded to one shape
         seen += [label for labels in batches for label in labels.tolist() if label != PADDING]
     assert sorted(seen) == sorted(data["test"][1].tolist())
+
+
+def test_probe_split_is_fixed_and_class_balanced():
+    data = load_dataset("cifar10-mini", train_subset=300)
+    probe = probe_split(data, seed=0, size=100)
+    assert torch.bincount(probe["test"][1]).tolist() == [10] * 10
+    assert torch.equal(probe["test"][0], probe_split(data, seed=0, size=100)["test"][0])
+    assert len(probe_split(data)["test"][1]) == 300  # at most the training set

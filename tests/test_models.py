@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from common.models import (ALIASES, CifarResNet, count_parameters, create_model, load_pretrained, load_weights,
+from common.models import (ALIASES, agreeing_pairs, CifarResNet, count_parameters, create_model, load_pretrained, load_weights,
                            prediction, split_heads)
 from common.run import UserError
 
@@ -120,3 +120,11 @@ def test_attention_branch_network():
     assert not torch.allclose(before, after)
     resnet18 = create_model("resnet18_abn", 5, 224)
     assert resnet18(torch.randn(1, 3, 224, 224))[2].shape == (1, 14, 14)
+
+
+def test_agreeing_pairs_counts_alike_predictions_per_pair():
+    a = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    b = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert agreeing_pairs([a, a.clone()], torch.tensor([0, 1, 1])) == 3  # identical networks agree on every image
+    assert agreeing_pairs([a, b], torch.tensor([0, 0, -100])) == 1  # the padding image is left out
+    assert agreeing_pairs([a, a.clone(), b], torch.tensor([0, 0, 0])) == pytest.approx(5 / 3)  # pairs agree 3, 1, 1

@@ -3,7 +3,8 @@ import re
 
 import pytest
 
-from common.run import UserError, exit_on_user_error, prepare_run_folder, require_positive, step_schedule
+from common.run import (UserError, evaluates_test, exit_on_user_error, prepare_run_folder, require_positive,
+                        step_schedule)
 from conftest import FakeFabric
 
 
@@ -45,6 +46,11 @@ def test_require_positive():
     require_positive(lr=0.1, img_size=None)  # None: not given, nothing to check
     with pytest.raises(UserError, match="--batch-size must be positive, got 0"):
         require_positive(batch_size=0)
+
+
+def test_test_split_every_n_epochs_and_the_last():
+    assert [evaluates_test(epoch, 7, 3) for epoch in range(7)] == [False, False, True, False, False, True, True]
+    assert all(evaluates_test(epoch, 4, 1) for epoch in range(4))
 
 
 def test_step_schedule():
