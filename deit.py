@@ -49,8 +49,8 @@ from common.models import (both_heads, count_parameters, create_model, describe_
                            has_distillation_token, load_pretrained, load_teacher, model_name_in, save_weights,
                            split_heads, weight_decay_groups)
 from common.run import (HelpFormatter, TrainLog, UserError, accumulate, check_fraction, cosine_schedule, end_epoch,
-                        exit_on_user_error, finish, inference_dtype, load_checkpoint, make_fabric, make_logger,
-                        parse_with_config, prepare_run_folder, require_positive, seed_epoch, write_json)
+                        exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval, make_fabric, make_logger,
+                        parse_with_config, open_run_folder, require_positive, seed_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -107,7 +107,7 @@ def parse_args(argv=None):
     parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
     parser.add_argument("--workers", type=int, help="DataLoader workers (recipe deit, streamed data; "
                                                     "default: min(8, cores))")
-    return parse_with_config(parser, argv)
+    return parse_with_config(parser, argv, script="deit")
 
 
 def check_args(args):
@@ -225,7 +225,7 @@ def main(args):
     fabric = make_fabric()
     fabric.seed_everything(args.seed)
     args.out = args.out or fabric.broadcast(f"runs/deit/{datetime.now():%Y%m%d-%H%M%S}")
-    out = prepare_run_folder(fabric, args.out, args.resume, args.overwrite)
+    out = open_run_folder(fabric, args, "deit")
     logger = make_logger(args.logger, out)
 
     with fabric.rank_zero_first(local=True):  # a download happens once per machine
@@ -281,10 +281,7 @@ def main(args):
     if ema is not None:
         state["ema"] = ema
     if args.eval:
-        try:
-            fabric.load(args.eval, state, strict=False, weights_only=True)
-        except Exception as error:
-            raise UserError(f"checkpoint {args.eval} does not fit {args.model}: {type(error).__name__}") from None
+        load_for_eval(fabric, args.eval, state)
         state["history"] = []  # what follows reports the checkpoint's accuracy, not its training
     elif args.resume:
         load_checkpoint(fabric, out / "last.ckpt", state, args)

@@ -57,8 +57,8 @@ from common.losses import cross_entropy, dml_loss
 from common.models import (count_parameters, create_model, describe_pretrained, has_distillation_token, load_pretrained,
                            prediction, save_weights, split_heads, weight_decay_groups)
 from common.run import (HelpFormatter, TrainLog, UserError, accumulate, check_fraction, clip_each, cosine_schedule,
-                        end_epoch, exit_on_user_error, finish, load_checkpoint, make_fabric, make_logger,
-                        no_backward_sync, parse_with_config, prepare_run_folder, require_positive, seed_epoch,
+                        end_epoch, exit_on_user_error, finish, load_checkpoint, load_for_eval, make_fabric, make_logger,
+                        no_backward_sync, parse_with_config, open_run_folder, require_positive, seed_epoch,
                         write_json)
 
 
@@ -109,7 +109,7 @@ def parse_args(argv=None):
                         help="also log steps and epochs to logs/version_<n>/metrics.csv or tensorboard/")
     parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
     parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data (default: min(8, cores))")
-    return parse_with_config(parser, argv)
+    return parse_with_config(parser, argv, script="dml")
 
 
 def check_args(args):
@@ -179,7 +179,7 @@ def main(args):
     fabric = make_fabric()
     fabric.seed_everything(args.seed)
     args.out = args.out or fabric.broadcast(f"runs/dml/{datetime.now():%Y%m%d-%H%M%S}")
-    out = prepare_run_folder(fabric, args.out, args.resume, args.overwrite)
+    out = open_run_folder(fabric, args, "dml")
     logger = make_logger(args.logger, out)
 
     with fabric.rank_zero_first(local=True):  # a download happens once per machine
@@ -315,10 +315,7 @@ def run_results(fabric, args, students, accuracy, ema_accuracy=None):
 
 def evaluate_checkpoint(fabric, args, out, state, students, emas, test_loader, val_loader):
     """--eval: the checkpoint's students (and averages) on the test split, no training."""
-    try:
-        fabric.load(args.eval, state, strict=False, weights_only=True)
-    except Exception as error:
-        raise UserError(f"checkpoint {args.eval} does not fit these students: {type(error).__name__}") from None
+    load_for_eval(fabric, args.eval, state)
     ema_accuracy = evaluate([ema.module for ema in emas], test_loader, fabric) if emas else None
     results = run_results(fabric, args, students, evaluate(students, test_loader, fabric), ema_accuracy)
     results.update(evaluated=str(args.eval), epochs_trained=state["epoch"], train_img_per_s=None, wall_s=None)

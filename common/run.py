@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,28 +31,45 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def parse_with_config(parser, argv=None):
+def parse_with_config(parser, argv=None, script=None):
     """Parse the command line. `--config RUN/args.json`, or a checkpoint given to
     `--eval`, supplies that run's arguments as defaults; flags on the command
-    line override them."""
+    line override them. `script` (e.g. "dml") is recorded in the arguments, so in
+    args.json and every checkpoint: a run's file given to another script is refused."""
     args = parser.parse_args(argv)
-    saved = None
+    saved, source = None, None
     if getattr(args, "config", None):
+        source = f"--config {args.config}"
         try:
             saved = json.loads(Path(args.config).read_text())
         except (OSError, ValueError) as error:
-            parser.error(f"--config {args.config}: cannot read it as JSON ({type(error).__name__})")
+            parser.error(f"{source}: cannot read it as JSON ({type(error).__name__})")
+        if not isinstance(saved, dict):
+            parser.error(f"{source}: not a JSON object of flags")
     elif getattr(args, "eval", None):
+        source = f"--eval {args.eval}"
         try:
-            saved = torch.load(args.eval, map_location="cpu", weights_only=True).get("args")
+            saved = torch.load(args.eval, map_location="cpu", weights_only=True)["args"]
         except Exception as error:
-            parser.error(f"--eval {args.eval}: cannot read it as a checkpoint ({type(error).__name__})")
+            parser.error(f"{source}: cannot read it as a checkpoint of this project ({type(error).__name__})")
     if saved:
+        check_script(saved.get("script"), script, source, parser.error)
         known = {action.dest for action in parser._actions}
+        unknown = sorted(set(saved) - known - {"script"})
+        if unknown:
+            parser.error(f"{source}: {', '.join(unknown)} is not a flag of this script")
         parser.set_defaults(**{key: value for key, value in saved.items()
                                if key in known and key not in ("out", "resume", "overwrite", "config", "eval")})
         args = parser.parse_args(argv)
+    if script is not None:
+        args.script = script
     return args
+
+
+def check_script(made_by, script, source, fail):
+    """Call `fail` with one line when a run's file (`source`) was made by another script."""
+    if made_by is not None and script is not None and made_by != script:
+        fail(f"{source} was made by {made_by}.py, not {script}.py: give it to {made_by}.py")
 
 
 def make_logger(kind, out):
@@ -70,7 +88,9 @@ class UserError(Exception):
 
 
 def exit_on_user_error(main, args):
-    """Run `main(args)`; a UserError becomes one line on stderr and exit status 2."""
+    """Run `main(args)`; a UserError becomes one line on stderr and exit status 2,
+    Ctrl-C or SIGTERM (a cluster's preemption) one line and status 130."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         main(args)
     except UserError as error:
@@ -79,6 +99,15 @@ def exit_on_user_error(main, args):
         message = str(error).strip().splitlines()[-1]
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        kept = f": --resume --out {out} continues from its last finished epoch" if out else ""
+        print(f"interrupted{kept}", file=sys.stderr)
+        sys.exit(130)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def default_precision():
@@ -225,7 +254,8 @@ class TrainLog:
         if packed[-1] > 0:  # on some rank
             first = int(self.first_bad_step)
             where = f"step {first + 1}" if first >= 0 else f"by step {done} (on another process)"
-            kept = f"; the last good checkpoint is {Path(self.out) / 'last.ckpt'}" if self.out is not None else ""
+            last = Path(self.out or "") / "last.ckpt"
+            kept = f"; the last good checkpoint is {last}" if self.out is not None and last.is_file() else ""
             raise UserError(f"the loss became NaN or infinite at epoch {self.epoch + 1}, {where}: stopped{kept}")
         self.means = dict(zip(self.names, packed[:-1]))
         self.seconds = time.perf_counter() - self.start
@@ -277,37 +307,93 @@ def require_positive(**values):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
-def prepare_run_folder(fabric, out, resume, overwrite, marker="last.ckpt"):
-    """Refuse a non-empty folder unless resuming or overwriting; return the folder.
-    `--resume` needs the file `marker` in it.
+RUN_MARKER = ".kd_run"  # in every run folder: only such a folder is ever replaced by --overwrite
 
-    Every process checks before rank 0 changes anything, so all agree.
-    """
-    out = Path(out)
-    if resume and overwrite:
+
+def open_run_folder(fabric, args, script, marker="last.ckpt"):
+    """Check `args.out` and return it as a Path, made and marked as a run folder
+    of `script` (`RUN_MARKER`). A non-empty folder is refused unless resuming
+    (which needs the file `marker`) or overwriting; --overwrite replaces only a
+    folder with our marker, never the working directory, one of its parents or
+    the home folder. A run killed before its first checkpoint is started afresh
+    by --resume when asked with the same arguments (`args.resume` turns False).
+    Every process checks before rank 0 changes anything, so all agree."""
+    out = Path(args.out)
+    if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
+    for above in (out, *out.parents):
+        if above.exists() and not above.is_dir():
+            raise UserError(f"--out {out}: {above} is a file, not a folder")
     exists = out.is_dir() and any(out.iterdir())
-    if resume and not (out / marker).is_file():
-        raise UserError(f"--resume: no {out / marker} to resume from")
-    if exists and not (resume or overwrite):
+    if args.resume and not (out / marker).is_file():
+        if not _made_with(out, args):
+            raise UserError(f"--resume: no {out / marker} to resume from")
+        fabric.print(f"--resume: {out} has no {marker} yet, so the run starts afresh with the same arguments")
+        args.resume = False
+        exists = False  # keep its files: args.json is rewritten, the rest is replaced as the run goes
+    elif exists and not (args.resume or args.overwrite):
         raise UserError(f"run folder {out} exists and is not empty: pass --resume or --overwrite, or another --out")
+    if exists and args.overwrite:
+        precious = [Path.cwd(), *Path.cwd().parents, Path.home()]
+        if out.resolve() in {path.resolve() for path in precious}:
+            raise UserError(f"--overwrite would delete {out}, the working directory, a folder above it or the home "
+                            f"folder: give another --out")
+        if not (out / RUN_MARKER).is_file():
+            raise UserError(f"--overwrite: {out} is not a run folder of this project (it has no {RUN_MARKER}), "
+                            f"so nothing was deleted: give another --out")
+    writable = next(path for path in (out, *out.parents) if path.exists())
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {writable} is not writable")
     fabric.barrier()
     if fabric.is_global_zero:
-        if exists and overwrite:
+        if exists and args.overwrite:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+        if not (out / RUN_MARKER).is_file():
+            write_json(out / RUN_MARKER, {"script": script})
     fabric.barrier()
     return out
 
 
+def _made_with(out, args):
+    """Whether the run in `out` was started with `args` (its args.json, leaving out what a resume may change)."""
+    try:
+        made = json.loads((out / "args.json").read_text())
+    except (OSError, ValueError):
+        return False
+    asked = {key: value for key, value in vars(args).items() if value is not None}  # None: filled in by the run
+    return isinstance(made, dict) and not run_shaping_changes(made, asked)
+
+
+def prepare_run_folder(fabric, out, resume, overwrite, marker="last.ckpt"):
+    """open_run_folder for scripts that keep the folder's flags apart."""
+    return open_run_folder(fabric, argparse.Namespace(out=out, resume=resume, overwrite=overwrite), None, marker)
+
+
 def save_checkpoint(fabric, path, state):
-    """Write through a temporary file and rename: never a half-written checkpoint."""
+    """Write through a temporary file and rename: never a half-written checkpoint,
+    and never one whose weights are NaN or infinite (the run stops instead, and
+    the checkpoint before stays the last good one)."""
     path = Path(path)
+    if not finite_weights(fabric, state):
+        kept = f"the last good checkpoint is {path}" if path.is_file() else f"no checkpoint was written to {path}"
+        raise UserError(f"the weights became NaN or infinite by epoch {state.get('epoch')}: stopped; {kept}")
     tmp = path.with_name(path.name + ".tmp")
     fabric.save(tmp, state)
     if fabric.is_global_zero:
         os.replace(tmp, path)
     fabric.barrier()
+
+
+def finite_weights(fabric, state):
+    """Whether every parameter and buffer of the modules in `state` is finite, on every process (one host sync)."""
+    bad = torch.zeros((), device=fabric.device)
+    for module in state.values():
+        if isinstance(module, torch.nn.Module):
+            for tensor in (*module.parameters(), *module.buffers()):
+                if tensor.is_floating_point():
+                    bad += (~torch.isfinite(tensor)).sum().to(bad.device)
+    return fabric.all_reduce(bad, reduce_op="sum").item() == 0
 
 
 # Drawing curves.png takes about half a second, a third of an epoch of 1,000
@@ -336,7 +422,7 @@ def save_epoch(fabric, out, state, top1, panels):
 # batch size, learning rate and schedule, seed, losses), only where it is
 # written, how it is logged and how fast it runs.
 RESUMABLE = {"out", "resume", "overwrite", "log_every", "workers", "compile", "data_dir", "logger", "config", "eval",
-             "heartbeat_grace"}
+             "heartbeat_grace", "script"}  # the script is checked on its own (check_script)
 
 
 def run_shaping_changes(made, asked):
@@ -353,6 +439,7 @@ def load_checkpoint(fabric, path, state, args):
         raise UserError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
     if not isinstance(raw, dict) or "args" not in raw:
         raise UserError(f"{path} is not a checkpoint of this project")
+    check_script(raw["args"].get("script"), getattr(args, "script", None), f"checkpoint {path}", _fail)
     changed = run_shaping_changes(raw["args"], vars(args))
     if changed:
         was = ", ".join(f"--{key.replace('_', '-')} {raw['args'].get(key)} (now {getattr(args, key)})"
@@ -364,6 +451,20 @@ def load_checkpoint(fabric, path, state, args):
     except Exception as error:
         raise UserError(f"checkpoint {path} does not fit this run: {type(error).__name__}: {error}") from None
     return remainder
+
+
+def load_for_eval(fabric, path, state):
+    """--eval: load every module of `state` from `path` strictly: a checkpoint
+    whose networks differ is refused, never evaluated half-loaded."""
+    try:
+        fabric.load(path, state, strict=True, weights_only=True)
+    except Exception as error:
+        raise UserError(f"checkpoint {path} does not fit these networks: {type(error).__name__}: "
+                        f"{str(error).splitlines()[0][:200]}") from None
+
+
+def _fail(message):
+    raise UserError(message)
 
 
 def write_json(path, data):

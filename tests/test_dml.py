@@ -314,6 +314,21 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     assert not (out / "results.json").exists()
 
 
+def test_diverging_weights_never_reach_a_checkpoint(tmp_path):
+    """--lr 1e6: an update can make the weights NaN while the loss that made it was
+    still finite; no checkpoint with non-finite weights may be written."""
+    out = tmp_path / "run"
+    message = bad_run(out, "--lr", "1e6", "--warmup-epochs", "0", "--smoothing", "0", "--drop-path", "0")
+    assert "NaN or infinite" in message and "stopped" in message
+    if (out / "last.ckpt").exists():
+        assert "the last good checkpoint is" in message
+        saved = torch.load(out / "last.ckpt", weights_only=False)
+        assert all(torch.isfinite(t).all() for key in ("student0", "student1") for t in saved[key].values()
+                   if t.is_floating_point())
+    else:
+        assert "the last good checkpoint" not in message
+
+
 @pytest.mark.parametrize("flags, allowed", [(["--lr", "1e-3"], False), (["--epochs", "3"], False),
                                             (["--seed", "1"], False), (["--log-every", "7"], True)])
 def test_resume_refuses_a_change_that_shapes_the_run(tmp_path, finished_run, flags, allowed):

@@ -3,8 +3,13 @@ import re
 
 import pytest
 
-from common.run import (UserError, evaluates_test, exit_on_user_error, prepare_run_folder, require_positive,
-                        step_schedule)
+import argparse
+import json
+
+import torch
+
+from common.run import (RUN_MARKER, UserError, evaluates_test, exit_on_user_error, open_run_folder, prepare_run_folder,
+                        require_positive, save_checkpoint, step_schedule)
 from conftest import FakeFabric
 
 
@@ -39,7 +44,81 @@ def test_run_folder_rules(tmp_path):
         prepare_run_folder(fabric, out, resume=True, overwrite=False, marker="args.json")
     assert prepare_run_folder(fabric, out, resume=True, overwrite=False) == out and (out / "last.ckpt").exists()
     prepare_run_folder(fabric, out, resume=False, overwrite=True)
-    assert out.is_dir() and not any(out.iterdir())
+    assert out.is_dir() and [path.name for path in out.iterdir()] == [RUN_MARKER]
+
+
+def run_args(out, resume=False, overwrite=False, **flags):
+    return argparse.Namespace(out=out, resume=resume, overwrite=overwrite, **flags)
+
+
+def test_overwrite_replaces_only_a_run_folder_of_ours(tmp_path, monkeypatch):
+    thesis = tmp_path / "thesis"
+    (thesis / "mydata").mkdir(parents=True)
+    (thesis / "thesis.tex").write_text("years of work")
+    with pytest.raises(UserError, match=f"not a run folder of this project .*{RUN_MARKER}.*nothing was deleted"):
+        open_run_folder(FolderFabric(), run_args(thesis, overwrite=True), "dml")
+    assert (thesis / "thesis.tex").read_text() == "years of work" and (thesis / "mydata").is_dir()
+
+    project = tmp_path / "home" / "project"
+    (project / ".git").mkdir(parents=True)
+    (project / RUN_MARKER).write_text("{}")  # even a marker does not make these deletable
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for out in (".", project, "..", tmp_path / "home", tmp_path):
+        with pytest.raises(UserError, match="the working directory, a folder above it or the home folder"):
+            open_run_folder(FolderFabric(), run_args(out, overwrite=True), "dml")
+    assert (project / ".git").is_dir()
+
+    run = open_run_folder(FolderFabric(), run_args(tmp_path / "run"), "dml")
+    assert json.loads((run / RUN_MARKER).read_text()) == {"script": "dml"}
+    (run / "last.ckpt").write_bytes(b"x")
+    open_run_folder(FolderFabric(), run_args(run, overwrite=True), "dml")
+    assert sorted(path.name for path in run.iterdir()) == [RUN_MARKER]  # replaced, and marked again
+
+
+def test_out_that_is_or_lies_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        with pytest.raises(UserError, match="is a file, not a folder"):
+            open_run_folder(FolderFabric(), run_args(out), "dml")
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_afresh(tmp_path):
+    out = tmp_path / "run"
+    open_run_folder(FolderFabric(), run_args(out), "dml")
+    (out / "args.json").write_text(json.dumps({"out": str(out), "epochs": 5, "img_size": 32, "resume": False}))
+    with pytest.raises(UserError, match="no .*last.ckpt to resume from"):  # other arguments: not the same run
+        open_run_folder(FolderFabric(), run_args(out, resume=True, epochs=6), "dml")
+    args = run_args(out, resume=True, epochs=5, img_size=None)  # None: filled in by the run, as --img-size
+    assert open_run_folder(FolderFabric(), args, "dml") == out and args.resume is False
+
+
+def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    fabric = FolderFabric()
+    fabric.save = lambda path, state: torch.save({"epoch": state["epoch"]}, path)
+    save_checkpoint(fabric, tmp_path / "last.ckpt", {"model": model, "epoch": 1})
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match="NaN or infinite by epoch 2: stopped; the last good checkpoint is"):
+        save_checkpoint(fabric, tmp_path / "last.ckpt", {"model": model, "epoch": 2})
+    assert torch.load(tmp_path / "last.ckpt")["epoch"] == 1
+    with pytest.raises(UserError, match="no checkpoint was written"):
+        save_checkpoint(fabric, tmp_path / "best.ckpt", {"model": model, "epoch": 2})
+    assert not (tmp_path / "best.ckpt").exists()
+
+
+def test_ctrl_c_and_sigterm_are_one_line_and_status_130(capsys):
+    import os
+    import signal
+
+    def main(args):
+        os.kill(os.getpid(), signal.SIGTERM)  # a cluster's preemption
+
+    with pytest.raises(SystemExit) as exit_:
+        exit_on_user_error(main, argparse.Namespace(out="runs/x"))
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == "interrupted: --resume --out runs/x continues from its last finished epoch\n"
 
 
 def test_require_positive():
@@ -80,10 +159,26 @@ def test_config_starts_from_a_runs_arguments_and_bad_config_is_one_line(tmp_path
     (tmp_path / "args.json").write_text('{"students": ["resnet8", "resnet14"], "epochs": 7, "out": "elsewhere"}')
     args = dml.parse_args(["--config", str(tmp_path / "args.json"), "--epochs", "9"])
     assert args.students == ["resnet8", "resnet14"] and args.epochs == 9 and args.out is None
-    (tmp_path / "broken.json").write_text("{not json")
-    with pytest.raises(SystemExit) as exit_:
-        dml.parse_args(["--config", str(tmp_path / "broken.json")])
-    assert exit_.value.code == 2 and "cannot read it as JSON" in capsys.readouterr().err
+    for text, message in [("{not json", "cannot read it as JSON"), ("[1, 2]", "not a JSON object of flags"),
+                          ('{"epoch": 3}', "epoch is not a flag of this script")]:  # a typo is not ignored
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(SystemExit) as exit_:
+            dml.parse_args(["--config", str(tmp_path / "bad.json")])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_runs_files_given_to_another_script_are_refused(tmp_path, capsys):
+    import deit
+    import dml
+
+    args = dml.parse_args(["--students", "resnet8", "resnet8"])
+    assert args.script == "dml"
+    (tmp_path / "args.json").write_text(json.dumps(vars(args)))
+    torch.save({"args": vars(args)}, tmp_path / "last.ckpt")
+    for flag in ("--config", "--eval"):
+        with pytest.raises(SystemExit) as exit_:
+            deit.parse_args([flag, str(tmp_path / ("args.json" if flag == "--config" else "last.ckpt"))])
+        assert exit_.value.code == 2 and "was made by dml.py, not deit.py: give it to dml.py" in capsys.readouterr().err
 
 
 class Stop(Exception):
