@@ -51,15 +51,15 @@ from pathlib import Path
 import torch
 from timm.utils import ModelEmaV3
 
-from common.data import DATASETS, PADDING, hold_out, load_dataset, make_loader, subset
+from common.data import DATASETS, PADDING, hold_out, load_dataset, make_loader, probe_split
 from common.landscape import loss_curve, plot as plot_landscape, write_csv as write_landscape_csv
 from common.losses import cross_entropy, dml_loss
-from common.models import (count_parameters, create_model, describe_pretrained, has_distillation_token, load_pretrained,
-                           prediction, save_weights, split_heads, weight_decay_groups)
+from common.models import (agreeing_pairs, count_parameters, create_model, describe_pretrained, has_distillation_token,
+                           load_pretrained, prediction, save_weights, split_heads, weight_decay_groups)
 from common.run import (HelpFormatter, TrainLog, UserError, accumulate, check_fraction, clip_each, cosine_schedule,
-                        end_epoch, exit_on_user_error, finish, load_checkpoint, load_for_eval, make_fabric, make_logger,
-                        no_backward_sync, parse_with_config, open_run_folder, require_positive, seed_epoch,
-                        write_json)
+                        end_epoch, evaluates_test, exit_on_user_error, finish, load_checkpoint, load_for_eval,
+                        make_fabric, make_logger, no_backward_sync, open_run_folder, parse_with_config,
+                        require_positive, seed_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -99,6 +99,8 @@ def parse_args(argv=None):
                         help="local weights file(s), one for all students or one each, loaded as timm does")
     parser.add_argument("--compile", action="store_true", help="wrap the students in torch.compile")
     parser.add_argument("--landscape", action="store_true", help="after training, write each student's loss landscape")
+    parser.add_argument("--eval-every", type=int, default=1,
+                        help="evaluate the test split every N epochs and at the last (validation: every epoch)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
     parser.add_argument("--log-every", type=int, default=50, help="read the losses (a host sync) every N steps")
     parser.add_argument("--out", help="run folder (default: runs/dml/<date-time>)")
@@ -116,8 +118,9 @@ def check_args(args):
     if len(args.students) < 2:
         raise UserError(f"DML needs at least two students, got --students {' '.join(args.students)}")
     require_positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size,
-                     patch_size=args.patch_size, log_every=args.log_every, grad_accum_steps=args.grad_accum_steps,
-                     clip_grad=args.clip_grad, model_ema_decay=args.model_ema_decay)
+                     patch_size=args.patch_size, log_every=args.log_every, eval_every=args.eval_every,
+                     grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad,
+                     model_ema_decay=args.model_ema_decay)
     check_fraction("val_split", args.val_split)
     if args.pretrained and len(args.pretrained) not in (1, len(args.students)):
         raise UserError(f"--pretrained takes one file or one per student ({len(args.students)})")
@@ -153,25 +156,30 @@ def curve_panels(students):
     losses = [(f"{term}_{k}", f"{name} {term.upper()}") for k, name in enumerate(names) for term in ("ce", "kl")]
     accuracy = [(f"top1_{k}", name) for k, name in enumerate(names)] + [("top1_ensemble", "ensemble")]
     accuracy += [(f"val_{column}", f"{label} (validation)") for column, label in accuracy]
+    accuracy += [("agreement", "agreement of the students")]
     return [("training loss", losses), ("top-1 (%)", accuracy), ("learning rate", [("lr", "lr")])]
 
 
 @torch.no_grad()
 def evaluate(students, loader, fabric):
-    """Top-1 and top-5 (%) of each student and of the ensemble (the mean of their logits)."""
+    """Top-1 and top-5 (%) of each student and of the ensemble (the mean of their
+    logits), and the students' `agreement`: the share (%) of images on which two
+    of them predict the same class, averaged over the pairs."""
     for student in students:
         student.eval()
-    correct = torch.zeros(len(students) + 1, 2, device=fabric.device)
+    counts = torch.zeros(len(students) + 2, 2, device=fabric.device)  # the last row: agreeing images
     seen = torch.zeros((), device=fabric.device)
     for images, labels in loader.epoch():
         with fabric.autocast():  # for the EMA copies, which Fabric does not wrap
             logits = [prediction(student(images)).float() for student in students]
+        counts[-1] += agreeing_pairs(logits, labels)
         logits.append(torch.stack(logits).mean(0))
         for i, scores in enumerate(logits):
             top = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]
-            correct[i] += torch.stack([top[:, 0].sum(), top.any(1).sum()])
+            counts[i] += torch.stack([top[:, 0].sum(), top.any(1).sum()])
         seen += (labels != PADDING).sum()
-    return (100 * fabric.all_reduce(correct, reduce_op="sum") / fabric.all_reduce(seen, reduce_op="sum")).tolist()
+    percent = (100 * fabric.all_reduce(counts, reduce_op="sum") / fabric.all_reduce(seen, reduce_op="sum")).tolist()
+    return percent[:-1], percent[-1][0]
 
 
 def main(args):
@@ -228,7 +236,7 @@ def main(args):
 
     K = len(students)
     names = [f"{term}_{k}" for k in range(K) for term in ("ce", "kl")]
-    accuracy = ema_accuracy = None
+    accuracy = ema_accuracy = agreement = None
     for epoch in range(state["epoch"], args.epochs):
         seed_epoch(args.seed, epoch)
         for student in students:
@@ -253,19 +261,24 @@ def main(args):
             log.step(batch, terms.flatten(), len(labels))
         means = log.close()
 
-        accuracy = evaluate(students, test_loader, fabric)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         for k in range(K):
             row.update({f"loss_{k}": means[f"ce_{k}"] + means[f"kl_{k}"], f"ce_{k}": means[f"ce_{k}"],
                         f"kl_{k}": means[f"kl_{k}"]})
-        row.update({f"top1_{k}": accuracy[k][0] for k in range(K)})
-        row.update(top1_ensemble=accuracy[K][0], img_per_s=means["img_per_s"])
-        if emas:
-            ema_accuracy = evaluate([ema.module for ema in emas], test_loader, fabric)
-            row.update({f"ema_top1_{k}": ema_accuracy[k][0] for k in range(K)})
-        score = accuracy[K][0]
+        tested = [f"top1_{k}" for k in range(K)] + ["top1_ensemble", "agreement"]
+        tested += [f"ema_top1_{k}" for k in range(K)] if emas else []
+        row.update(dict.fromkeys(tested), img_per_s=means["img_per_s"])  # empty in epochs without a test
+        score = None
+        if evaluates_test(epoch, args.epochs, args.eval_every):
+            accuracy, agreement = evaluate(students, test_loader, fabric)
+            row.update({f"top1_{k}": accuracy[k][0] for k in range(K)})
+            row.update(top1_ensemble=accuracy[K][0], agreement=agreement)
+            if emas:
+                ema_accuracy, _ = evaluate([ema.module for ema in emas], test_loader, fabric)
+                row.update({f"ema_top1_{k}": ema_accuracy[k][0] for k in range(K)})
+            score = accuracy[K][0]
         if val_loader is not None:  # best.ckpt is chosen on the validation split, never on test
-            val_accuracy = evaluate(students, val_loader, fabric)
+            val_accuracy, _ = evaluate(students, val_loader, fabric)
             row.update({f"val_top1_{k}": val_accuracy[k][0] for k in range(K)})
             row.update(val_top1_ensemble=val_accuracy[K][0])
             score = val_accuracy[K][0]
@@ -273,14 +286,19 @@ def main(args):
 
     # --- results ------------------------------------------------------------
     if accuracy is None:  # resumed a finished run
-        accuracy = evaluate(students, test_loader, fabric)
-        ema_accuracy = evaluate([ema.module for ema in emas], test_loader, fabric) if emas else None
+        accuracy, agreement = evaluate(students, test_loader, fabric)
+        ema_accuracy = evaluate([ema.module for ema in emas], test_loader, fabric)[0] if emas else None
     results = run_results(fabric, args, students, accuracy, ema_accuracy)
-    results.update(pretrained=pretrained, train_img_per_s=state["history"][-1]["img_per_s"], wall_s=state["wall_s"])
+    # without augmentation, on a fixed part of the training images: did the students fit them?
+    train_accuracy, _ = evaluate(students, make_loader(probe_split(data, args.split_seed), "test", per_device_batch,
+                                                       fabric), fabric)
+    for k, student in enumerate(results["students"]):
+        student["train_top1"] = train_accuracy[k][0]
+    results.update(agreement=agreement, pretrained=pretrained, train_img_per_s=state["history"][-1]["img_per_s"],
+                   wall_s=state["wall_s"])
     if args.landscape:
         # a fixed, class-balanced part of the training set, without augmentation
-        fixed = subset(data, min(1000, len(data["train"][1])), args.seed)
-        landscape_loader = make_loader({**fixed, "test": fixed["train"]}, "test", per_device_batch, fabric)
+        landscape_loader = make_loader(probe_split(data, args.seed), "test", per_device_batch, fabric)
         curves = {f"{k}:{name}": loss_curve(student, landscape_loader, fabric, seed=args.seed)
                   for k, (name, student) in enumerate(zip(args.students, students))}
         if fabric.is_global_zero:
@@ -316,11 +334,13 @@ def run_results(fabric, args, students, accuracy, ema_accuracy=None):
 def evaluate_checkpoint(fabric, args, out, state, students, emas, test_loader, val_loader):
     """--eval: the checkpoint's students (and averages) on the test split, no training."""
     load_for_eval(fabric, args.eval, state)
-    ema_accuracy = evaluate([ema.module for ema in emas], test_loader, fabric) if emas else None
-    results = run_results(fabric, args, students, evaluate(students, test_loader, fabric), ema_accuracy)
-    results.update(evaluated=str(args.eval), epochs_trained=state["epoch"], train_img_per_s=None, wall_s=None)
+    ema_accuracy = evaluate([ema.module for ema in emas], test_loader, fabric)[0] if emas else None
+    accuracy, agreement = evaluate(students, test_loader, fabric)
+    results = run_results(fabric, args, students, accuracy, ema_accuracy)
+    results.update(agreement=agreement, evaluated=str(args.eval), epochs_trained=state["epoch"],
+                   train_img_per_s=None, wall_s=None)
     if val_loader is not None:
-        results["val_ensemble_top1"] = evaluate(students, val_loader, fabric)[len(students)][0]
+        results["val_ensemble_top1"] = evaluate(students, val_loader, fabric)[0][len(students)][0]
     if fabric.is_global_zero:
         write_json(Path(out) / "results.json", results)
         print_summary(results, out)

@@ -49,7 +49,7 @@ def test_dml_run_folder(tmp_path, capsys):
                                                                "1: resnet8 CE", "1: resnet8 KL"]
     assert [line.get_label() for line in accuracies.get_lines()] == [
         "0: vit_micro", "1: resnet8", "ensemble",
-        "0: vit_micro (validation)", "1: resnet8 (validation)", "ensemble (validation)"]
+        "0: vit_micro (validation)", "1: resnet8 (validation)", "ensemble (validation)", "agreement of the students"]
     assert list(accuracies.get_lines()[2].get_ydata()) == [float(row["top1_ensemble"]) for row in rows]
     assert list(losses.get_lines()[3].get_xdata()) == [1, 2, 3] and losses.get_lines()[3].get_marker() == "o"
     assert list(rate.get_lines()[0].get_ydata()) == [float(row["lr"]) for row in rows]
@@ -312,6 +312,30 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     assert "the loss became NaN or infinite at epoch 2, step 1: stopped" in message and "last.ckpt" in message
     assert torch.load(out / "last.ckpt", weights_only=False)["epoch"] == 1  # the last good one
     assert not (out / "results.json").exists()
+
+
+def test_eval_every_agreement_and_train_top1(tmp_path):
+    out = tmp_path / "run"
+    run_main(dml, "--students", "resnet8", "resnet8", "--epochs", "3", "--train-subset", "200", "--batch-size", "50",
+             "--eval-every", "2", "--out", out)
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [row["top1_ensemble"] != "" for row in rows] == [False, True, True]  # every 2nd epoch and the last
+    assert [row["agreement"] != "" for row in rows] == [False, True, True]
+    assert torch.load(out / "best.ckpt", weights_only=False)["epoch"] in (2, 3)  # chosen among evaluated epochs
+    res = results(out)
+    assert res["agreement"] == float(rows[-1]["agreement"]) and 0 <= res["agreement"] <= 100
+    assert all(0 <= student["train_top1"] <= 100 for student in res["students"])
+
+
+def test_identical_students_agree_on_every_image():
+    from common.data import load_dataset, make_loader
+    from common.models import create_model
+    from conftest import FakeFabric
+
+    model = create_model("resnet8", 10, 32)
+    loader = make_loader(load_dataset("cifar10-mini"), "test", 64, FakeFabric())
+    accuracy, agreement = dml.evaluate([model, model], loader, FakeFabric())
+    assert agreement == 100.0 and accuracy[0] == accuracy[1] == accuracy[2]
 
 
 def test_diverging_weights_never_reach_a_checkpoint(tmp_path):
