@@ -5,7 +5,9 @@ The noise of each weight tensor is scaled by that tensor's RMS,
 θ' = θ + σ·rms(θ)·ε with ε ~ N(0, I), so σ is a relative perturbation and two
 models with different weight norms are compared fairly (in the spirit of the
 filter normalisation of Li et al., NeurIPS 2018). A wider minimum is a curve
-that rises more slowly.
+that rises more slowly. A less confident model's loss also rises less, whatever
+its minimum, so beside the rise over the clean loss each σ has the rise
+relative to the clean loss and the top-1 drop on the same images.
 
 Compare finished run folders (e.g. Independent and DML) on one plot:
 
@@ -26,7 +28,10 @@ SIGMAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 
 @torch.no_grad()
 def loss_curve(model, loader, fabric, sigmas=SIGMAS, draws=5, seed=0):
-    """[{sigma, loss_mean, loss_std}] of the CE loss on `loader`'s batches (summed over ranks)."""
+    """[{sigma, loss_mean, loss_std, top1_mean, rise, relative_rise, top1_drop}]: the
+    CE loss and top-1 (%) on `loader`'s batches (summed over ranks), and, against
+    the clean model (σ = 0, the first of `sigmas`), the loss rise, that rise as a
+    share of the clean loss and the drop in top-1 (points)."""
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     original = [p.detach().clone() for p in params]
@@ -35,41 +40,50 @@ def loss_curve(model, loader, fabric, sigmas=SIGMAS, draws=5, seed=0):
     generator = torch.Generator(fabric.device).manual_seed(seed)
     rows = []
     for sigma in sigmas:
-        losses = []
+        draws_of_sigma = []
         for _ in range(draws if sigma > 0 else 1):
             for p, p0, scale in zip(params, original, scales):
                 noise = torch.randn(p.shape, device=p.device, generator=generator)
                 p.copy_(p0 + sigma * scale * noise)
-            total = torch.zeros(2, device=fabric.device)
+            total = torch.zeros(3, device=fabric.device)  # loss, correct, images
             for images, labels in loader.epoch():
                 logits = prediction(model(images)).float()
                 total[0] += F.cross_entropy(logits, labels, reduction="sum")  # padding labels are ignored
-                total[1] += (labels != PADDING).sum()
+                total[1] += (logits.argmax(1) == labels).sum()
+                total[2] += (labels != PADDING).sum()
             total = fabric.all_reduce(total, reduce_op="sum")
-            losses.append((total[0] / total[1]).item())
-        losses = torch.tensor(losses)
+            draws_of_sigma.append([total[0] / total[2], 100 * total[1] / total[2]])
+        losses, top1 = torch.tensor(draws_of_sigma).T
         rows.append({"sigma": sigma, "loss_mean": losses.mean().item(),
-                     "loss_std": losses.std().item() if len(losses) > 1 else 0.0})
+                     "loss_std": losses.std().item() if len(losses) > 1 else 0.0, "top1_mean": top1.mean().item()})
     for p, p0 in zip(params, original):
         p.copy_(p0)
+    clean = rows[0]
+    for row in rows:
+        row.update(rise=row["loss_mean"] - clean["loss_mean"],
+                   relative_rise=(row["loss_mean"] - clean["loss_mean"]) / clean["loss_mean"],
+                   top1_drop=clean["top1_mean"] - row["top1_mean"])
     return rows
+
+
+COLUMNS = ("sigma", "loss_mean", "loss_std", "top1_mean", "rise", "relative_rise", "top1_drop")
 
 
 def write_csv(path, curves):
     """`curves` maps a label (student) to its rows."""
     with open(path, "w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["student", "sigma", "loss_mean", "loss_std"])
+        writer.writerow(["student", *COLUMNS])
         for label, rows in curves.items():
             for row in rows:
-                writer.writerow([label, row["sigma"], row["loss_mean"], row["loss_std"]])
+                writer.writerow([label, *(row[column] for column in COLUMNS)])
 
 
 def read_csv(path):
     curves = {}
     with open(path) as file:
         for row in csv.DictReader(file):
-            curves.setdefault(row["student"], []).append({k: float(row[k]) for k in ("sigma", "loss_mean", "loss_std")})
+            curves.setdefault(row["student"], []).append({k: float(row[k]) for k in COLUMNS if k in row})
     return curves
 
 

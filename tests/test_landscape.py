@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from common.data import load_dataset, make_loader
@@ -19,3 +20,11 @@ def test_loss_curve_rises_with_noise_and_restores_the_weights():
     assert abs(rows[0]["loss_mean"] - clean.item()) < 1e-4 and rows[0]["loss_std"] == 0
     assert rows[0]["loss_mean"] < rows[2]["loss_mean"] and rows[2]["loss_std"] > 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # against the clean model: the rise, the rise as a share of the clean loss, the top-1 drop
+    with torch.no_grad():
+        correct = sum((model(x).argmax(1) == y).sum() for x, y in loader.epoch()).item()
+    assert rows[0]["top1_mean"] == pytest.approx(correct / 2) and rows[0]["top1_drop"] == 0 == rows[0]["rise"]
+    for row in rows[1:]:
+        assert row["rise"] == pytest.approx(row["loss_mean"] - rows[0]["loss_mean"])
+        assert row["relative_rise"] == pytest.approx(row["rise"] / rows[0]["loss_mean"])
+        assert row["top1_drop"] == pytest.approx(rows[0]["top1_mean"] - row["top1_mean"])
