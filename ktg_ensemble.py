@@ -48,15 +48,15 @@ from datetime import datetime
 
 import torch
 
-from common.data import DATASETS, PADDING, DeviceLoader, hold_out, load_dataset, make_loader
+from common.data import DATASETS, PADDING, DeviceLoader, hold_out, load_dataset, make_loader, probe_split
 from common.graph import (LABEL, LOSSES, check_graph, draw_attention, draw_graph, load_graph, preset, sample_graph,
                           untrained_nodes)
 from common.losses import edge_loss, gate, label_loss
-from common.models import (ABN_ALIASES, count_parameters, create_model, describe_pretrained, load_pretrained,
-                           save_weights)
-from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, end_epoch, exit_on_user_error, finish,
-                        load_checkpoint, make_fabric, make_logger, parse_with_config, prepare_run_folder,
-                        require_positive, seed_epoch, step_schedule, write_csv, write_json)
+from common.models import (ABN_ALIASES, agreeing_pairs, count_parameters, create_model, describe_pretrained,
+                           load_pretrained, save_weights)
+from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, end_epoch, evaluates_test,
+                        exit_on_user_error, finish, load_checkpoint, make_fabric, make_logger, parse_with_config,
+                        prepare_run_folder, require_positive, seed_epoch, step_schedule, write_csv, write_json)
 from common.study import open_study, search_picture, storage_failure, storage_url, trial_rows
 
 
@@ -92,6 +92,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order, augmentation and "
                                                             "sampler (give each search worker its own)")
     parser.add_argument("--log-every", type=int, default=50, help="read the losses (a host sync) every N steps")
+    parser.add_argument("--eval-every", type=int, default=1, help="test every N epochs and at the last")
     parser.add_argument("--out", help="run folder (default: runs/ktg/<date-time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run (or the search) in --out")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
@@ -108,7 +109,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     require_positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size,
-                     heartbeat_grace=args.heartbeat_grace, log_every=args.log_every)
+                     heartbeat_grace=args.heartbeat_grace, log_every=args.log_every, eval_every=args.eval_every)
     if args.search < 0:
         raise UserError(f"--search must be a number of trials, got {args.search}")
     if args.val_split is None:
@@ -176,46 +177,47 @@ def graph_loss(graph, outputs, labels, step, total_steps, crop_sizes):
 
 
 def curve_panels(nodes):
-    """What curves.png draws: the loss per node, each node's and the ensemble's accuracy, the learning rate."""
-    accuracy = [(f"top1_{m}", f"{m}: {name}") for m, name in enumerate(nodes)] + [("top1_ensemble", "ensemble")]
+    """What curves.png draws: the loss per node, each node's and the ensemble's top-1, their agreement, the lr."""
+    accuracy = [(f"top1_{m}", f"{m}: {name}") for m, name in enumerate(nodes)]
+    accuracy += [("top1_ensemble", "ensemble"), ("agreement", "agreement of the nodes")]
     accuracy += [(f"val_{column}", f"{label} (validation)") for column, label in accuracy]
-    return [("training loss per node", [("loss", "graph loss / nodes")]), ("top-1 (%)", accuracy),
+    return [("training loss per node", [("loss", "graph loss / nodes")]), ("top-1, agreement (%)", accuracy),
             ("learning rate", [("lr", "lr")])]
 
 
 @torch.no_grad()
-def evaluate(nodes, loader, fabric):
-    """Top-1 (%) of each node and of the ensemble (the mean of their logits, eq. 5)."""
+def evaluate(nodes, loader, fabric, prefix=""):
+    """`top1_<m>` of each node, `top1_ensemble` (their mean logits, eq. 5), `agreement` (the images two nodes
+    classify alike, mean over the pairs), in %, after `prefix`; all None without a `loader` (a skipped split)."""
+    names = [f"{prefix}top1_{m}" for m in range(len(nodes))] + [f"{prefix}top1_ensemble", f"{prefix}agreement"]
+    if loader is None:
+        return dict.fromkeys(names)
     for node in nodes:
         node.eval()
-    correct = torch.zeros(len(nodes) + 1, device=fabric.device)
-    seen = torch.zeros((), device=fabric.device)
+    counts = torch.zeros(len(nodes) + 3, device=fabric.device)  # correct per node and ensemble, agreeing, images
     for images, labels in loader.epoch():
         logits = [node_outputs(node, images)[0].float() for node in nodes]
-        logits.append(torch.stack(logits).mean(0))
-        correct += torch.stack([(scores.argmax(1) == labels).sum() for scores in logits])
-        seen += (labels != PADDING).sum()
-    accuracy = 100 * fabric.all_reduce(correct, reduce_op="sum") / fabric.all_reduce(seen, reduce_op="sum")
-    return [round(value, 2) for value in accuracy.tolist()]
+        correct = [(scores.argmax(1) == labels).sum() for scores in [*logits, torch.stack(logits).mean(0)]]
+        counts += torch.stack([*correct, agreeing_pairs(logits, labels), (labels != PADDING).sum()])
+    counts = fabric.all_reduce(counts, reduce_op="sum")
+    return {name: round(value, 2) for name, value in zip(names, (100 * counts[:-1] / counts[-1]).tolist())}
 
 
 def train_graph(graph, data, fabric, args, out=None, report=None):
-    """Train the graph's nodes together, evaluating on data["test"] (and
-    data["val"], if held out, which then chooses best.ckpt) after every epoch.
-    With `out`: checkpoints, metrics and --resume. `report(epoch, error)`
-    receives the ensemble's error (a search trial prunes there). Returns the
-    nodes, the last accuracies and the state."""
+    """Train the graph's nodes together, evaluating on data["val"], if held out (it then chooses best.ckpt), after
+    every epoch, and on data["test"] every --eval-every epochs. With `out`: checkpoints, metrics and --resume.
+    Without, a search trial: `report(epoch, error)` receives the ensemble's validation error (the trial prunes
+    there) and the test split is never read. Returns the nodes, the last evaluation (a row) and the state."""
     per_device_batch = max(1, args.batch_size // fabric.world_size)
     train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed, workers=args.workers)
-    test_loader = make_loader(data, "test", per_device_batch, fabric, workers=args.workers)
+    test_loader = make_loader(data, "test", per_device_batch, fabric, workers=args.workers) if out else None
     val_loader = make_loader(data, "val", per_device_batch, fabric, workers=args.workers) if "val" in data else None
     torch.manual_seed(args.seed)  # every graph starts from the same weights
     models = [create_model(name, len(data["classes"]), args.img_size, device=fabric.device) for name in graph["nodes"]]
     pretrained = [load_pretrained(model, args.pretrained[m % len(args.pretrained)])
                   for m, model in enumerate(models)] if args.pretrained else []
-    if out is not None:
-        for m, loaded in enumerate(pretrained):
-            fabric.print(f"node {m}: {describe_pretrained(loaded)}")
+    for m, loaded in enumerate(pretrained if out is not None else []):  # a search trial prints none
+        fabric.print(f"node {m}: {describe_pretrained(loaded)}")
     models = [torch.compile(model) if args.compile else model for model in models]
     # one optimizer, a parameter group per node: the same update as one optimizer each
     optimizer = torch.optim.SGD([{"params": model.parameters()} for model in models], lr=args.lr, momentum=0.9,
@@ -239,7 +241,7 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
 
     M, steps_per_epoch = len(nodes), len(train_loader)
     total_steps = args.epochs * steps_per_epoch
-    accuracy = None
+    row = None
     logger = make_logger(args.logger, out) if out is not None else None
     for epoch in range(state["epoch"], args.epochs if not args.eval else 0):
         seed_epoch(args.seed, epoch)
@@ -258,24 +260,20 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
             log.step(step, loss[None], len(labels))
         means = log.close()
 
-        accuracy = evaluate(nodes, test_loader, fabric)
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": means["loss"] / M}
-        row.update({f"top1_{m}": accuracy[m] for m in range(M)})
-        row.update(top1_ensemble=accuracy[M], img_per_s=means["img_per_s"])
-        score = accuracy[M]
+        due = test_loader is not None and evaluates_test(epoch, args.epochs, args.eval_every)
+        # a skipped test leaves its columns empty (None), from the first row on, which names metrics.csv's columns
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": means["loss"] / M,
+               **evaluate(nodes, test_loader if due else None, fabric), "img_per_s": means["img_per_s"]}
         if val_loader is not None:  # best.ckpt is chosen on the validation split, never on test
-            val_accuracy = evaluate(nodes, val_loader, fabric)
-            row.update({f"val_top1_{m}": val_accuracy[m] for m in range(M)})
-            row["val_top1_ensemble"] = score = val_accuracy[M]
-        if report is not None:
-            report(epoch, 100 - accuracy[M])
+            row.update(evaluate(nodes, val_loader, fabric, prefix="val_"))
+        score = row["val_top1_ensemble" if val_loader is not None else "top1_ensemble"]  # None: not evaluated
         if out is not None:
             end_epoch(fabric, out, state, row, score, log, curve_panels(graph["nodes"]))
-        else:  # a search trial: no run folder
-            state["history"].append(row)
-    if accuracy is None:  # resumed a finished run
-        accuracy = evaluate(nodes, test_loader, fabric)
-    return nodes, accuracy, state
+        else:  # a search trial: no run folder; pruned on the validation error
+            report(epoch, 100 - score)
+    if row is None:  # --eval, or resumed a finished run
+        row = evaluate(nodes, test_loader, fabric)
+    return nodes, row, state
 
 
 # --- search ------------------------------------------------------------------
@@ -299,7 +297,6 @@ def search(nodes, data, fabric, args, out):
         first = study.user_attrs["val_split"]
         raise UserError(f"study {args.study_name!r} scores on --val-split {first['fraction']} --split-seed "
                         f"{first['seed']}: give this worker the same, not {args.val_split} and {args.split_seed}")
-    val_data = {**data, "test": data["val"]}  # trials are evaluated on the held-out part
     # attention losses only if every node has an attention branch
     losses = [loss for loss in LOSSES if loss.startswith("prob") or all(name in ABN_ALIASES for name in nodes)]
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -317,7 +314,7 @@ def search(nodes, data, fabric, args, out):
                 raise optuna.TrialPruned()
 
         fabric.print(f"trial {trial.number}")
-        return 100 - train_graph(graph, val_data, fabric, args, report=report)[1][-1]
+        return 100 - train_graph(graph, data, fabric, args, report=report)[1]["val_top1_ensemble"]
 
     # A lost server stops the worker with one line, not Optuna's and SQLAlchemy's
     # tracebacks. The heartbeat thread, which usually meets it first, interrupts
@@ -402,17 +399,20 @@ def main(args):
         fabric.print(f"best graph: trial {search_summary['best_trial']}, validation error "
                      f"{search_summary['best_val_error']:.2f} %; retraining it, best.ckpt chosen on the same "
                      f"held-out images")
-    nodes, accuracy, state = train_graph(graph, data, fabric, args, out=out)
+    nodes, tested, state = train_graph(graph, data, fabric, args, out=out)
+    # each node's top-1 on images it trained on, without augmentation: beside the test top-1, over- or underfit
+    probe = make_loader(probe_split(data, args.split_seed), "test", max(1, args.batch_size // fabric.world_size),
+                        fabric)
+    fit, M = evaluate(nodes, probe, fabric), len(nodes)
+    top1, train_top1 = [[scores[f"top1_{m}"] for m in range(M)] for scores in (tested, fit)]
 
     # --- results ------------------------------------------------------------
-    M = len(nodes)
     results = {
-        "method": "ktg_ensemble", "graph": graph, "dataset": args.dataset, "epochs": args.epochs,
-        "seed": args.seed,
-        "nodes": [{"name": name, "params": count_parameters(node), "top1": accuracy[m]}
+        "method": "ktg_ensemble", "graph": graph, "dataset": args.dataset, "epochs": args.epochs, "seed": args.seed,
+        "nodes": [{"name": name, "params": count_parameters(node), "top1": top1[m], "train_top1": train_top1[m]}
                   for m, (name, node) in enumerate(zip(graph["nodes"], nodes))],
-        "node_mean_top1": sum(accuracy[:M]) / M, "ensemble_top1": accuracy[M],
-        "best_on": "validation" if args.val_split else "test",
+        "node_mean_top1": sum(top1) / M, "ensemble_top1": tested["top1_ensemble"], "agreement": tested["agreement"],
+        "train_top1_mean": sum(train_top1) / M, "best_on": "validation" if args.val_split else "test",
         "pretrained": state["pretrained"],
         "train_img_per_s": state["history"][-1]["img_per_s"] if state["history"] else None, "wall_s": state["wall_s"],
         "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
@@ -426,7 +426,7 @@ def main(args):
             for m, node in enumerate(nodes):  # loadable with plain load_state_dict
                 save_weights(out / f"node{m}.safetensors", node)
         write_json(out / "results.json", results)
-        draw_graph(out / "graph.png", graph, {**dict(enumerate(accuracy[:M])), "ensemble": accuracy[M]})
+        draw_graph(out / "graph.png", graph, {**dict(enumerate(top1)), "ensemble": tested["top1_ensemble"]})
         attention_picture(out / "attention.png", nodes, graph, data, fabric)
         print_summary(results, out)
     finish(fabric)

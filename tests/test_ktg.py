@@ -10,10 +10,11 @@ import time
 
 import optuna
 import pytest
+import torch
 
 import ktg_ensemble
 from common.run import UserError
-from conftest import ROOT, png_size, results, run_main, wait_for
+from conftest import ROOT, FakeFabric, png_size, results, run_main, wait_for
 
 NODES = ["--nodes", "resnet8_abn", "resnet8_abn"]
 QUICK = ["--epochs", "2", "--train-subset", "300", "--batch-size", "50"]
@@ -42,6 +43,12 @@ def test_presets_end_to_end(tmp_path, preset):
     assert [node["name"] for node in res["nodes"]] == ["resnet8_abn", "resnet8_abn"]
     assert res["node_mean_top1"] == pytest.approx(sum(node["top1"] for node in res["nodes"]) / 2)
     assert res["ensemble_top1"] > 15 and res["train_img_per_s"] > 0 and res["wall_s"] > 0  # chance is 10 %
+    # diagnostics: how often two nodes agree (%), on the test images of every epoch; each node's fit of its images
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert all(0 <= float(row["agreement"]) <= 100 for row in rows)
+    assert res["agreement"] == float(rows[-1]["agreement"]) and 0 <= res["agreement"] <= 100
+    assert all(0 <= node["train_top1"] <= 100 for node in res["nodes"])
+    assert res["train_top1_mean"] == pytest.approx(sum(node["train_top1"] for node in res["nodes"]) / 2)
     assert png_size(out / "graph.png") == (700, 700)
     assert png_size(out / "attention.png") == (600, 1100)  # 5 images × (the image and 2 nodes' maps)
     # one test image of each of the first five classes, with each node's prediction
@@ -77,9 +84,30 @@ def test_graph_from_a_file(tmp_path):
                        {"source": 1, "target": 0, "loss": "prob_repel", "gate": "correct"},
                        {"source": 0, "target": 1, "loss": "prob_attract", "gate": "cutoff"}]}
     (tmp_path / "graph.json").write_text(json.dumps(graph))
-    run_main(ktg_ensemble, "--graph", tmp_path / "graph.json", "--epochs", "1", "--train-subset", "100",
-             "--batch-size", "50", "--out", tmp_path / "run")
-    assert results(tmp_path / "run")["graph"] == graph
+    out = tmp_path / "run"
+    run_main(ktg_ensemble, "--graph", tmp_path / "graph.json", "--epochs", "3", "--eval-every", "2",
+             "--train-subset", "100", "--batch-size", "50", "--out", out)
+    assert results(out)["graph"] == graph
+    # the test split every second epoch and at the last; best.ckpt (no --val-split) chosen among those epochs
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    tested = ["top1_0", "top1_1", "top1_ensemble", "agreement"]
+    assert [[row[column] != "" for column in tested] for row in rows] == [[False] * 4, [True] * 4, [True] * 4]
+    assert torch.load(out / "best.ckpt", weights_only=True)["epoch"] in (2, 3)
+
+
+def test_identical_nodes_agree_on_every_image():
+    from common.data import load_dataset, make_loader
+    from common.models import create_model
+
+    data = load_dataset("cifar10-mini")
+    images, labels = data["test"]
+    node = create_model("resnet8_abn", 10, 32)
+    # 200 images in batches of 64: the last batch is padded, and padding must not count
+    loader = make_loader({**data, "test": (images[:200], labels[:200])}, "test", 64, FakeFabric())
+    columns = ktg_ensemble.evaluate([node, node], loader, FakeFabric())
+    assert columns["agreement"] == 100.0 and columns["top1_0"] == columns["top1_1"] == columns["top1_ensemble"]
+    assert ktg_ensemble.evaluate([node, node], None, FakeFabric(), prefix="val_") == dict.fromkeys(
+        ["val_top1_0", "val_top1_1", "val_top1_ensemble", "val_agreement"])
 
 
 def test_search_writes_study_table_and_best_graph(tmp_path):
@@ -179,6 +207,7 @@ def test_two_workers_share_one_study(tmp_path):
     (["--epochs", "0"], "--epochs must be positive"),
     (["--crop-sizes", "3", "0"], "--crop-sizes must be positive"),
     (["--heartbeat-grace", "0"], "--heartbeat-grace must be positive"),
+    (["--eval-every", "0"], "--eval-every must be positive"),
 ])
 def test_bad_flags(flags, message):
     with pytest.raises(UserError, match=re.escape(message)):
