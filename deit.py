@@ -43,14 +43,15 @@ from datetime import datetime
 import torch
 from timm.utils import ModelEmaV3
 
-from common.data import DATASETS, PADDING, SMALL_SIDE, hold_out, load_dataset, make_loader
+from common.data import DATASETS, PADDING, SMALL_SIDE, hold_out, load_dataset, make_loader, probe_split
 from common.losses import cross_entropy, hard_distillation_loss, soft_distillation_loss
 from common.models import (both_heads, count_parameters, create_model, describe_pretrained, freeze,
                            has_distillation_token, load_pretrained, load_teacher, model_name_in, save_weights,
                            split_heads, weight_decay_groups)
 from common.run import (HelpFormatter, TrainLog, UserError, accumulate, check_fraction, cosine_schedule, end_epoch,
-                        exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval, make_fabric, make_logger,
-                        parse_with_config, open_run_folder, require_positive, seed_epoch, write_json)
+                        evaluates_test, exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval,
+                        make_fabric, make_logger, open_run_folder, parse_with_config, require_positive, seed_epoch,
+                        write_json)
 
 
 def parse_args(argv=None):
@@ -96,6 +97,8 @@ def parse_args(argv=None):
     parser.add_argument("--model-ema-decay", type=float, default=0.99996, help="its decay per step (DeiT's)")
     parser.add_argument("--pretrained", help="start the student from this local weights file, loaded as timm does")
     parser.add_argument("--compile", action="store_true", help="wrap the student and the teacher in torch.compile")
+    parser.add_argument("--eval-every", type=int, default=1,
+                        help="evaluate the test split every N epochs and at the last (validation: every epoch)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
     parser.add_argument("--log-every", type=int, default=50, help="read the losses (a host sync) every N steps")
     parser.add_argument("--out", help="run folder (default: runs/deit/<date-time>)")
@@ -123,8 +126,9 @@ def check_args(args):
         raise UserError(f"--distillation-alpha must be in [0, 1], got {args.distillation_alpha}")
     require_positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size,
                      patch_size=args.patch_size, distillation_tau=args.distillation_tau,
-                     repeated_aug=args.repeated_aug, log_every=args.log_every, grad_accum_steps=args.grad_accum_steps,
-                     clip_grad=args.clip_grad, model_ema_decay=args.model_ema_decay)
+                     repeated_aug=args.repeated_aug, log_every=args.log_every, eval_every=args.eval_every,
+                     grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad,
+                     model_ema_decay=args.model_ema_decay)
     check_fraction("val_split", args.val_split)
     if args.resume and not args.out:
         raise UserError("--resume needs --out, the run folder to continue")
@@ -182,7 +186,8 @@ def student_loss(output, teacher_logits, targets, args):
 CURVE_PANELS = [  # what curves.png draws
     ("training loss", [("loss", "total"), ("loss_ce", "class head CE"), ("loss_distill", "distillation term")]),
     ("top-1 (%)", [("top1", "prediction (both heads)"), ("top1_cls", "class head"), ("top1_dist", "distillation head"),
-                   ("teacher_agreement", "agreement with the teacher"), ("val_top1", "prediction (validation)")]),
+                   ("teacher_agreement", "agreement with the teacher"), ("val_top1", "prediction (validation)"),
+                   ("teacher_disagreement", "teacher ≠ label on training views")]),
     ("learning rate", [("lr", "lr")])]
 
 
@@ -294,7 +299,7 @@ def main(args):
     for epoch in range(state["epoch"], args.epochs if not args.eval else 0):
         seed_epoch(args.seed, epoch)
         model.train()
-        log = TrainLog(fabric, ["loss", "ce", "distill"], epoch, args.epochs, steps_per_epoch * args.grad_accum_steps,
+        log = TrainLog(fabric, ["loss", "ce", "distill", "teacher_disagreement"][:4 if teacher else 3], epoch, args.epochs, steps_per_epoch * args.grad_accum_steps,
                        args.log_every, out, logger=logger)
         optimizer.zero_grad(set_to_none=True)
         batches = accumulate(train_loader.epoch(epoch), args.grad_accum_steps, steps_per_epoch)
@@ -319,17 +324,27 @@ def main(args):
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
                     ema.update(model.module)
-            log.step(batch, torch.stack([loss, ce, distill]), len(labels))
+            terms = [loss, ce, distill]
+            if teacher is not None:  # on how many views the hard head learns something other than the label (%)
+                view_labels = targets.argmax(1) if targets.ndim == 2 else targets  # the larger part of a mixed view
+                terms.append(100 * (teacher_logits.argmax(1) != view_labels).float().mean())
+            log.step(batch, torch.stack(terms), len(labels))
         means = log.close()
 
-        accuracy = evaluate(model, test_loader, fabric, teacher_decisions)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": means["loss"],
-               "loss_ce": means["ce"], "loss_distill": means["distill"], "top1": accuracy[0],
-               "top1_cls": accuracy[1], "top1_dist": accuracy[2],
-               "teacher_agreement": accuracy[3] if teacher is not None else None, "img_per_s": means["img_per_s"]}
+               "loss_ce": means["ce"], "loss_distill": means["distill"], "top1": None, "top1_cls": None,
+               "top1_dist": None, "teacher_agreement": None, "teacher_disagreement": means.get("teacher_disagreement"),
+               "img_per_s": means["img_per_s"]}  # the test columns stay empty in epochs without a test
         if ema is not None:
-            row["ema_top1"] = ema_top1 = evaluate(ema.module, test_loader, fabric)[0]
-        score = accuracy[0]
+            row["ema_top1"] = None
+        score = None
+        if evaluates_test(epoch, args.epochs, args.eval_every):
+            accuracy = evaluate(model, test_loader, fabric, teacher_decisions)
+            row.update(top1=accuracy[0], top1_cls=accuracy[1], top1_dist=accuracy[2],
+                       teacher_agreement=accuracy[3] if teacher is not None else None)
+            if ema is not None:
+                row["ema_top1"] = ema_top1 = evaluate(ema.module, test_loader, fabric)[0]
+            score = accuracy[0]
         if val_loader is not None:  # best.ckpt is chosen on the validation split, never on test
             row["val_top1"] = score = evaluate(model, val_loader, fabric)[0]
         end_epoch(fabric, out, state, row, score, log, CURVE_PANELS)
@@ -339,13 +354,17 @@ def main(args):
         accuracy = evaluate(model, test_loader, fabric, teacher_decisions)
         ema_top1 = evaluate(ema.module, test_loader, fabric)[0] if ema is not None else None
     distilled = has_distillation_token(model)
+    # without augmentation, on a fixed part of the training images: did the student fit them?
+    train_top1 = evaluate(model, make_loader(probe_split(data, args.split_seed), "test", per_device_batch, fabric),
+                          fabric)[0]
     results = {
         "method": "deit", "model": args.model, "teacher": args.teacher,
         "distillation_type": args.distillation_type, "recipe": args.recipe, "dataset": args.dataset,
         "epochs": args.epochs, "seed": args.seed, "params": count_parameters(model),
         "top1": accuracy[0], "top1_cls": accuracy[1] if distilled else None,
         "top1_dist": accuracy[2] if distilled else None, "teacher_top1": teacher_top1,
-        "teacher_agreement": accuracy[3] if teacher is not None else None,
+        "teacher_agreement": accuracy[3] if teacher is not None else None, "train_top1": train_top1,
+        "teacher_disagreement": state["history"][-1].get("teacher_disagreement") if state["history"] else None,
         "best_on": "validation" if args.val_split else "test", "pretrained": pretrained,
         "ema_top1": ema_top1,
         "train_img_per_s": state["history"][-1]["img_per_s"] if state["history"] else None, "wall_s": state["wall_s"],

@@ -427,8 +427,9 @@ RESUMABLE = {"out", "resume", "overwrite", "log_every", "workers", "compile", "d
 
 def run_shaping_changes(made, asked):
     """The arguments in `asked` that differ from those a run was `made` with, leaving
-    out what a resumed run may change (RESUMABLE)."""
-    return [key for key, value in asked.items() if key not in RESUMABLE and made.get(key) != value]
+    out what a resumed run may change (RESUMABLE) and flags added to the script
+    after the run was made (it ran with their default)."""
+    return [key for key, value in asked.items() if key not in RESUMABLE and key in made and made[key] != value]
 
 
 def load_checkpoint(fabric, path, state, args):

@@ -52,8 +52,43 @@ def test_students_distilled_from_the_teacher(teacher, tmp_path, kind):
     # curves.png: both heads, the prediction and the agreement with the teacher over the epochs
     _, accuracy, _ = plot_curves(tmp_path / "again.png", rows, deit.CURVE_PANELS).axes
     assert [line.get_label() for line in accuracy.get_lines()] == [
-        "prediction (both heads)", "class head", "distillation head", "agreement with the teacher"]
+        "prediction (both heads)", "class head", "distillation head", "agreement with the teacher",
+        "teacher ≠ label on training views"]
     assert list(accuracy.get_lines()[3].get_ydata()) == [float(row["teacher_agreement"]) for row in rows]
+
+
+class ColourTeacher(torch.nn.Module):
+    """Reads the class from the image: class c is an image of grey level 20·c."""
+
+    def __init__(self, answer=None):
+        super().__init__()
+        self.answer, self.scale = answer, torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, images):
+        classes = (images[:, 0].mean((1, 2)).float() * 255 / 20).round().long().clamp(0, 9)
+        if self.answer is not None:
+            classes = torch.full_like(classes, self.answer)
+        return torch.nn.functional.one_hot(classes, 10).to(images.dtype) * self.scale * 10
+
+
+@pytest.mark.parametrize("answer, disagreement", [(None, 0.0), (0, 90.0)])
+def test_teacher_disagreement_counts_views_where_the_teacher_is_not_the_label(tmp_path, monkeypatch, answer,
+                                                                               disagreement):
+    labels = torch.arange(10).repeat(10)
+    images = (20 * labels).to(torch.uint8)[:, None, None, None].expand(-1, 3, 32, 32).contiguous()
+    data = {"train": (images, labels), "test": (images, labels), "classes": [str(c) for c in range(10)],
+            "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "img_size": 32}
+    monkeypatch.setattr(deit, "load_dataset", lambda *args: data)
+    monkeypatch.setattr(deit, "load_teacher", lambda *args, **kwargs: ColourTeacher(answer))
+    out = tmp_path / "run"
+    run_main(deit, "--model", "vit_micro", "--teacher", "resnet8", "--teacher-ckpt", "any", "--distillation-type",
+             "hard", "--recipe", "none", "--epochs", "2", "--batch-size", "20", "--eval-every", "2", "--out", out)
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [float(row["teacher_disagreement"]) for row in rows] == [disagreement] * 2
+    assert [row["top1"] != "" for row in rows] == [False, True]  # --eval-every 2: the last epoch only
+    res = results(out)
+    assert res["teacher_disagreement"] == disagreement and res["teacher_top1"] == (100.0 if answer is None else 10.0)
+    assert 0 <= res["train_top1"] <= 100
 
 
 def test_teacher_from_a_project_checkpoint_ema_eval_and_weights_out(teacher, tmp_path):
