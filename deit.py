@@ -48,10 +48,10 @@ from common.losses import cross_entropy, hard_distillation_loss, soft_distillati
 from common.models import (both_heads, count_parameters, create_model, describe_pretrained, freeze,
                            has_distillation_token, load_pretrained, load_teacher, model_name_in, save_weights,
                            split_heads, weight_decay_groups)
-from common.run import (HelpFormatter, TrainLog, UserError, accumulate, check_fraction, cosine_schedule, end_epoch,
-                        evaluates_test, exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval,
-                        make_fabric, make_logger, open_run_folder, parse_with_config, require_positive, seed_epoch,
-                        write_json)
+from common.run import (HelpFormatter, TrainLog, UserError, accumulate, check_fraction, check_shared_flags,
+                        cosine_schedule, end_epoch, evaluates_test, exit_on_user_error, finish, inference_dtype,
+                        load_checkpoint, load_for_eval, make_fabric, make_logger, open_run_folder, parse_with_config,
+                        require_positive, seed_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -110,7 +110,12 @@ def parse_args(argv=None):
     parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
     parser.add_argument("--workers", type=int, help="DataLoader workers (recipe deit, streamed data; "
                                                     "default: min(8, cores))")
-    return parse_with_config(parser, argv, script="deit")
+    args = parse_with_config(parser, argv, script="deit")
+    changed = [f"--{name.replace('_', '-')}" for name in ("randaugment", "mixup", "cutmix", "reprob", "repeated_aug")
+               if getattr(args, name) != parser.get_default(name)]
+    if changed and (args.recipe or ("deit" if args.dataset == "imagefolder" else "cifar")) != "deit":
+        print(f"note: {' '.join(changed)} take effect only with --recipe deit")
+    return args
 
 
 def check_args(args):
@@ -122,16 +127,9 @@ def check_args(args):
                         f"weights file that is not one of this project's checkpoints)")
     if not distilling and (args.teacher or args.teacher_ckpt):
         raise UserError("--teacher is used only with --distillation-type soft or hard")
-    if not 0 <= args.distillation_alpha <= 1:
-        raise UserError(f"--distillation-alpha must be in [0, 1], got {args.distillation_alpha}")
-    require_positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size,
-                     patch_size=args.patch_size, distillation_tau=args.distillation_tau,
-                     repeated_aug=args.repeated_aug, log_every=args.log_every, eval_every=args.eval_every,
-                     grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad,
-                     model_ema_decay=args.model_ema_decay)
-    check_fraction("val_split", args.val_split)
-    if args.resume and not args.out:
-        raise UserError("--resume needs --out, the run folder to continue")
+    check_fraction("distillation_alpha", args.distillation_alpha, high_included=True)
+    require_positive(distillation_tau=args.distillation_tau, repeated_aug=args.repeated_aug)
+    check_shared_flags(args)
 
 
 # --- augmentation --------------------------------------------------------------

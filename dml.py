@@ -56,10 +56,10 @@ from common.landscape import loss_curve, plot as plot_landscape, write_csv as wr
 from common.losses import cross_entropy, dml_loss
 from common.models import (agreeing_pairs, count_parameters, create_model, describe_pretrained, has_distillation_token,
                            load_pretrained, prediction, save_weights, split_heads, weight_decay_groups)
-from common.run import (HelpFormatter, TrainLog, UserError, accumulate, check_fraction, clip_each, cosine_schedule,
-                        end_epoch, evaluates_test, exit_on_user_error, finish, load_checkpoint, load_for_eval,
-                        make_fabric, make_logger, no_backward_sync, open_run_folder, parse_with_config,
-                        require_positive, seed_epoch, write_json)
+from common.run import (HelpFormatter, TrainLog, UserError, accumulate, check_shared_flags, clip_each,
+                        cosine_schedule, end_epoch, evaluates_test, exit_on_user_error, finish, load_checkpoint,
+                        load_for_eval, make_fabric, make_logger, no_backward_sync, open_run_folder, parse_with_config,
+                        seed_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -117,15 +117,11 @@ def parse_args(argv=None):
 def check_args(args):
     if len(args.students) < 2:
         raise UserError(f"DML needs at least two students, got --students {' '.join(args.students)}")
-    require_positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size,
-                     patch_size=args.patch_size, log_every=args.log_every, eval_every=args.eval_every,
-                     grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad,
-                     model_ema_decay=args.model_ema_decay)
-    check_fraction("val_split", args.val_split)
+    check_shared_flags(args)
     if args.pretrained and len(args.pretrained) not in (1, len(args.students)):
         raise UserError(f"--pretrained takes one file or one per student ({len(args.students)})")
-    if args.resume and not args.out:
-        raise UserError("--resume needs --out, the run folder to continue")
+    if args.mode == "independent" and args.dml_target != "prediction":
+        print(f"note: --dml-target {args.dml_target} has no effect in independent mode (no peer to mimic)")
 
 
 # --- training and evaluation -------------------------------------------------

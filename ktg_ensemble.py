@@ -55,8 +55,9 @@ from common.losses import edge_loss, gate, label_loss
 from common.models import (ABN_ALIASES, agreeing_pairs, count_parameters, create_model, describe_pretrained,
                            load_pretrained, save_weights)
 from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, end_epoch, evaluates_test,
-                        exit_on_user_error, finish, load_checkpoint, make_fabric, make_logger, parse_with_config,
-                        prepare_run_folder, require_positive, seed_epoch, step_schedule, write_csv, write_json)
+                        exit_on_user_error, finish, load_checkpoint, load_for_eval, make_fabric, make_logger,
+                        open_run_folder, parse_with_config, require_positive, seed_epoch, step_schedule, write_csv,
+                        write_json)
 from common.study import open_study, search_picture, storage_failure, storage_url, trial_rows
 
 
@@ -104,7 +105,7 @@ def parse_args(argv=None):
                         help="also log steps and epochs to logs/version_<n>/metrics.csv or tensorboard/")
     parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
     parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data (default: min(8, cores))")
-    return parse_with_config(parser, argv)
+    return parse_with_config(parser, argv, script="ktg_ensemble")
 
 
 def check_args(args):
@@ -229,10 +230,7 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
     state.update(optimizer=optimizer, epoch=0, history=[], best_top1=-1.0, wall_s=0.0, args=vars(args), graph=graph,
                  pretrained=pretrained)
     if out is not None and args.eval:
-        try:
-            fabric.load(args.eval, state, strict=False, weights_only=True)
-        except Exception as error:
-            raise UserError(f"checkpoint {args.eval} does not fit this graph: {type(error).__name__}") from None
+        load_for_eval(fabric, args.eval, state)
     elif out is not None and args.resume and (out / "last.ckpt").is_file():
         load_checkpoint(fabric, out / "last.ckpt", state, args)
         if state["graph"] != graph:
@@ -380,7 +378,7 @@ def main(args):
         raise UserError("--search runs one worker per process: start several, sharing --storage")
     fabric.seed_everything(args.seed)
     args.out = args.out or fabric.broadcast(f"runs/ktg/{datetime.now():%Y%m%d-%H%M%S}")
-    out = prepare_run_folder(fabric, args.out, args.resume, args.overwrite, marker="args.json")
+    out = open_run_folder(fabric, args, "ktg_ensemble", marker="args.json")
     with fabric.rank_zero_first(local=True):  # a download happens once per machine
         data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.split_seed)
     args.img_size = data["img_size"]

@@ -59,6 +59,8 @@ def load_dataset(name, data_dir=None, img_size=None, train_subset=None, seed=0):
         train_subset = None  # taken before decoding
     else:
         raise UserError(f"unknown --dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if len(data["classes"]) < 2:
+        raise UserError(f"--data-dir {data_dir} has {len(data['classes'])} class, and a classifier needs two or more")
     data["img_size"] = img_size
     return subset(data, train_subset, seed) if train_subset is not None else data
 
@@ -67,8 +69,9 @@ def subset(data, size, seed):
     """The data set with `size` training images, spread over the classes as evenly as possible, chosen by `seed`."""
     images, labels = data["train"]
     num_classes = len(data["classes"])
-    if not 0 < size <= len(labels):
-        raise UserError(f"--train-subset must be between 1 and {len(labels)}, got {size}")
+    if not num_classes <= size <= len(labels):
+        raise UserError(f"--train-subset must be between the number of classes ({num_classes}) and the "
+                        f"{len(labels)} training images, got {size}")
     generator = torch.Generator().manual_seed(seed)
     labels_t = torch.as_tensor(labels)
     per_class = [torch.nonzero(labels_t == c).flatten() for c in range(num_classes)]

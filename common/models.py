@@ -73,6 +73,8 @@ def _build(name, num_classes, img_size, patch_size, drop_path):
     if name in VIT_ALIASES:
         timm_name, overrides = VIT_ALIASES[name]
         patch_size = patch_size or (4 if img_size <= 64 else 16)
+        if img_size % patch_size:
+            raise UserError(f"--patch-size {patch_size} does not divide the image size {img_size}")
         model = timm.create_model(timm_name, num_classes=num_classes, img_size=img_size, patch_size=patch_size,
                                   drop_path_rate=drop_path, **overrides)
         if hasattr(model, "set_distilled_training"):

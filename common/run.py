@@ -296,9 +296,25 @@ def end_epoch(fabric, out, state, row, score, log, panels):
     save_epoch(fabric, out, state, score, panels)
 
 
-def check_fraction(name, value):
-    if not 0 <= value < 1:
-        raise UserError(f"--{name.replace('_', '-')} must lie in [0, 1), got {value}")
+def check_fraction(name, value, high_included=False):
+    if value is not None and not (0 <= value <= 1 if high_included else 0 <= value < 1):
+        raise UserError(f"--{name.replace('_', '-')} must lie in [0, 1{']' if high_included else ')'}, got {value}")
+
+
+def check_shared_flags(args):
+    """One line for a bad value of a flag the scripts share (those `args` has)."""
+    flag = lambda name: getattr(args, name, None)
+    for name in ("seed", "split_seed", "warmup_epochs", "weight_decay", "mixup", "cutmix", "workers"):
+        if flag(name) is not None and flag(name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {flag(name)}")
+    for name in ("val_split", "smoothing", "drop_path", "model_ema_decay"):
+        check_fraction(name, flag(name))
+    check_fraction("reprob", flag("reprob"), high_included=True)
+    require_positive(**{name: flag(name) for name in ("epochs", "batch_size", "lr", "img_size", "patch_size",
+                                                        "log_every", "eval_every", "grad_accum_steps", "clip_grad",
+                                                        "train_subset")})
+    if flag("resume") and not flag("out"):
+        raise UserError("--resume needs --out, the run folder to continue")
 
 
 def require_positive(**values):

@@ -250,6 +250,15 @@ def test_bad_input_is_one_line_and_status_2(tmp_path):
     (["--dataset", "imagefolder", "--data-dir", "/nonexistent/data"], "does not exist"),
     (["--dataset", "cifar10"], "needs --data-dir"),
     (["--resume"], "--resume needs --out"),
+    (["--seed", "-1"], "--seed must not be negative"),
+    (["--split-seed", "-2"], "--split-seed must not be negative"),
+    (["--smoothing", "1.5"], r"--smoothing must lie in \[0, 1\)"),
+    (["--drop-path", "-0.1"], r"--drop-path must lie in \[0, 1\)"),
+    (["--model-ema", "--model-ema-decay", "1.2"], r"--model-ema-decay must lie in \[0, 1\)"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must not be negative"),
+    (["--eval-every", "0"], "--eval-every must be positive"),
+    (["--patch-size", "5"], "--patch-size 5 does not divide the image size 32"),
+    (["--train-subset", "5"], r"--train-subset must be between the number of classes \(10\)"),
 ])
 def test_bad_input(tmp_path, flags, message):
     out = [] if "--resume" in flags else ["--out", tmp_path / "run"]
