@@ -54,7 +54,7 @@ from common.graph import (LABEL, LOSSES, check_graph, draw_attention, draw_graph
 from common.losses import edge_loss, gate, label_loss
 from common.models import (ABN_ALIASES, agreeing_pairs, count_parameters, create_model, describe_pretrained,
                            load_pretrained, save_weights)
-from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, end_epoch, evaluates_test,
+from common.run import (HelpFormatter, TrainLog, UserError, check_shared_flags, end_epoch, evaluates_test,
                         exit_on_user_error, finish, load_checkpoint, load_for_eval, make_fabric, make_logger,
                         open_run_folder, parse_with_config, require_positive, seed_epoch, step_schedule, write_csv,
                         write_json)
@@ -109,21 +109,16 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    require_positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size,
-                     heartbeat_grace=args.heartbeat_grace, log_every=args.log_every, eval_every=args.eval_every)
+    require_positive(heartbeat_grace=args.heartbeat_grace)
     if args.search < 0:
         raise UserError(f"--search must be a number of trials, got {args.search}")
     if args.val_split is None:
         args.val_split = 0.2 if args.search else 0.0
-    check_fraction("val_split", args.val_split)
+    check_shared_flags(args)
     if args.search and not args.val_split:
         raise UserError("--search scores its trials on held-out training images: --val-split must be above 0")
-    if args.warmup_epochs < 0:
-        raise UserError(f"--warmup-epochs must not be negative, got {args.warmup_epochs}")
     if any(size < 1 for size in args.crop_sizes):
         raise UserError(f"--crop-sizes must be positive, got {args.crop_sizes}")
-    if args.resume and not args.out:
-        raise UserError("--resume needs --out, the run folder to continue")
     if args.graph in ("independent", "dml"):
         graph = check_graph(preset(args.graph, args.nodes or ["resnet20_abn"] * 3))
     else:
