@@ -48,7 +48,7 @@ from common.losses import cross_entropy, hard_distillation_loss, soft_distillati
 from common.models import (both_heads, count_parameters, create_model, describe_pretrained, freeze,
                            has_distillation_token, load_pretrained, load_teacher, model_name_in, save_weights,
                            split_heads, weight_decay_groups)
-from common.run import (HelpFormatter, TrainLog, UserError, accumulate, check_fraction, check_shared_flags,
+from common.run import (HelpFormatter, TrainLog, UserError, accumulate, best_epoch, check_fraction, check_shared_flags,
                         cosine_schedule, end_epoch, evaluates_test, exit_on_user_error, finish, inference_dtype,
                         load_checkpoint, load_for_eval, make_fabric, make_logger, open_run_folder, parse_with_config,
                         require_positive, seed_epoch, write_json)
@@ -94,7 +94,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup-epochs", type=float, default=5, help="linear warm-up (at most a fifth of the run)")
     parser.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (default: off)")
     parser.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of the student")
-    parser.add_argument("--model-ema-decay", type=float, default=0.99996, help="its decay per step (DeiT's)")
+    parser.add_argument("--model-ema-decay", type=float, default=0.99996,
+                        help="its decay per step (DeiT's), reached after a warm-up (timm's use_warmup)")
     parser.add_argument("--pretrained", help="start the student from this local weights file, loaded as timm does")
     parser.add_argument("--compile", action="store_true", help="wrap the student and the teacher in torch.compile")
     parser.add_argument("--eval-every", type=int, default=1,
@@ -269,7 +270,7 @@ def main(args):
     if args.pretrained:
         pretrained.append(load_pretrained(model, args.pretrained))
         fabric.print(describe_pretrained(pretrained[-1]))
-    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=True) if args.model_ema else None
     lr = args.lr * args.batch_size * args.grad_accum_steps / 512
     # norms, biases, position embeddings and tokens get no weight decay, as in timm and DeiT
     optimizer = torch.optim.AdamW(weight_decay_groups(model, args.weight_decay), lr=lr)
@@ -297,8 +298,9 @@ def main(args):
     for epoch in range(state["epoch"], args.epochs if not args.eval else 0):
         seed_epoch(args.seed, epoch)
         model.train()
-        log = TrainLog(fabric, ["loss", "ce", "distill", "teacher_disagreement"][:4 if teacher else 3], epoch, args.epochs, steps_per_epoch * args.grad_accum_steps,
-                       args.log_every, out, logger=logger)
+        terms = ["loss", "ce", "distill"] + (["teacher_disagreement"] if teacher is not None else [])
+        log = TrainLog(fabric, terms, epoch, args.epochs, steps_per_epoch * args.grad_accum_steps, args.log_every, out,
+                       logger=logger)
         optimizer.zero_grad(set_to_none=True)
         batches = accumulate(train_loader.epoch(epoch), args.grad_accum_steps, steps_per_epoch)
         for batch, step, last_of_step, images, labels in batches:
@@ -321,7 +323,7 @@ def main(args):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
-                    ema.update(model.module)
+                    ema.update(model.module, step=epoch * steps_per_epoch + step)
             terms = [loss, ce, distill]
             if teacher is not None:  # on how many views the hard head learns something other than the label (%)
                 view_labels = targets.argmax(1) if targets.ndim == 2 else targets  # the larger part of a mixed view
@@ -363,7 +365,7 @@ def main(args):
         "top1_dist": accuracy[2] if distilled else None, "teacher_top1": teacher_top1,
         "teacher_agreement": accuracy[3] if teacher is not None else None, "train_top1": train_top1,
         "teacher_disagreement": state["history"][-1].get("teacher_disagreement") if state["history"] else None,
-        "best_on": "validation" if args.val_split else "test", "pretrained": pretrained,
+        "best_on": "validation" if args.val_split else "test", "best": best_epoch(state), "pretrained": pretrained,
         "ema_top1": ema_top1,
         "train_img_per_s": state["history"][-1]["img_per_s"] if state["history"] else None, "wall_s": state["wall_s"],
         "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,

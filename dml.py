@@ -56,7 +56,7 @@ from common.landscape import loss_curve, plot as plot_landscape, write_csv as wr
 from common.losses import cross_entropy, dml_loss
 from common.models import (agreeing_pairs, count_parameters, create_model, describe_pretrained, has_distillation_token,
                            load_pretrained, prediction, save_weights, split_heads, weight_decay_groups)
-from common.run import (HelpFormatter, TrainLog, UserError, accumulate, check_shared_flags, clip_each,
+from common.run import (HelpFormatter, TrainLog, UserError, accumulate, best_epoch, check_shared_flags, clip_each,
                         cosine_schedule, end_epoch, evaluates_test, exit_on_user_error, finish, load_checkpoint,
                         load_for_eval, make_fabric, make_logger, no_backward_sync, open_run_folder, parse_with_config,
                         seed_epoch, write_json)
@@ -94,7 +94,8 @@ def parse_args(argv=None):
     parser.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the ViTs")
     parser.add_argument("--clip-grad", type=float, help="clip each student's gradient norm to this (default: off)")
     parser.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of each student")
-    parser.add_argument("--model-ema-decay", type=float, default=0.99996, help="its decay per step (DeiT's)")
+    parser.add_argument("--model-ema-decay", type=float, default=0.99996,
+                        help="its decay per step (DeiT's), reached after a warm-up (timm's use_warmup)")
     parser.add_argument("--pretrained", nargs="+",
                         help="local weights file(s), one for all students or one each, loaded as timm does")
     parser.add_argument("--compile", action="store_true", help="wrap the students in torch.compile")
@@ -203,7 +204,7 @@ def main(args):
             pretrained.append(load_pretrained(model, args.pretrained[k % len(args.pretrained)]))
             fabric.print(f"student {k}: {describe_pretrained(pretrained[-1])}")
         if args.model_ema:
-            emas.append(ModelEmaV3(model, decay=args.model_ema_decay))
+            emas.append(ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=True))
         models.append(model)
     lr = args.lr * args.batch_size * args.grad_accum_steps / 512
     # one optimizer, a parameter group per student and decay kind: norms, biases, position
@@ -253,7 +254,7 @@ def main(args):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 for ema, student in zip(emas, students):
-                    ema.update(student.module)
+                    ema.update(student.module, step=epoch * steps_per_epoch + step)
             log.step(batch, terms.flatten(), len(labels))
         means = log.close()
 
@@ -290,8 +291,8 @@ def main(args):
                                                        fabric), fabric)
     for k, student in enumerate(results["students"]):
         student["train_top1"] = train_accuracy[k][0]
-    results.update(agreement=agreement, pretrained=pretrained, train_img_per_s=state["history"][-1]["img_per_s"],
-                   wall_s=state["wall_s"])
+    results.update(agreement=agreement, best=best_epoch(state), pretrained=pretrained,
+                   train_img_per_s=state["history"][-1]["img_per_s"], wall_s=state["wall_s"])
     if args.landscape:
         # a fixed, class-balanced part of the training set, without augmentation
         landscape_loader = make_loader(probe_split(data, args.seed), "test", per_device_batch, fabric)

@@ -422,7 +422,8 @@ def save_epoch(fabric, out, state, top1, panels):
     (None: an epoch that did not evaluate, never the best), `metrics.csv` and,
     now and then, `curves.png` (its `panels`, see plot_curves) from `state["history"]`."""
     is_best = top1 is not None and top1 > state["best_top1"]
-    state["best_top1"] = max(state["best_top1"], top1) if is_best else state["best_top1"]
+    if is_best:
+        state["best_top1"], state["best_epoch"] = top1, state["epoch"]
     save_checkpoint(fabric, out / "last.ckpt", state)
     if is_best:
         save_checkpoint(fabric, out / "best.ckpt", state)
@@ -467,7 +468,15 @@ def load_checkpoint(fabric, path, state, args):
         remainder = fabric.load(path, state, weights_only=True)
     except Exception as error:
         raise UserError(f"checkpoint {path} does not fit this run: {type(error).__name__}: {error}") from None
+    state.update(remainder)  # plain values a script does not ask for by name, such as best_epoch
     return remainder
+
+
+def best_epoch(state):
+    """results.json's record of the epoch best.ckpt holds: its number and its row's accuracies."""
+    epoch = state.get("best_epoch")
+    row = next((row for row in state["history"] if row["epoch"] == epoch), {})
+    return {"epoch": epoch, **{key: value for key, value in row.items() if "top1" in key}}
 
 
 def load_for_eval(fabric, path, state):

@@ -115,7 +115,8 @@ def test_image_folder_test_split_and_subset(tmp_path, monkeypatch):
     (tmp_path / "val").rename(tmp_path / "test")
     decoded = []
     original = data_module._decode_all
-    monkeypatch.setattr(data_module, "_decode_all", lambda paths, *size: decoded.append(len(paths)) or original(paths, *size))
+    monkeypatch.setattr(data_module, "_decode_all",
+                        lambda paths, *size: decoded.append(len(paths)) or original(paths, *size))
     data = load_dataset("imagefolder", tmp_path, img_size=32, train_subset=6, seed=1)
     assert decoded == [6, 18]  # the chosen training images, then the whole test split
     assert torch.bincount(data["train"][1]).tolist() == [2, 2, 2] and len(data["test"][1]) == 18

@@ -154,15 +154,21 @@ def test_ema_clipping_accumulation_tensorboard_and_weights_out(tmp_path):
 
     out = tmp_path / "run"
     run_main(dml, "--students", "vit_micro", "resnet8", "--epochs", "2", "--train-subset", "400", "--batch-size", "50",
-             "--model-ema", "--model-ema-decay", "0.9", "--clip-grad", "1.0", "--grad-accum-steps", "2",
+             "--model-ema", "--clip-grad", "1.0", "--grad-accum-steps", "2",
              "--logger", "tensorboard", "--out", out)
     res = results(out)
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     for k, student in enumerate(res["students"]):  # the averaged weights are evaluated each epoch
-        assert student["ema_top1"] > 10 and float(rows[-1][f"ema_top1_{k}"]) == student["ema_top1"]
+        assert float(rows[-1][f"ema_top1_{k}"]) == student["ema_top1"]
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     saved = torch.load(out / "last.ckpt", weights_only=True)
     assert saved["ema0"].keys() == {f"module.{key}" for key in saved["student0"]}
+    # DeiT's decay 0.99996 after timm's warm-up: in 8 steps the average moves most of the way the weights
+    # moved from their initial values (without the warm-up it would stay at them: a 10 % network)
+    torch.manual_seed(0)
+    initial = create_model("vit_micro", 10, 32).state_dict()
+    moved = lambda weights: sum((weights[key].float() - initial[key]).norm() for key in initial if "weight" in key)
+    assert moved({key: saved["ema0"][f"module.{key}"] for key in initial}) > 0.5 * moved(saved["student0"])
     # batches of 50, two per step: the lr is scaled by the effective batch of 100 (a peak of 5e-3 · 100/512),
     # and after one epoch of the cosine it is still above the peak a batch of 50 would give
     assert 5e-3 * 50 / 512 < float(rows[0]["lr"]) <= 5e-3 * 100 / 512

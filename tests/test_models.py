@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from common.models import (ALIASES, agreeing_pairs, CifarResNet, count_parameters, create_model, load_pretrained, load_weights,
-                           prediction, split_heads)
+from common.models import (ALIASES, CifarResNet, agreeing_pairs, count_parameters, create_model, load_pretrained,
+                           load_weights, prediction, split_heads)
 from common.run import UserError
 
 
