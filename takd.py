@@ -11,24 +11,26 @@ intermediate size closes it. The paper finds the best TA is the one whose
 *accuracy* lies midway between the teacher's and the student's, and leaves the
 automatic choice open. `auto` in the chain makes it: each `--ta-candidates`
 network is trained alone and the one nearest the midpoint of its neighbours'
-accuracies becomes the TA, all accuracies measured on `--val-split`, a part of
-the training set held out (the student is then reported on the test split,
-which chose nothing). `--compare` adds the paper's baselines: the student
-alone (NOKD) and distilled from the teacher directly (BLKD).
+accuracies becomes the TA (one within 2 points of chance learned nothing and is
+left out), all accuracies measured on `--val-split`, a part of the training set
+held out (the student is then reported on the test split, which chose
+nothing). `--compare` adds the paper's baselines: the student alone (NOKD) and
+distilled from the teacher directly (BLKD).
 
-Recipe (paper): SGD momentum 0.9, lr 0.1 at batch 128 (scaled linearly with
-`--batch-size`), 150 epochs, lr ÷10 at epochs 80 and 120 (scaled with
-`--epochs`), weight decay 1e-4, crop + flip. The paper trains its plain CNNs at
-a constant lr 0.1 without weight decay (the authors' code: 0.01): that is
-`--schedule constant --weight-decay 0` (with `--lr 0.01` as in their code); by
-default every network uses the ResNet recipe. One addition: a linear warm-up
-over the first epoch (Goyal et al. 2017). Without it plain4 died on
-cifar10-mini at lr 0.1 within the first epoch (every output constant, top-1
-10 %, in fp32 as in bf16); with it, it reached 45.6 % in 8 epochs. The authors
-searched λ and τ for each step (λ in [0.05, 1], τ in {1, 2, 5, 10, 15, 20});
-the defaults λ = 0.9, τ = 4 (`--distillation-alpha`, `--distillation-tau`) are
-the usual CIFAR KD setting (the KD baseline of Tian et al., CRD, ICLR 2020),
-which works without a search.
+Recipes, one per network (a chain may mix them); SGD momentum 0.9, 150 epochs,
+crop + flip, lr at the authors' batch 128, scaled linearly with `--batch-size`:
+- plain CNNs, the authors' code: a constant lr 0.01 (`if models_are_plane: lr =
+  0.01`; the paper's text says 0.1), no weight decay (the paper; their code keeps
+  1e-4), no warm-up. On cifar10-mini (2,000 images, 20 epochs) plain2 alone
+  reached 36.4 % at lr 0.1 against 50.3 and 50.7 % at 0.01; plain4 died at 0.1
+  (10 %, every output constant) and reached 51.9 % at 0.01.
+- ResNets and the rest: lr 0.1, ÷10 at 50 % and 75 % of the epochs (what the
+  authors' code means, which a bug leaves at 0.01; the paper's text says 80 and
+  120 of 150), weight decay 1e-4, a linear warm-up over the first epoch (as He et
+  al. 2016 for ResNet-110). `--lr`, `--weight-decay`, `--schedule`,
+  `--warmup-epochs` set one value for every network. λ = 0.9, τ = 4 are the usual
+  CIFAR KD setting (Tian et al., CRD, ICLR 2020); the authors searched them for
+  each step (λ in [0.05, 1], τ in {1, 2, 5, 10, 15, 20}).
 
 Each trained network has a sub-folder named by its lineage (`plain10`,
 `plain10_to_plain4`, `plain10_to_plain4_to_plain2`), so the chain, the
@@ -44,9 +46,9 @@ training, from that network's last checkpoint.
 
 Expect (paper, CIFAR-100): resnet110 72.38, resnet20 67.03, resnet8 61.37
 alone; resnet110→resnet8 61.41; resnet110→resnet20→resnet8 61.82. At the scale
-of a CPU the effect need not show: on cifar10-mini, 20 epochs, seed 0, plain10,
-plain4 and plain2 alone reached 59.3, 53.2 and 55.0; plain10→plain4 56.4;
-plain2 by BLKD 52.7 and by TAKD 52.2 (NOKD 55.0).
+of a CPU the effect need not show (RESULTS.md). Each network's `train_top1`, on
+1,000 of its training images without augmentation, tells underfitting from
+overfitting.
 """
 import argparse
 import time
@@ -54,20 +56,23 @@ from datetime import datetime
 
 import torch
 
-from common.data import DATASETS, PADDING, hold_out, load_dataset, make_loader
+from common.data import DATASETS, PADDING, hold_out, load_dataset, make_loader, probe_split
 from common.losses import cross_entropy, kd_loss
 from common.models import (count_parameters, create_model, describe_pretrained, freeze, load_pretrained, load_teacher,
                            model_name_in, save_weights)
-from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, end_epoch, exit_on_user_error, finish,
-                        inference_dtype, load_checkpoint, make_fabric, make_logger, parse_with_config,
-                        prepare_run_folder, require_positive, seed_epoch, step_schedule, write_csv, write_json)
+from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, end_epoch, evaluates_test,
+                        exit_on_user_error, finish, inference_dtype, load_checkpoint, make_fabric, make_logger,
+                        parse_with_config, prepare_run_folder, require_positive, save_figure, seed_epoch,
+                        step_schedule, write_csv, write_json)
 
 AUTO = "auto"
+# Each family's recipe (see the docstring); --lr, --weight-decay, --schedule, --warmup-epochs override it
+RECIPES = {"plain": {"lr": 0.01, "weight_decay": 0.0, "schedule": "constant", "warmup_epochs": 0.0},
+           "resnet": {"lr": 0.1, "weight_decay": 1e-4, "schedule": "step", "warmup_epochs": 1.0}}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--chain", nargs="+", default=["plain10", "plain4", "plain2"],
                         help="teacher, assistant(s), student: plain<2..10>, resnet<depth>, any model, or auto "
                              "(one network: train it alone)")
@@ -75,8 +80,7 @@ def parse_args(argv=None):
     parser.add_argument("--teacher-ckpt", help="weights of the chain's first network, instead of training it")
     parser.add_argument("--compare", action="store_true",
                         help="also train the student alone (NOKD) and from the teacher directly (BLKD)")
-    parser.add_argument("--distillation-alpha", type=float, default=0.9,
-                        help="λ: weight of the KD term, 1-λ of the CE")
+    parser.add_argument("--distillation-alpha", type=float, default=0.9, help="λ: weight of the KD term, 1-λ of CE")
     parser.add_argument("--distillation-tau", type=float, default=4.0, help="τ: softmax temperature of the KD term")
     parser.add_argument("--dataset", choices=DATASETS, default="cifar10-mini", help="the data set")
     parser.add_argument("--data-dir", help="where cifar10/cifar100/imagefolder data is")
@@ -89,15 +93,17 @@ def parse_args(argv=None):
                         help="seed of the --train-subset and --val-split images: the same images for every --seed")
     parser.add_argument("--epochs", type=int, default=150, help="training epochs of every network")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size over all devices")
-    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate for batch 128 (scaled by batch/128)")
-    parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
-    parser.add_argument("--schedule", choices=["step", "constant"], default="step",
-                        help="step: ÷10 at 80 and 120 of 150 epochs (ResNets); constant: the paper's plain CNNs")
-    parser.add_argument("--warmup-epochs", type=float, default=1, help="linear warm-up of the learning rate")
+    parser.add_argument("--lr", type=float, help="SGD learning rate for batch 128, scaled by batch/128 "
+                                                 "(default: 0.01 for plain CNNs, else 0.1)")
+    parser.add_argument("--weight-decay", type=float, help="SGD weight decay (default: 0 for plain CNNs, else 1e-4)")
+    parser.add_argument("--schedule", choices=["step", "constant"],
+                        help="step: ÷10 at 50 %% and 75 %% of epochs (default: constant for plain CNNs, else step)")
+    parser.add_argument("--warmup-epochs", type=float, help="linear lr warm-up (default: 0 for plain CNNs, else 1)")
     parser.add_argument("--pretrained", help="start the student (the chain's last network, in every lineage) from "
                                              "this local weights file, loaded as timm does")
     parser.add_argument("--compile", action="store_true", help="wrap the trained networks in torch.compile")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
+    parser.add_argument("--eval-every", type=int, default=1, help="evaluate the test split every N epochs and the last")
     parser.add_argument("--log-every", type=int, default=50, help="read the losses (a host sync) every N steps")
     parser.add_argument("--out", help="run folder (default: runs/takd/<date-time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
@@ -117,8 +123,7 @@ def check_args(args):
         raise UserError(f"--compare needs a teacher and a student in --chain, got {' '.join(chain)}")
     if AUTO in (chain[0], chain[-1]):
         raise UserError("--chain: the teacher and the student cannot be `auto`, only the networks between them")
-    if any(a == b == AUTO for a, b in zip(chain, chain[1:])):
-        # the midpoint rule needs the accuracies of both neighbours
+    if any(a == b == AUTO for a, b in zip(chain, chain[1:])):  # the midpoint rule needs both neighbours' accuracies
         raise UserError("--chain: two `auto`s in a row are not defined; put a network between them")
     if AUTO in chain and not args.ta_candidates:
         raise UserError("--chain has `auto` but --ta-candidates names no networks to choose from")
@@ -131,20 +136,28 @@ def check_args(args):
     if not 0 <= args.distillation_alpha <= 1:
         raise UserError(f"--distillation-alpha must lie in [0, 1], got {args.distillation_alpha}")
     require_positive(distillation_tau=args.distillation_tau, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                     img_size=args.img_size, log_every=args.log_every)
+                     img_size=args.img_size, eval_every=args.eval_every, log_every=args.log_every)
     for flag in ("weight_decay", "warmup_epochs"):
-        if getattr(args, flag) < 0:
+        if (getattr(args, flag) or 0) < 0:
             raise UserError(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
     if args.resume and not args.out:
         raise UserError("--resume needs --out, the run folder to continue")
 
 
-def learning_rate(args, epoch, step, steps_per_epoch):
-    """The paper's step schedule, lr ÷10 at epochs 80 and 120 of 150 (scaled to
-    --epochs), or a constant rate, after a linear warm-up over the first --warmup-epochs."""
-    milestones = [round(args.epochs * 80 / 150), round(args.epochs * 120 / 150)] if args.schedule == "step" else []
-    return step_schedule(args.lr * args.batch_size / 128, epoch, step, steps_per_epoch, milestones,
-                         args.warmup_epochs)
+def recipe_of(name, args):
+    """The lr (at batch 128), weight decay, schedule and warm-up that network `name`
+    trains with: its family's (plain CNNs, or the others), or the flags' where given."""
+    family = RECIPES["plain" if name.startswith("plain") else "resnet"]
+    return {key: default if getattr(args, key) is None else getattr(args, key) for key, default in family.items()}
+
+
+def learning_rate(recipe, args, epoch, step, steps_per_epoch):
+    """The rate of `recipe` at this step: scaled by --batch-size/128, after a linear
+    warm-up, constant or ÷10 at half and three quarters of --epochs (as the authors'
+    `int(epochs*3/4.0)`; never in the first epoch)."""
+    milestones = [max(1, args.epochs // 2), max(1, args.epochs * 3 // 4)] if recipe["schedule"] == "step" else []
+    return step_schedule(recipe["lr"] * args.batch_size / 128, epoch, step, steps_per_epoch, milestones,
+                         recipe["warmup_epochs"])
 
 
 def curve_panels(network):
@@ -154,11 +167,18 @@ def curve_panels(network):
             ("learning rate", [("lr", "lr")])]
 
 
-def choose_assistant(candidates, teacher_top1, student_top1):
-    """The candidate whose accuracy (trained alone) lies nearest the midpoint of
-    the teacher's and the student's: the paper's rule for the best TA."""
+def choose_assistant(candidates, teacher_top1, student_top1, num_classes):
+    """The candidate whose accuracy (trained alone) lies nearest the midpoint of the
+    teacher's and the student's: the paper's rule for the best TA. A candidate within
+    2 points of chance learned nothing (as plain4 at lr 0.1: constant outputs) and is
+    left out. Returns the chosen and the left out {name: top1}."""
+    excluded = {name: top1 for name, top1 in candidates.items() if top1 <= 100 / num_classes + 2}
+    alive = [name for name in candidates if name not in excluded]
+    if not alive:
+        raise UserError(f"no --ta-candidates network is more than 2 points above chance ({100 / num_classes:.0f} %) "
+                        f"on the validation split, {excluded}: none can be an assistant")
     midpoint = (teacher_top1 + student_top1) / 2
-    return min(candidates, key=lambda name: abs(candidates[name] - midpoint))
+    return min(alive, key=lambda name: abs(candidates[name] - midpoint)), excluded
 
 
 # --- training and evaluation -------------------------------------------------
@@ -185,14 +205,15 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
     """Train `name` alone (teacher None) or by KD from the frozen `teacher`, in
     `folder`; continue from its last checkpoint if it has one. Returns the trained
     network, frozen for use as the next teacher, and its results."""
-    train_loader, test_loader, val_loader = loaders
+    train_loader, test_loader, val_loader, probe_loader = loaders
     torch.manual_seed(args.seed)  # the same initial weights alone and distilled
     model = create_model(name, len(data["classes"]), args.img_size, device=fabric.device)
     pretrained = None
     if args.pretrained and name == args.chain[-1]:
         pretrained = load_pretrained(model, args.pretrained)
         fabric.print(f"{folder.name}: {describe_pretrained(pretrained)}")
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    recipe = recipe_of(name, args)
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=0.9, weight_decay=recipe["weight_decay"])
     model, optimizer = fabric.setup(torch.compile(model) if args.compile else model, optimizer)
     # model_name: a checkpoint of this project knows the network it holds
     state = dict(model=model, optimizer=optimizer, epoch=0, history=[], best_top1=-1.0, wall_s=0.0, images=0,
@@ -213,7 +234,7 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
                        folder.name, logger)
         for step, (images, labels) in enumerate(train_loader.epoch(epoch)):
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(args, epoch, step, steps_per_epoch)
+                group["lr"] = learning_rate(recipe, args, epoch, step, steps_per_epoch)
             logits = model(images)
             if teacher is None:
                 loss = ce = cross_entropy(logits, labels)
@@ -229,21 +250,21 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
             log.step(step, torch.stack([loss, ce, distill]), len(labels))
         means = log.close()
 
-        top1, top5 = evaluate(model, test_loader, fabric)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": means["loss"],
-               "loss_ce": means["ce"], "loss_distill": means["distill"], "top1": top1, "top5": top5,
+               "loss_ce": means["ce"], "loss_distill": means["distill"], "top1": None, "top5": None,
                "img_per_s": means["img_per_s"]}
-        score = top1
+        if evaluates_test(epoch, args.epochs, args.eval_every):  # else empty in metrics.csv, never best.ckpt
+            row["top1"], row["top5"] = evaluate(model, test_loader, fabric)
+        score = row["top1"]
         if val_loader is not None:  # best.ckpt is chosen on the validation split, never on test
             row["val_top1"] = score = evaluate(model, val_loader, fabric)[0]
         state.update(images=state["images"] + log.images, train_s=state["train_s"] + log.seconds)
         end_epoch(fabric, folder, state, row, score, log, curve_panels(folder.name))
 
     last = state["history"][-1]
-    learned_from = folder.name.rpartition("_to_")[0] or None  # the teacher's sub-folder
-    result = {"model": name, "teacher": learned_from, "folder": folder.name,
+    result = {"model": name, "teacher": folder.name.rpartition("_to_")[0] or None, "folder": folder.name,
               "params": count_parameters(model), "top1": last["top1"], "top5": last["top5"],
-              "val_top1": last.get("val_top1"),
+              "val_top1": last.get("val_top1"), "train_top1": evaluate(model, probe_loader, fabric)[0], **recipe,
               "train_img_per_s": state["images"] / state["train_s"], "images": state["images"],
               "train_s": state["train_s"], "wall_s": state["wall_s"], "pretrained": pretrained}
     if fabric.is_global_zero:
@@ -272,7 +293,8 @@ def main(args):
     per_device_batch = max(1, args.batch_size // fabric.world_size)
     loaders = (make_loader(data, "train", per_device_batch, fabric, args.seed, workers=args.workers),
                make_loader(data, "test", per_device_batch, fabric, workers=args.workers),
-               make_loader(data, "val", per_device_batch, fabric, workers=args.workers) if args.val_split else None)
+               make_loader(data, "val", per_device_batch, fabric, workers=args.workers) if args.val_split else None,
+               make_loader(probe_split(data, args.split_seed), "test", per_device_batch, fabric, workers=args.workers))
     if args.eval:
         return evaluate_checkpoint(fabric, args, out, data, loaders)
 
@@ -281,9 +303,10 @@ def main(args):
     if args.teacher_ckpt:
         teacher = freeze(load_teacher(teacher_name, args.teacher_ckpt, len(data["classes"]), args.img_size,
                                       device=fabric.device), inference_dtype(fabric), args.compile)
-        teacher_top1 = evaluate(teacher, loaders[1], fabric)[0]
+        teacher_top1, val_top1, train_top1 = (None if loader is None else evaluate(teacher, loader, fabric)[0]
+                                              for loader in loaders[1:])  # test, validation, training images
         loaded_teacher = (teacher, {"model": teacher_name, "teacher": None, "folder": None, "top1": teacher_top1,
-                                    "val_top1": evaluate(teacher, loaders[2], fabric)[0] if args.val_split else None,
+                                    "val_top1": val_top1, "train_top1": train_top1,
                                     "checkpoint": args.teacher_ckpt, "params": count_parameters(teacher)})
         fabric.print(f"teacher {teacher_name} from {args.teacher_ckpt}: top1={teacher_top1:.2f}")
 
@@ -306,27 +329,32 @@ def main(args):
         return steps
 
     # `auto`: train the candidates and both neighbours alone, take the one nearest
-    # the midpoint, all scored on the validation split
+    # the midpoint (of those above chance), all scored on the validation split
     chain, ta_choices = list(args.chain), []
     for i, name in enumerate(chain):
         if name != AUTO:
             continue
         before, after = train_chain([chain[i - 1]])[0]["val_top1"], train_chain([chain[i + 1]])[0]["val_top1"]
         candidates = {candidate: train_chain([candidate])[0]["val_top1"] for candidate in args.ta_candidates}
-        chain[i] = choose_assistant(candidates, before, after)
-        ta_choices.append({"candidates": candidates, "teacher_top1": before, "student_alone_top1": after,
-                           "chosen": chain[i], "position": i, "scored_on": "validation"})
+        chain[i], excluded = choose_assistant(candidates, before, after, len(data["classes"]))
+        ta_choices.append({"candidates": candidates, "excluded": excluded, "teacher_top1": before,
+                           "student_alone_top1": after, "chosen": chain[i], "position": i, "scored_on": "validation",
+                           "candidates_train_top1": {name: networks[name]["train_top1"] for name in candidates}})
         fabric.print(f"auto at position {i}: midpoint {(before + after) / 2:.2f} of {chain[i - 1]} and "
-                     f"{chain[i + 1]} -> {chain[i]} ({candidates[chain[i]]:.2f})")
+                     f"{chain[i + 1]} -> {chain[i]} ({candidates[chain[i]]:.2f})"
+                     + (f"; left out, within 2 points of chance: {excluded}" if excluded else ""))
 
     steps = [{"model": name, "teacher": chain[i - 1] if i else None, "top1": result["top1"],
-              "folder": "_to_".join(chain[:i + 1])} for i, (name, result) in enumerate(zip(chain, train_chain(chain)))]
+              "train_top1": result["train_top1"], "folder": "_to_".join(chain[:i + 1])}
+             for i, (name, result) in enumerate(zip(chain, train_chain(chain)))]
     compare = None
-    if args.compare:
-        alone = {name: train_chain([name])[0]["top1"] for name in chain}
-        compare = {"nokd_top1": alone[student_name],
-                   "blkd_top1": train_chain([teacher_name, student_name])[-1]["top1"],
-                   "takd_top1": steps[-1]["top1"], "alone_top1": alone}
+    if args.compare:  # each figure on the test split (top1) and on training images (train_top1)
+        alone = {name: train_chain([name])[0] for name in chain}
+        students = {"nokd": alone[student_name], "blkd": train_chain([teacher_name, student_name])[-1],
+                    "takd": steps[-1]}
+        compare = {f"{way}_{key}": result[key] for way, result in students.items() for key in ("top1", "train_top1")}
+        compare |= {f"alone_{key}": {name: result[key] for name, result in alone.items()}
+                    for key in ("top1", "train_top1")}
 
     # --- results ------------------------------------------------------------
     results_of_trained = [result for result in networks.values() if "train_s" in result]
@@ -334,10 +362,9 @@ def main(args):
     results = {
         "method": "takd", "chain": chain, "requested_chain": args.chain, "dataset": args.dataset,
         "epochs": args.epochs, "seed": args.seed, "distillation_alpha": args.distillation_alpha,
-        "distillation_tau": args.distillation_tau,
-        "steps": steps, "student_top1": steps[-1]["top1"], "compare": compare,
-        "best_on": "validation" if args.val_split else "test", "schedule": args.schedule,
-        "ta_choice": (ta_choices[0] if len(ta_choices) == 1 else ta_choices) or None,
+        "distillation_tau": args.distillation_tau, "best_on": "validation" if args.val_split else "test",
+        "steps": steps, "student_top1": steps[-1]["top1"], "student_train_top1": steps[-1]["train_top1"],
+        "compare": compare, "ta_choice": (ta_choices[0] if len(ta_choices) == 1 else ta_choices) or None,
         "networks": networks,
         "train_img_per_s": sum(result["images"] for result in results_of_trained) / train_s if train_s else None,
         "wall_s": time.perf_counter() - start,
@@ -349,8 +376,10 @@ def main(args):
             write_csv(out / "compare.csv", compare_rows(steps, compare))
         if ta_choices:
             write_csv(out / "ta_choice.csv", [{"position": choice["position"], "candidate": name, "val_top1": top1,
+                                               "train_top1": choice["candidates_train_top1"][name],
                                                "midpoint": (choice["teacher_top1"] + choice["student_alone_top1"]) / 2,
-                                               "chosen": name == choice["chosen"]}
+                                               "chosen": name == choice["chosen"],
+                                               "excluded": name in choice["excluded"]}
                                               for choice in ta_choices for name, top1 in choice["candidates"].items()])
         if compare or ta_choices:
             plot_comparison(out / "compare.png", compare, ta_choices, chain)
@@ -381,12 +410,15 @@ def evaluate_checkpoint(fabric, args, out, data, loaders):
 
 
 def compare_rows(steps, compare):
-    """The comparison table: each network of the chain alone and in the chain, then NOKD/BLKD/TAKD."""
+    """The comparison table: each network of the chain alone and in the chain, then
+    NOKD/BLKD/TAKD; top-1 on the test split and (train_) on training images."""
     rows = [{"network": step["model"], "alone_top1": compare["alone_top1"][step["model"]],
-             "in_chain_top1": step["top1"], "learned_from": step["teacher"] or "labels"} for step in steps]
+             "in_chain_top1": step["top1"], "alone_train_top1": compare["alone_train_top1"][step["model"]],
+             "in_chain_train_top1": step["train_top1"], "learned_from": step["teacher"] or "labels"} for step in steps]
     student = steps[-1]["model"]
     rows += [{"network": f"{student} {method}", "alone_top1": compare["nokd_top1"],
-              "in_chain_top1": compare[f"{method.lower()}_top1"], "learned_from": source}
+              "in_chain_top1": compare[f"{method.lower()}_top1"], "alone_train_top1": compare["nokd_train_top1"],
+              "in_chain_train_top1": compare[f"{method.lower()}_train_top1"], "learned_from": source}
              for method, source in (("NOKD", "labels"), ("BLKD", steps[0]["model"]),
                                     ("TAKD", " -> ".join(step["model"] for step in steps[:-1])))]
     return rows
@@ -399,8 +431,6 @@ def plot_comparison(path, compare, ta_choices, chain):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from common.run import save_figure
 
     panels = ([compare] if compare else []) + list(ta_choices)
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
@@ -417,8 +447,9 @@ def plot_comparison(path, compare, ta_choices, chain):
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     for ax, choice in zip(axes, ta_choices):
         names = list(choice["candidates"])
-        bars = ax.bar(names, list(choice["candidates"].values()),
-                      color=["tab:green" if name == choice["chosen"] else "lightgrey" for name in names])
+        bars = ax.bar(names, list(choice["candidates"].values()),  # red: left out, near chance
+                      color=["tab:green" if name == choice["chosen"] else "tab:red" if name in choice["excluded"]
+                             else "lightgrey" for name in names])
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
         midpoint = (choice["teacher_top1"] + choice["student_alone_top1"]) / 2
         for value, label, style in ((choice["teacher_top1"], "teacher", ":"), (midpoint, "midpoint", "--"),
@@ -433,16 +464,14 @@ def plot_comparison(path, compare, ta_choices, chain):
 
 def print_summary(results, out):
     print(f"\ntakd on {results['dataset']}, {results['epochs']} epochs -> {out}")
-    print(f"{'step':<6}{'network':<14}{'learned from':<14}{'top-1':>8}")
+    print(f"{'step':<6}{'network':<14}{'learned from':<14}{'top-1':>8}{'train':>8}")
     for i, step in enumerate(results["steps"]):
-        print(f"{i:<6}{step['model']:<14}{step['teacher'] or 'labels':<14}{step['top1']:>8.2f}")
-    if results["compare"]:
-        compare = results["compare"]
-        print(f"\n{'':<14}{'alone':>8}" + "".join(f"{name:>8}" for name in ("NOKD", "BLKD", "TAKD")))
-        for name, top1 in compare["alone_top1"].items():
-            print(f"{name:<14}{top1:>8.2f}")
-        print(f"{'student':<14}{'':>8}" + "".join(f"{compare[key]:>8.2f}"
-                                                  for key in ("nokd_top1", "blkd_top1", "takd_top1")))
+        print(f"{i:<6}{step['model']:<14}{step['teacher'] or 'labels':<14}{step['top1']:>8.2f}"
+              f"{step['train_top1']:>8.2f}")
+    if results["compare"]:  # compare.csv
+        print(f"\n{'':<20}{'alone':>8}{'in chain':>10}")
+        for row in compare_rows(results["steps"], results["compare"]):
+            print(f"{row['network']:<20}{row['alone_top1']:>8.2f}{row['in_chain_top1']:>10.2f}")
     if results["train_img_per_s"]:
         print(f"train {results['train_img_per_s']:.0f} img/s, wall {results['wall_s']:.0f} s")
 

@@ -1,4 +1,4 @@
-"""takd.py end to end on the embedded data: chains, --compare, auto, resume, DDP and bad input."""
+"""takd.py end to end on the embedded data: chains, --compare, auto, recipes, resume, DDP and bad input."""
 import contextlib
 import csv
 import io
@@ -11,7 +11,8 @@ import takd
 from common.run import UserError
 from conftest import kill_when, metrics_without_speed, png_size, results, run_main, snapshot
 
-QUICK = ["--epochs", "2", "--train-subset", "500", "--batch-size", "50", "--lr", "0.05"]
+# --eval-every 2: the test split at the last epoch only, which is all these tests read
+QUICK = ["--epochs", "2", "--train-subset", "500", "--batch-size", "50", "--lr", "0.05", "--eval-every", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,8 @@ def test_three_step_chain_with_compare(compared):
     assert res["student_top1"] == res["steps"][-1]["top1"]
     assert res["train_img_per_s"] > 0 and res["wall_s"] > 0 and res["ta_choice"] is None
     assert res["steps"][0]["top1"] > 15  # the teacher learned something: chance is 10 %
+    # top-1 on 500 of its training images too (the subset's 500), above chance as well
+    assert res["steps"][0]["train_top1"] > 15 and res["student_train_top1"] == res["steps"][-1]["train_top1"]
     # one folder per trained network, named by its lineage; the chain's student is the TAKD figure
     folders = {"plain6", "plain6_to_plain4", "plain6_to_plain4_to_plain2", "plain4", "plain2", "plain6_to_plain2"}
     assert {p.name for p in out.iterdir() if p.is_dir()} == folders
@@ -48,8 +51,12 @@ def test_three_step_chain_with_compare(compared):
     assert compare["blkd_top1"] == networks["plain6_to_plain2"]["top1"]
     assert compare["takd_top1"] == networks["plain6_to_plain4_to_plain2"]["top1"] == res["student_top1"]
     assert compare["alone_top1"] == {name: networks[name]["top1"] for name in ("plain6", "plain4", "plain2")}
+    assert compare["blkd_train_top1"] == networks["plain6_to_plain2"]["train_top1"]
+    assert compare["alone_train_top1"] == {name: networks[name]["train_top1"] for name in compare["alone_top1"]}
+    assert all(0 <= network["train_top1"] <= 100 for network in networks.values())
     table = (out / "compare.csv").read_text().splitlines()
-    assert table[0] == "network,alone_top1,in_chain_top1,learned_from" and len(table) == 1 + 3 + 3
+    assert table[0] == "network,alone_top1,in_chain_top1,alone_train_top1,in_chain_train_top1,learned_from"
+    assert len(table) == 1 + 3 + 3
     assert "NOKD" in stdout and "BLKD" in stdout and "TAKD" in stdout
     # compare.png draws the figures of compare.csv: each network alone, then the student three ways
     fig = takd.plot_comparison(out / "again.png", compare, [], res["chain"])
@@ -66,39 +73,81 @@ def test_three_step_chain_with_compare(compared):
 
 def test_choose_assistant_takes_the_candidate_nearest_the_midpoint():
     candidates = {"plain4": 60.0, "plain6": 70.0, "plain8": 78.0}
-    assert takd.choose_assistant(candidates, teacher_top1=80.0, student_top1=60.0) == "plain6"  # midpoint 70
-    assert takd.choose_assistant(candidates, teacher_top1=90.0, student_top1=60.0) == "plain8"  # 75: 3 from 78
-    assert takd.choose_assistant(candidates, teacher_top1=64.0, student_top1=50.0) == "plain4"  # 57
+    choose = lambda teacher, student: takd.choose_assistant(candidates, teacher, student, num_classes=10)
+    assert choose(80.0, 60.0) == ("plain6", {})  # midpoint 70
+    assert choose(90.0, 60.0) == ("plain8", {})  # 75: 3 from 78
+    assert choose(64.0, 50.0) == ("plain4", {})  # 57
 
 
-def test_auto_end_to_end(tmp_path):
+def test_a_candidate_near_chance_is_left_out():
+    # midpoint 12.5, and plain4 sits there, but at 2 points above chance (10 %) it learned nothing
+    assert takd.choose_assistant({"plain4": 12.0, "plain6": 40.0}, 21.0, 4.0, 10) == ("plain6", {"plain4": 12.0})
+    assert takd.choose_assistant({"plain4": 12.5, "plain6": 40.0}, 21.0, 4.0, 10) == ("plain4", {})
+    assert takd.choose_assistant({"plain4": 3.5, "plain6": 40.0}, 3.0, 4.0, 100) == ("plain4", {})  # chance 1 %
+    with pytest.raises(UserError, match=r"no --ta-candidates network is more than 2 points above chance \(10 %\)"):
+        takd.choose_assistant({"plain4": 10.0, "plain6": 11.5}, 60.0, 40.0, 10)
+
+
+def validation_top1(monkeypatch, top1s):
+    """Networks trained alone, in the sub-folders named in `top1s`, score these on the
+    validation split: at chance, say, as plain4 did after dying at lr 0.1."""
+    train_network = takd.train_network
+
+    def scored(name, teacher, folder, *rest):
+        model, result = train_network(name, teacher, folder, *rest)
+        result["val_top1"] = top1s.get(folder.name, result["val_top1"])
+        return model, result
+    monkeypatch.setattr(takd, "train_network", scored)
+
+
+def test_auto_end_to_end(tmp_path, monkeypatch, capsys):
+    from matplotlib.colors import to_rgba
+
     out = tmp_path / "auto"
+    validation_top1(monkeypatch, {"plain4": 12.0})  # 2 points above chance: left out, whatever the midpoint
     run_main(takd, "--chain", "plain6", "auto", "plain2", "--ta-candidates", "plain4", "plain2", *QUICK,
              "--val-split", "0.2", "--out", out)
     res = results(out)
-    choice = res["ta_choice"]
+    choice, networks = res["ta_choice"], res["networks"]
     assert set(choice["candidates"]) == {"plain4", "plain2"} and choice["position"] == 1
+    assert choice["excluded"] == {"plain4": 12.0} and choice["chosen"] == "plain2"
+    assert "left out, within 2 points of chance: {'plain4': 12.0}" in capsys.readouterr().out
     # scored on the 100 held-out training images, never on the test split
     assert choice["scored_on"] == "validation" and res["best_on"] == "validation"
-    assert choice["teacher_top1"] == res["networks"]["plain6"]["val_top1"]
-    assert choice["student_alone_top1"] == choice["candidates"]["plain2"] == res["networks"]["plain2"]["val_top1"]
-    assert res["networks"]["plain2"]["val_top1"] != res["networks"]["plain2"]["top1"]
-    assert choice["chosen"] == takd.choose_assistant(choice["candidates"], choice["teacher_top1"],
-                                                     choice["student_alone_top1"])
+    assert choice["teacher_top1"] == networks["plain6"]["val_top1"]
+    assert choice["student_alone_top1"] == choice["candidates"]["plain2"] == networks["plain2"]["val_top1"]
+    assert networks["plain2"]["val_top1"] != networks["plain2"]["top1"]
+    assert (choice["chosen"], choice["excluded"]) == takd.choose_assistant(
+        choice["candidates"], choice["teacher_top1"], choice["student_alone_top1"], 10)
+    assert choice["candidates_train_top1"] == {name: networks[name]["train_top1"] for name in choice["candidates"]}
     assert res["chain"] == ["plain6", choice["chosen"], "plain2"] and res["requested_chain"][1] == "auto"
     # the student alone served as neighbour and candidate: trained once, in one folder
     chosen = choice["chosen"]
     assert {p.name for p in out.iterdir() if p.is_dir()} == {"plain6", "plain4", "plain2", f"plain6_to_{chosen}",
                                                              f"plain6_to_{chosen}_to_plain2"}
-    # compare.png: the candidates' validation accuracies, the chosen one green, against the midpoint
+    # compare.png: the candidates' validation accuracies (chosen green, left out red) against the midpoint
     fig = takd.plot_comparison(out / "again.png", None, [choice], res["chain"])
     ax = fig.axes[0]
     assert [bar.get_height() for bar in ax.patches] == list(choice["candidates"].values())
+    assert [bar.get_facecolor() for bar in ax.patches] == [to_rgba("tab:red"), to_rgba("tab:green")]  # out, chosen
     midpoint = (choice["teacher_top1"] + choice["student_alone_top1"]) / 2
     assert [line.get_ydata()[0] for line in ax.get_lines()] == pytest.approx(
         [choice["teacher_top1"], midpoint, choice["student_alone_top1"]])
     rows = list(csv.DictReader(open(out / "ta_choice.csv")))
     assert [row["candidate"] for row in rows if row["chosen"] == "True"] == [choice["chosen"]]
+    assert [row["candidate"] for row in rows if row["excluded"] == "True"] == ["plain4"]
+
+
+def test_no_candidate_above_chance_is_one_line_and_exit_status_2(tmp_path, monkeypatch, capsys):
+    # every network trained scores 10 % (chance) on validation: the rule needs no training to show
+    monkeypatch.setattr(takd, "train_network", lambda *args: (None, {"val_top1": 10.0, "train_top1": 10.0}))
+    args = takd.parse_args(["--chain", "plain6", "auto", "plain2", "--ta-candidates", "plain4", "plain8",
+                            "--val-split", "0.2", "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as exit_:
+        takd.exit_on_user_error(takd.main, args)  # as `python takd.py` runs
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "no --ta-candidates network is more than 2 points above chance (10 %)" in err and "plain8" in err
 
 
 def test_eval_pretrained_and_weights_out(tmp_path, compared):
@@ -133,6 +182,35 @@ def test_reuse_a_teacher_trained_elsewhere(tmp_path, compared):
     assert sorted(p.name for p in (tmp_path / "reuse").iterdir() if p.is_dir()) == ["plain6_to_plain2"]
 
 
+def test_each_family_its_recipe_and_the_test_split_every_2nd_epoch(tmp_path):
+    """A chain may mix the families: the ResNet learns at lr 0.1, ÷10 at 50 % and 75 %
+    of the epochs after a warm-up, the plain CNN at the authors' constant 0.01 without
+    weight decay, both scaled to the batch. The test split is read at epochs 2 and 3."""
+    out = tmp_path / "mixed"
+    run_main(takd, "--chain", "resnet8", "plain2", "--epochs", "3", "--eval-every", "2", "--train-subset", "100",
+             "--batch-size", "50", "--out", out)
+    networks = results(out)["networks"]
+    for folder, recipe, rates in (("resnet8", {"lr": 0.1, "weight_decay": 1e-4, "schedule": "step",
+                                               "warmup_epochs": 1.0}, [0.1, 0.01, 0.001]),
+                                  ("resnet8_to_plain2", {"lr": 0.01, "weight_decay": 0.0, "schedule": "constant",
+                                                         "warmup_epochs": 0.0}, [0.01] * 3)):
+        assert {key: networks[folder][key] for key in recipe} == recipe, folder
+        rows = list(csv.DictReader(open(out / folder / "metrics.csv")))
+        assert [float(row["lr"]) for row in rows] == pytest.approx([rate * 50 / 128 for rate in rates])
+        best = torch.load(out / folder / "best.ckpt", weights_only=False)
+        assert best["optimizer"]["param_groups"][0]["weight_decay"] == recipe["weight_decay"]
+        # epoch 1 left the test columns empty; best.ckpt is the better of epochs 2 and 3 (the first on a tie)
+        assert [(row["top1"] != "", row["top5"] != "") for row in rows] == [(False, False), (True, True), (True, True)]
+        tested = {int(row["epoch"]): float(row["top1"]) for row in rows if row["top1"]}
+        assert best["epoch"] == max(tested, key=tested.get) and networks[folder]["top1"] == tested[3]
+        assert 0 <= networks[folder]["train_top1"] <= 100
+    # a flag given sets its value for every network; those not given stay each family's
+    args = takd.parse_args(["--lr", "0.05", "--weight-decay", "0", "--schedule", "step", "--warmup-epochs", "0"])
+    assert takd.recipe_of("plain4", args) == takd.recipe_of("resnet8", args) == {
+        "lr": 0.05, "weight_decay": 0.0, "schedule": "step", "warmup_epochs": 0.0}
+    assert takd.recipe_of("resnet8", takd.parse_args(["--lr", "0.05"]))["weight_decay"] == 1e-4
+
+
 def test_a_chain_of_one_trains_a_teacher_alone(tmp_path):
     run_main(takd, "--chain", "plain4", "--epochs", "1", "--train-subset", "100", "--batch-size", "50",
              "--out", tmp_path / "teacher")
@@ -144,7 +222,7 @@ def test_a_chain_of_one_trains_a_teacher_alone(tmp_path):
 
 def test_resume_after_sigkill_in_the_second_step(tmp_path, capsys):
     args = ["--chain", "plain4", "plain10", "plain2", "--epochs", "3", "--train-subset", "400", "--batch-size", "50",
-            "--lr", "0.05"]
+            "--lr", "0.05", "--eval-every", "2"]  # the test split skipped at epoch 1, resumed alike
     run_main(takd, *args, "--out", tmp_path / "whole")
     killed = tmp_path / "killed"
     kill_when("takd.py", *args, out=killed, marker=killed / "plain4_to_plain10" / "metrics.csv")
@@ -156,7 +234,8 @@ def test_resume_after_sigkill_in_the_second_step(tmp_path, capsys):
     assert "plain4: trained already" in stdout and "plain4_to_plain10: continuing at epoch" in stdout
     assert (killed / "plain4" / "last.ckpt").read_bytes() == first  # the finished step was not retrained
     whole, resumed = results(tmp_path / "whole"), results(killed)
-    assert [s["top1"] for s in resumed["steps"]] == [s["top1"] for s in whole["steps"]]
+    figures = lambda run: [(step["top1"], step["train_top1"]) for step in run["steps"]]
+    assert figures(resumed) == figures(whole)
     for folder in ("plain4", "plain4_to_plain10", "plain4_to_plain10_to_plain2"):
         assert metrics_without_speed(killed / folder / "metrics.csv") == \
             metrics_without_speed(tmp_path / "whole" / folder / "metrics.csv"), folder
@@ -206,14 +285,19 @@ def test_existing_run_folder_is_refused(compared):
     assert snapshot(out) == before
 
 
-def test_constant_schedule_of_the_papers_plain_cnns():
-    args = takd.parse_args(["--epochs", "15", "--schedule", "constant", "--warmup-epochs", "0"])
-    assert [takd.learning_rate(args, epoch, 3, 10) for epoch in range(15)] == pytest.approx([0.1] * 15)
+def test_constant_schedule_of_the_authors_plain_cnns():
+    args = takd.parse_args(["--epochs", "15"])
+    recipe = takd.recipe_of("plain4", args)
+    assert [takd.learning_rate(recipe, args, epoch, 0, 10) for epoch in range(15)] == pytest.approx([0.01] * 15)
 
 
-def test_learning_rate_schedule():
-    args = takd.parse_args(["--epochs", "15", "--batch-size", "256", "--warmup-epochs", "1"])
-    rates = [takd.learning_rate(args, epoch, 9, 10) for epoch in range(15)]
+def test_learning_rate_schedule_of_the_resnets():
+    args = takd.parse_args(["--epochs", "15", "--batch-size", "256"])
+    recipe = takd.recipe_of("resnet20", args)
+    rates = [takd.learning_rate(recipe, args, epoch, 9, 10) for epoch in range(15)]
     assert rates[0] == pytest.approx(0.2)  # 0.1 at batch 128, scaled; the last step of the warm-up
-    assert takd.learning_rate(args, 0, 4, 10) == pytest.approx(0.1)  # half way through the warm-up
-    assert rates[7] == pytest.approx(0.2) and rates[8] == pytest.approx(0.02) and rates[12] == pytest.approx(0.002)
+    assert takd.learning_rate(recipe, args, 0, 4, 10) == pytest.approx(0.1)  # half way through the warm-up
+    # ÷10 at epoch 7 = int(15/2) and 11 = int(15*3/4), counted from 0, as the authors' code
+    assert rates[6] == pytest.approx(0.2) and rates[7] == pytest.approx(0.02) and rates[11] == pytest.approx(0.002)
+    args = takd.parse_args(["--epochs", "1"])  # no decay inside a one-epoch run
+    assert takd.learning_rate(recipe, args, 0, 9, 10) == pytest.approx(0.1)
