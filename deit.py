@@ -374,7 +374,9 @@ def main(args):
         results.update(evaluated=str(args.eval), epochs_trained=state["epoch"], wall_s=None)
     if fabric.is_global_zero:
         if not args.eval:
-            save_weights(out / "model.safetensors", model)  # loadable with plain load_state_dict
+            save_weights(out / "model.safetensors", model, args.model, data, args.patch_size)  # for load_state_dict
+            if ema is not None:
+                save_weights(out / "ema.safetensors", ema, args.model, data, args.patch_size)
         write_json(out / "results.json", results)
         source = f" from {args.teacher}" if teacher is not None else ""
         print(f"\n{args.model} ({args.distillation_type} distillation{source}) on {args.dataset}, {args.epochs} epochs "

@@ -302,8 +302,10 @@ def main(args):
             write_landscape_csv(out / "landscape.csv", curves)
             plot_landscape(out / "landscape.png", {args.mode: curves})
     if fabric.is_global_zero:
-        for k, student in enumerate(students):  # loadable with plain load_state_dict
-            save_weights(out / f"student{k}.safetensors", student)
+        for k, (name, student) in enumerate(zip(args.students, students)):  # for plain load_state_dict
+            save_weights(out / f"student{k}.safetensors", student, name, data, args.patch_size)
+            if emas:
+                save_weights(out / f"ema{k}.safetensors", emas[k], name, data, args.patch_size)
         write_json(out / "results.json", results)
         print_summary(results, out)
     finish(fabric)

@@ -417,7 +417,7 @@ def main(args):
     if fabric.is_global_zero:
         if not args.eval:
             for m, node in enumerate(nodes):  # loadable with plain load_state_dict
-                save_weights(out / f"node{m}.safetensors", node)
+                save_weights(out / f"node{m}.safetensors", node, graph["nodes"][m], data)
         write_json(out / "results.json", results)
         draw_graph(out / "graph.png", graph, {**dict(enumerate(top1)), "ensemble": tested["top1_ensemble"]})
         attention_picture(out / "attention.png", nodes, graph, data, fabric)

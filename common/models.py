@@ -8,6 +8,7 @@ A DeiT (`deit_*`) has a distillation token and returns `(class_logits,
 distill_logits)` in training; in eval mode it returns their average, which is
 the model's prediction (DeiT, section 5).
 """
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -140,8 +141,15 @@ def load_pretrained(model, path):
     the report {file, loaded, resampled, skipped}."""
     import sys
 
-    state = read_state_dict(path)
+    state = file = read_state_dict(path)
     own = model.state_dict()
+    if "dist_token" in own and "dist_token" not in state and "pos_embed" in state:
+        # a ViT file into a DeiT: one prefix token against two. The distillation
+        # token's position starts as the class token's, so the grid lines up
+        # and is resampled below; the token itself keeps its initial value.
+        positions = state["pos_embed"]
+        if math.isqrt(positions.shape[1] - 1) ** 2 == positions.shape[1] - 1:
+            state = {**state, "pos_embed": torch.cat([positions[:, :1], positions], dim=1)}
     checkpoint_filter = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     filtered = state
     if checkpoint_filter is not None:
@@ -154,7 +162,7 @@ def load_pretrained(model, path):
         raise UserError(f"--pretrained {path} does not fit {type(model).__name__}: only {len(fits)} of its "
                         f"{len(own)} tensors match")
     model.load_state_dict(fits, strict=False)
-    resampled = sorted(key for key in fits if key in state and state[key].shape != fits[key].shape)
+    resampled = sorted(key for key in fits if key in file and file[key].shape != fits[key].shape)
     return {"file": str(path), "loaded": len(fits), "resampled": resampled, "skipped": sorted(set(own) - set(fits))}
 
 
@@ -178,15 +186,43 @@ def model_name_in(path):
     return raw.get("model_name") or args.get("model") or (args.get("students") or [None])[0]
 
 
-def save_weights(path, model):
-    """The weights of a trained `model` as safetensors, loadable with
-    `load_state_dict(strict=True)` into the same model made by create_model
-    (or, for timm models, by timm.create_model with the same arguments)."""
+def save_weights(path, model, name=None, data=None, patch_size=None):
+    """The weights of a trained `model` as safetensors (group-readable), loadable
+    with `load_state_dict(strict=True)` into the same model made by create_model.
+    Given the model's `name` and its `data` set, the file's metadata says how to
+    rebuild it without this project (`weights_metadata`)."""
+    import os
+
     from safetensors.torch import save_file
 
-    model = getattr(model, "module", model)  # Fabric's wrapper
+    model = getattr(model, "module", model)  # Fabric's wrapper, or timm's ModelEmaV3
     model = getattr(model, "_orig_mod", model)  # torch.compile's
-    save_file({key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}, str(path))
+    metadata = weights_metadata(name, data, patch_size) if name is not None else None
+    tmp = Path(str(path) + ".tmp")
+    save_file({key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}, str(tmp),
+              metadata=metadata)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def weights_metadata(name, data, patch_size=None):
+    """safetensors metadata (strings) of a model made by create_model(name, ...) for
+    `data`: the alias, the classes, image size and normalisation, and for the ViTs
+    the `timm.create_model` call that rebuilds it (`timm_model`, `timm_kwargs`)."""
+    import json
+
+    img_size = data["img_size"]
+    metadata = {"model": name, "num_classes": str(len(data["classes"])), "classes": json.dumps(data["classes"]),
+                "img_size": str(img_size), "mean": json.dumps(list(data["mean"])),
+                "std": json.dumps(list(data["std"])), "made_by": "common.models.create_model"}
+    if name in VIT_ALIASES:
+        timm_name, overrides = VIT_ALIASES[name]
+        kwargs = dict(num_classes=len(data["classes"]), img_size=img_size,
+                      patch_size=patch_size or (4 if img_size <= 64 else 16), **overrides)
+        metadata.update(timm_model=timm_name, timm_kwargs=json.dumps(kwargs))
+    elif name not in ALIASES:  # any timm model
+        metadata.update(timm_model=name, timm_kwargs=json.dumps(dict(num_classes=len(data["classes"]))))
+    return metadata
 
 
 def load_teacher(name, path, num_classes, img_size, patch_size=None, device=None):

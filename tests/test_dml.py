@@ -148,6 +148,10 @@ def test_two_process_ddp(tmp_path):
 
 
 def test_ema_clipping_accumulation_tensorboard_and_weights_out(tmp_path):
+    import json
+
+    import timm
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from common.models import create_model
@@ -177,6 +181,16 @@ def test_ema_clipping_accumulation_tensorboard_and_weights_out(tmp_path):
         model.load_state_dict(load_file(out / f"student{k}.safetensors"))
         assert torch.equal(model.state_dict()[next(iter(saved[f"student{k}"]))],
                            saved[f"student{k}"][next(iter(saved[f"student{k}"]))])
+        ema = load_file(out / f"ema{k}.safetensors")  # the averaged weights too
+        assert all(torch.equal(ema[key], saved[f"ema{k}"][f"module.{key}"]) for key in ema)
+        assert (out / f"student{k}.safetensors").stat().st_mode & 0o777 == 0o644  # group-readable
+    # the metadata rebuilds a ViT with timm alone, for the data it was trained on
+    with safe_open(out / "student0.safetensors", "pt") as file:
+        metadata = file.metadata()
+    assert metadata["model"] == "vit_micro" and json.loads(metadata["classes"])[0] == "airplane"
+    assert metadata["img_size"] == "32" and len(json.loads(metadata["mean"])) == 3
+    rebuilt = timm.create_model(metadata["timm_model"], **json.loads(metadata["timm_kwargs"]))
+    rebuilt.load_state_dict(load_file(out / "student0.safetensors"))
 
 
 def test_eval_reproduces_the_last_accuracies_and_config_restarts_a_run(tmp_path, finished_run):

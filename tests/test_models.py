@@ -128,3 +128,18 @@ def test_agreeing_pairs_counts_alike_predictions_per_pair():
     assert agreeing_pairs([a, a.clone()], torch.tensor([0, 1, 1])) == 3  # identical networks agree on every image
     assert agreeing_pairs([a, b], torch.tensor([0, 0, -100])) == 1  # the padding image is left out
     assert agreeing_pairs([a, a.clone(), b], torch.tensor([0, 0, 0])) == pytest.approx(5 / 3)  # pairs agree 3, 1, 1
+
+
+def test_a_vit_file_into_a_deit_keeps_its_position_and_patch_embeddings(tmp_path):
+    """The usual "DeiT student from an ImageNet ViT" start: one prefix token against two, another resolution."""
+    vit = create_model("vit_micro", 10, 64, patch_size=8)  # an 8×8 grid and a class token
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    deit = create_model("deit_micro", 10, 32)  # patches of 4: an 8×8 grid, class and distillation tokens
+    report = load_pretrained(deit, tmp_path / "vit.pth")
+    assert {"pos_embed", "patch_embed.proj.weight"} <= set(report["resampled"])
+    assert "pos_embed" not in report["skipped"] and "patch_embed.proj.weight" not in report["skipped"]
+    assert "dist_token" in report["skipped"]  # a ViT has none
+    positions = vit.pos_embed.detach()
+    # the grid's positions carry over unchanged (the same 8×8 grid); both tokens start at the class token's
+    assert torch.allclose(deit.pos_embed[:, 2:], positions[:, 1:], atol=1e-5)
+    assert torch.equal(deit.pos_embed[:, 0], positions[:, 0]) and torch.equal(deit.pos_embed[:, 1], positions[:, 0])
