@@ -60,7 +60,7 @@ from common.data import DATASETS, PADDING, hold_out, load_dataset, make_loader, 
 from common.losses import cross_entropy, kd_loss
 from common.models import (count_parameters, create_model, describe_pretrained, freeze, load_pretrained, load_teacher,
                            model_name_in, save_weights)
-from common.run import (HelpFormatter, TrainLog, UserError, check_fraction, end_epoch, evaluates_test,
+from common.run import (HelpFormatter, TrainLog, UserError, check_shared_flags, end_epoch, evaluates_test,
                         exit_on_user_error, finish, inference_dtype, load_checkpoint, make_fabric, make_logger,
                         parse_with_config, prepare_run_folder, require_positive, save_figure, seed_epoch,
                         step_schedule, write_csv, write_json)
@@ -102,8 +102,9 @@ def parse_args(argv=None):
     parser.add_argument("--pretrained", help="start the student (the chain's last network, in every lineage) from "
                                              "this local weights file, loaded as timm does")
     parser.add_argument("--compile", action="store_true", help="wrap the trained networks in torch.compile")
+    parser.add_argument("--eval-every", type=int, default=1,
+                        help="evaluate the test split every N epochs and at the last (validation: every epoch)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
-    parser.add_argument("--eval-every", type=int, default=1, help="evaluate the test split every N epochs and the last")
     parser.add_argument("--log-every", type=int, default=50, help="read the losses (a host sync) every N steps")
     parser.add_argument("--out", help="run folder (default: runs/takd/<date-time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
@@ -118,6 +119,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
+    check_shared_flags(args)
     chain = args.chain
     if len(chain) < 2 and args.compare:  # a chain of one network trains it alone, e.g. a teacher for later runs
         raise UserError(f"--compare needs a teacher and a student in --chain, got {' '.join(chain)}")
@@ -129,19 +131,12 @@ def check_args(args):
         raise UserError("--chain has `auto` but --ta-candidates names no networks to choose from")
     if AUTO in args.ta_candidates:
         raise UserError("--ta-candidates must name networks, not `auto`")
-    check_fraction("val_split", args.val_split)
     if AUTO in chain and not args.val_split:
         raise UserError("--chain has `auto`, which chooses on held-out training images: give --val-split "
                         "(e.g. 0.1), never the test split")
     if not 0 <= args.distillation_alpha <= 1:
         raise UserError(f"--distillation-alpha must lie in [0, 1], got {args.distillation_alpha}")
-    require_positive(distillation_tau=args.distillation_tau, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                     img_size=args.img_size, eval_every=args.eval_every, log_every=args.log_every)
-    for flag in ("weight_decay", "warmup_epochs"):
-        if (getattr(args, flag) or 0) < 0:
-            raise UserError(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
-    if args.resume and not args.out:
-        raise UserError("--resume needs --out, the run folder to continue")
+    require_positive(distillation_tau=args.distillation_tau)
 
 
 def recipe_of(name, args):

@@ -254,6 +254,8 @@ def test_resume_after_sigkill_in_the_second_step(tmp_path, capsys):
     (["--distillation-alpha", "-0.1"], "--distillation-alpha must lie in [0, 1]"),
     (["--distillation-tau", "0"], "--distillation-tau must be positive"),
     (["--epochs", "0"], "--epochs must be positive"),
+    (["--eval-every", "0"], "--eval-every must be positive"),
+    (["--weight-decay", "-1"], "--weight-decay must not be negative"),  # None (the family's) is no error
     (["--resume"], "--resume needs --out"),
 ])
 def test_bad_flags(flags, message):
