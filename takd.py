@@ -61,8 +61,8 @@ from common.losses import cross_entropy, kd_loss
 from common.models import (count_parameters, create_model, describe_pretrained, freeze, load_pretrained, load_teacher,
                            model_name_in, save_weights)
 from common.run import (HelpFormatter, TrainLog, UserError, check_shared_flags, end_epoch, evaluates_test,
-                        exit_on_user_error, finish, inference_dtype, load_checkpoint, make_fabric, make_logger,
-                        parse_with_config, prepare_run_folder, require_positive, save_figure, seed_epoch,
+                        exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval, make_fabric,
+                        make_logger, open_run_folder, parse_with_config, require_positive, save_figure, seed_epoch,
                         step_schedule, write_csv, write_json)
 
 AUTO = "auto"
@@ -115,7 +115,7 @@ def parse_args(argv=None):
                         help="also log steps and epochs to logs/ or tensorboard/ of each network")
     parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
     parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data (default: min(8, cores))")
-    return parse_with_config(parser, argv)
+    return parse_with_config(parser, argv, script="takd")
 
 
 def check_args(args):
@@ -263,7 +263,7 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
               "train_img_per_s": state["images"] / state["train_s"], "images": state["images"],
               "train_s": state["train_s"], "wall_s": state["wall_s"], "pretrained": pretrained}
     if fabric.is_global_zero:
-        save_weights(folder / "model.safetensors", model)  # loadable with plain load_state_dict
+        save_weights(folder / "model.safetensors", model, name, data)  # loadable with plain load_state_dict
         write_json(folder / "results.json", result)
     return freeze(model.module, inference_dtype(fabric), args.compile), result  # outside DDP: the next teacher
 
@@ -273,7 +273,7 @@ def main(args):
     fabric = make_fabric()
     fabric.seed_everything(args.seed)
     args.out = args.out or fabric.broadcast(f"runs/takd/{datetime.now():%Y%m%d-%H%M%S}")
-    out = prepare_run_folder(fabric, args.out, args.resume, args.overwrite, marker="args.json")
+    out = open_run_folder(fabric, args, "takd", marker="args.json")
     start = time.perf_counter()
 
     with fabric.rank_zero_first(local=True):  # a download happens once per machine
@@ -389,10 +389,7 @@ def evaluate_checkpoint(fabric, args, out, data, loaders):
         raise UserError(f"--eval {args.eval} is not a network checkpoint of takd.py")
     model = fabric.setup_module(create_model(name, len(data["classes"]), args.img_size, device=fabric.device))
     state = {"model": model, "epoch": 0}
-    try:
-        fabric.load(args.eval, state, strict=False, weights_only=True)
-    except Exception as error:
-        raise UserError(f"checkpoint {args.eval} does not fit {name}: {type(error).__name__}") from None
+    load_for_eval(fabric, args.eval, state)
     top1, top5 = evaluate(model, loaders[1], fabric)
     results = {"method": "takd", "model": name, "evaluated": str(args.eval), "epochs_trained": state["epoch"],
                "dataset": args.dataset, "top1": top1, "top5": top5,

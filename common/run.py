@@ -381,11 +381,6 @@ def _made_with(out, args):
     return isinstance(made, dict) and not run_shaping_changes(made, asked)
 
 
-def prepare_run_folder(fabric, out, resume, overwrite, marker="last.ckpt"):
-    """open_run_folder for scripts that keep the folder's flags apart."""
-    return open_run_folder(fabric, argparse.Namespace(out=out, resume=resume, overwrite=overwrite), None, marker)
-
-
 def save_checkpoint(fabric, path, state):
     """Write through a temporary file and rename: never a half-written checkpoint,
     and never one whose weights are NaN or infinite (the run stops instead, and

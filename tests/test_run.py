@@ -1,15 +1,13 @@
 """common/run.py: the one-line error, run folders, atomic checkpoints, the schedules."""
+import argparse
+import json
 import re
 
 import pytest
-
-import argparse
-import json
-
 import torch
 
-from common.run import (RUN_MARKER, UserError, evaluates_test, exit_on_user_error, open_run_folder, prepare_run_folder,
-                        require_positive, save_checkpoint, step_schedule)
+from common.run import (RUN_MARKER, UserError, evaluates_test, exit_on_user_error, open_run_folder, require_positive,
+                        save_checkpoint, step_schedule)
 from conftest import FakeFabric
 
 
@@ -33,17 +31,18 @@ def test_user_error_is_one_line_and_status_2(capsys):
 
 def test_run_folder_rules(tmp_path):
     fabric = FolderFabric()
-    out = prepare_run_folder(fabric, tmp_path / "run", resume=False, overwrite=False)
+    folder = lambda out=tmp_path / "run", **flags: open_run_folder(fabric, run_args(out, **flags), "dml")
+    out = folder()
     assert out.is_dir()
     (out / "last.ckpt").write_bytes(b"x")
     with pytest.raises(UserError, match="exists and is not empty"):
-        prepare_run_folder(fabric, out, resume=False, overwrite=False)
+        folder(out)
     with pytest.raises(UserError, match="exclude each other"):
-        prepare_run_folder(fabric, out, resume=True, overwrite=True)
+        folder(out, resume=True, overwrite=True)
     with pytest.raises(UserError, match="no .*args.json to resume from"):
-        prepare_run_folder(fabric, out, resume=True, overwrite=False, marker="args.json")
-    assert prepare_run_folder(fabric, out, resume=True, overwrite=False) == out and (out / "last.ckpt").exists()
-    prepare_run_folder(fabric, out, resume=False, overwrite=True)
+        open_run_folder(fabric, run_args(out, resume=True), "dml", marker="args.json")
+    assert folder(out, resume=True) == out and (out / "last.ckpt").exists()
+    folder(out, overwrite=True)
     assert out.is_dir() and [path.name for path in out.iterdir()] == [RUN_MARKER]
 
 
@@ -167,18 +166,21 @@ def test_config_starts_from_a_runs_arguments_and_bad_config_is_one_line(tmp_path
         assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_a_runs_files_given_to_another_script_are_refused(tmp_path, capsys):
-    import deit
-    import dml
+@pytest.mark.parametrize("name", ["deit", "takd", "ktg_ensemble"])
+def test_a_runs_files_given_to_another_script_are_refused(tmp_path, capsys, name):
+    import importlib
 
+    import dml
+    script = importlib.import_module(name)
     args = dml.parse_args(["--students", "resnet8", "resnet8"])
     assert args.script == "dml"
     (tmp_path / "args.json").write_text(json.dumps(vars(args)))
     torch.save({"args": vars(args)}, tmp_path / "last.ckpt")
     for flag in ("--config", "--eval"):
         with pytest.raises(SystemExit) as exit_:
-            deit.parse_args([flag, str(tmp_path / ("args.json" if flag == "--config" else "last.ckpt"))])
-        assert exit_.value.code == 2 and "was made by dml.py, not deit.py: give it to dml.py" in capsys.readouterr().err
+            script.parse_args([flag, str(tmp_path / ("args.json" if flag == "--config" else "last.ckpt"))])
+        error = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"was made by dml.py, not {name}.py: give it to dml.py" in error
 
 
 class Stop(Exception):
