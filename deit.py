@@ -186,7 +186,7 @@ CURVE_PANELS = [  # what curves.png draws
     ("training loss", [("loss", "total"), ("loss_ce", "class head CE"), ("loss_distill", "distillation term")]),
     ("top-1 (%)", [("top1", "prediction (both heads)"), ("top1_cls", "class head"), ("top1_dist", "distillation head"),
                    ("teacher_agreement", "agreement with the teacher"), ("val_top1", "prediction (validation)"),
-                   ("teacher_disagreement", "teacher ≠ label on training views")]),
+                   ("ema_top1", "EMA"), ("teacher_disagreement", "teacher ≠ label on training views")]),
     ("learning rate", [("lr", "lr")])]
 
 

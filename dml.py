@@ -150,9 +150,11 @@ def student_losses(students, images, labels, args):
 def curve_panels(students):
     """What curves.png draws: each student's CE and KL (DML's two terms), the accuracies, the learning rate."""
     names = [f"{k}: {name}" for k, name in enumerate(students)]
-    losses = [(f"{term}_{k}", f"{name} {term.upper()}") for k, name in enumerate(names) for term in ("ce", "kl")]
+    losses = [(f"ce_{k}", f"{name} CE") for k, name in enumerate(names)]
+    losses += [(f"kl_{k}", f"{name} KL", "right") for k, name in enumerate(names)]  # a hundredth of the CE
     accuracy = [(f"top1_{k}", name) for k, name in enumerate(names)] + [("top1_ensemble", "ensemble")]
     accuracy += [(f"val_{column}", f"{label} (validation)") for column, label in accuracy]
+    accuracy += [(f"ema_top1_{k}", f"{name} EMA") for k, name in enumerate(names)]
     accuracy += [("agreement", "agreement of the students")]
     return [("training loss", losses), ("top-1 (%)", accuracy), ("learning rate", [("lr", "lr")])]
 

@@ -506,27 +506,39 @@ def write_csv(path, rows):
 
 def plot_curves(path, rows, panels):
     """The metrics against the epoch, one panel per `(title, [(column, label), ...])`
-    of `panels`; markers show every epoch (a one-epoch run too), dashed lines
-    are validation and ensemble figures. Columns a run lacks are left out; a
-    column's empty values (epochs that did not evaluate, `--eval-every`) are
-    skipped. Returns the figure."""
+    of `panels`; markers show every epoch (a one-epoch run too). A validation
+    column is dotted with open markers, in the colour of its test column; an
+    ensemble is drawn thicker. A line given as `(column, label, "right")` gets
+    the panel's right axis (DML's KL, ≈ 0.01 beside a CE of ≈ 2). Columns a run
+    lacks are left out; a column's empty values (epochs that did not evaluate,
+    `--eval-every`) are skipped. Returns the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [int(row["epoch"]) for row in rows]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (title, lines) in zip(axes[0], panels):
-        for column, label in lines:
+        right, colours = None, {}
+        for column, label, *side in lines:
             points = [(epoch, float(row[column])) for epoch, row in zip(epochs, rows)
                       if row.get(column) not in (None, "")]
             if not points:
                 continue
-            dashed = column.startswith("val_") or "ensemble" in column
-            ax.plot(*zip(*points), "--" if dashed else "-", marker="o", markersize=3, label=label)
+            if side and right is None:
+                right = ax.twinx()
+            colour = colours.setdefault(column.removeprefix("val_"), f"C{len(colours)}")
+            validation = column.startswith("val_")
+            (right if side else ax).plot(
+                *zip(*points), ":" if validation else "-", marker="s" if validation else "o", markersize=3,
+                markerfacecolor="none" if validation else colour, color=colour,
+                linewidth=2.5 if "ensemble" in column else 1.2, label=f"{label} (right axis)" if side else label)
         ax.set(xlabel="epoch", title=title)
-        if ax.get_lines():
-            ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        handles = [line for axis in (ax, right) if axis is not None for line in axis.get_lines()]
+        if handles:
+            ax.legend(handles=handles, fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
     return fig

@@ -44,14 +44,25 @@ def test_dml_run_folder(tmp_path, capsys):
     assert any(row.get("train/ce_0") for row in logged) and any(row.get("epoch/top1_ensemble") for row in logged)
     # the curves: each student's CE and KL, every accuracy (validation dashed), the learning rate
     assert png_size(out / "curves.png") == (1500, 400)
-    losses, accuracies, rate = plot_curves(tmp_path / "again.png", rows, dml.curve_panels(res_names(res))).axes
-    assert [line.get_label() for line in losses.get_lines()] == ["0: vit_micro CE", "0: vit_micro KL",
-                                                               "1: resnet8 CE", "1: resnet8 KL"]
+    fig = plot_curves(tmp_path / "again.png", rows, dml.curve_panels(res_names(res)))
+    losses, accuracies, rate, kl_axis = fig.axes  # the KL (≈ 0.01) on its own axis, right of the CE (≈ 2)
+    assert [line.get_label() for line in losses.get_lines()] == ["0: vit_micro CE", "1: resnet8 CE"]
+    assert [line.get_label() for line in kl_axis.get_lines()] == ["0: vit_micro KL (right axis)",
+                                                                "1: resnet8 KL (right axis)"]
+    assert [text.get_text() for text in losses.get_legend().get_texts()] == [
+        "0: vit_micro CE", "1: resnet8 CE", "0: vit_micro KL (right axis)", "1: resnet8 KL (right axis)"]
     assert [line.get_label() for line in accuracies.get_lines()] == [
         "0: vit_micro", "1: resnet8", "ensemble",
         "0: vit_micro (validation)", "1: resnet8 (validation)", "ensemble (validation)", "agreement of the students"]
+    test_line, validation_line = accuracies.get_lines()[0], accuracies.get_lines()[3]
+    assert validation_line.get_color() == test_line.get_color()  # a student's two lines in one colour,
+    assert (validation_line.get_linestyle(), validation_line.get_marker()) != (test_line.get_linestyle(),
+                                                                              test_line.get_marker())  # told apart
+    assert validation_line.get_markerfacecolor() == "none"
+    assert accuracies.get_lines()[2].get_linewidth() > test_line.get_linewidth()  # the ensemble stands out
     assert list(accuracies.get_lines()[2].get_ydata()) == [float(row["top1_ensemble"]) for row in rows]
-    assert list(losses.get_lines()[3].get_xdata()) == [1, 2, 3] and losses.get_lines()[3].get_marker() == "o"
+    assert list(kl_axis.get_lines()[1].get_xdata()) == [1, 2, 3] and kl_axis.get_lines()[1].get_marker() == "o"
+    assert all(tick == int(tick) for tick in losses.get_xticks())  # whole epochs
     assert list(rate.get_lines()[0].get_ydata()) == [float(row["lr"]) for row in rows]
 
 
