@@ -86,11 +86,12 @@ def search_picture(path, study):
 
     from common.run import save_figure
 
-    drawn = [plots.plot_optimization_history(study).figure, plots.plot_intermediate_values(study).figure]
-    try:
-        drawn.append(plots.plot_param_importances(study).figure)
-    except (ValueError, RuntimeError):  # too few completed trials, or no variation among them
-        pass
+    with plt.style.context("default"):  # Optuna's plots switch the global style to ggplot: keep it to them
+        drawn = [plots.plot_optimization_history(study).figure, plots.plot_intermediate_values(study).figure]
+        try:
+            drawn.append(plots.plot_param_importances(study).figure)
+        except (ValueError, RuntimeError):  # too few completed trials, or no variation among them
+            pass
     fig, axes = plt.subplots(1, len(drawn), figsize=(6 * len(drawn), 4.5), squeeze=False)
     for ax, part in zip(axes[0], drawn):
         part.set_size_inches(6, 4.5)

@@ -125,3 +125,17 @@ def test_an_edge_trains_its_target_only():
         assert sum(p.grad.abs().sum() for p in nodes[1].parameters()) > 0, kind
         for node in nodes:
             node.zero_grad()
+
+
+def test_optuna_plots_leave_the_global_style_alone(tmp_path):
+    import matplotlib.pyplot as plt
+    import optuna
+
+    from common.study import search_picture
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1) ** 2, n_trials=3)
+    before = plt.rcParams["axes.facecolor"]
+    search_picture(tmp_path / "search.png", study)
+    assert plt.rcParams["axes.facecolor"] == before  # ggplot's would be grey
