@@ -4,7 +4,8 @@
     python reproduce.py deit             # seeds 001/003: no distillation, soft, hard, from a CNN teacher
     python reproduce.py takd             # seed 004: NOKD, BLKD, TAKD, the assistant sweep, the automatic choice
     python reproduce.py ktg              # seed 002: ensembles of 3 ABNs, Independent, DML, a searched graph
-    python reproduce.py dml --quick      # the whole table on 100 training images, 1 epoch (a smoke test)
+    python reproduce.py dml --quick      # the whole table on 100 training images (TAKD 500), 1 epoch
+    python reproduce.py takd --dataset imagefolder --data-dir DIR --img-size 32  # other data
 
 Every (configuration, seed) is one run of the method script as it is (its
 `main`, in this process) in `--out/runs/<configuration>/seed<k>`: a finished run
@@ -14,9 +15,23 @@ working on one table never train it twice. The teacher of a table is trained
 once, not per seed, so the spread over seeds is the students' alone;
 `--split-seed` stays 0, so every seed trains on the same images and only
 weights, data order and augmentation vary.
-Written to `--out` (default `results/<table>`): `table.json` (every row's
-per-seed values, mean and std; every claim of the seed document with whether it
-held and by what margin), `table.md` and `table.png`.
+
+`--dataset`, `--data-dir` and `--img-size` go to every run (default: the
+embedded cifar10-mini), the runs to `results/<table>-<dataset>`; a finished run
+is reused only if made on the same data with the same flags.
+Written to `--out` (default `results/<table>`): `table.json` (the data set,
+every row's per-seed values, mean and std; every claim of the seed document
+with its verdict), `table.md` and `table.png`.
+
+Verdicts. A claim "A > B" is judged on the paired per-seed differences
+A_i − B_i (same seed, same images) by a paired t-test (`claim`): mean, 95 %
+interval (Student's t, n − 1 degrees of freedom), p and n. It *holds* when the
+interval lies above 0, is *contradicted* when below, else *inconclusive*
+(always with n < 2). Each claim and table also state the minimum detectable
+effect, the true difference that test finds with 80 % power at the observed
+spread (`minimum_detectable_effect`): with 3 seeds the interval is ± 2.5 and
+the MDE 3.3 standard deviations of the differences, so an *inconclusive* claim
+with a large MDE says the table cannot tell, not that there is no effect.
 
 Settings (the `SETTINGS` below) are chosen so that each table takes about an
 hour on a 2-core CPU with 3 seeds and so that the effects have a chance: the
@@ -29,19 +44,25 @@ or the one value written beside it); nothing is tuned, on validation or test.
 import argparse
 import fcntl
 import json
+import math
 import statistics
 import time
 from pathlib import Path
+
+from scipy import optimize, stats
 
 import deit
 import dml
 import ktg_ensemble
 import takd
+from common.data import DATASETS
 from common.run import HelpFormatter, UserError, exit_on_user_error, run_shaping_changes, save_figure, write_json
 
 SEEDS = [0, 1, 2]
 QUICK_SEEDS = [0, 1]
 RUNS_WALL_S = []  # each run's own wall time, finished now or before: what a table costs
+CHANCE = {"cifar10-mini": 10.0, "cifar10": 10.0, "cifar100": 1.0}  # top-1 of a guess, in %; ImageFolder: unknown
+ALPHA, POWER = 0.05, 0.80  # the paired t-test's level (two-sided) and the power a minimum detectable effect has
 MARKER = {dml: "last.ckpt", deit: "last.ckpt", takd: "args.json", ktg_ensemble: "args.json"}  # what --resume needs
 
 # Each table's flags, given to every run of it; `quick` replaces them under --quick.
@@ -61,8 +82,10 @@ SETTINGS = {
                        "--recipe", "cifar"]},
     # 200 images per class, 10 % of them held out for the automatic choice;
     # plain CNNs at the script's recipe for 20 epochs, the plain10 teacher for 40.
+    # Quick: 500 images in batches of 10 for one epoch, so that the candidates learn
+    # something (the automatic choice refuses networks at chance).
     "takd": {"full": ["--train-subset", "2000", "--val-split", "0.1", "--epochs", "20"],
-             "quick": ["--train-subset", "100", "--val-split", "0.2", "--epochs", "1"]},
+             "quick": ["--train-subset", "500", "--val-split", "0.2", "--batch-size", "10", "--epochs", "1"]},
     # 100 images per class, 20 % held out to score the search (and, for every
     # row alike, to choose best.ckpt); ResNet-8 ABNs so that a search fits.
     "ktg": {"full": ["--train-subset", "1000", "--val-split", "0.2", "--epochs", "20"],
@@ -88,6 +111,10 @@ def train(script, folder, flags):
             # flags left unset (None) were filled in by the run itself, e.g. --img-size from the data
             asked = {key: value for key, value in vars(script.parse_args(argv)).items() if value is not None}
             changed = run_shaping_changes(made, asked)
+            # --data-dir may change when a run is resumed (the data moved), but a finished
+            # run made on other data must not stand in for this one.
+            if made.get("data_dir") != asked.get("data_dir"):
+                changed.append("data_dir")
             if changed:
                 raise UserError(f"{folder} was trained with other {', '.join(changed)}: delete it or give "
                                 f"another --out")
@@ -107,13 +134,66 @@ def summary(method, metric, values):
             "std": round(statistics.stdev(values), 3) if len(values) > 1 else 0.0}
 
 
-def claim(text, better, worse):
-    """A claim that `better` beats `worse` (per-seed lists of the same seeds):
-    holds when the mean difference is positive; also how many seeds agree."""
-    differences = [b - w for b, w in zip(better, worse)]
-    margin = statistics.mean(differences)
-    return {"claim": text, "holds": margin > 0, "margin": round(margin, 3),
-            "seeds_agreeing": f"{sum(d > 0 for d in differences)}/{len(differences)}"}
+def claim(text, better, worse, unit="points"):
+    """A claim that `better` beats `worse` (per-seed lists of the same seeds), judged
+    by a paired t-test on the differences d_i = better_i − worse_i: their mean d̄,
+    sample standard deviation s and number n; the 95 % interval
+    d̄ ± t(0.975, n − 1) · s / √n; the two-sided p = 2 · P(T(n − 1) > |d̄| / (s / √n)).
+    The verdict is `holds` when the interval lies above 0, `contradicted` when it
+    lies below, else `inconclusive`. With n < 2 there is no interval: ci and p are
+    None and the verdict `inconclusive`. With s = 0 (every seed the same difference)
+    the formulas' limits as s → 0 are used: the interval is [d̄, d̄], p is 0 if
+    d̄ ≠ 0 and 1 if d̄ = 0. `mde` is the minimum detectable effect at this s and n."""
+    differences = [round(b - w, 6) for b, w in zip(better, worse)]  # rounded: equal differences are equal
+    n, mean_difference = len(differences), statistics.mean(differences)
+    ci_low = ci_high = p = mde = None
+    if n >= 2:
+        spread = statistics.stdev(differences)
+        if spread == 0:
+            ci_low = ci_high = mean_difference
+            p = 0.0 if mean_difference != 0 else 1.0
+        else:
+            standard_error = spread / math.sqrt(n)
+            half_width = stats.t.ppf(1 - ALPHA / 2, n - 1) * standard_error
+            ci_low, ci_high = mean_difference - half_width, mean_difference + half_width
+            p = 2 * stats.t.sf(abs(mean_difference) / standard_error, n - 1)
+        mde = minimum_detectable_effect(spread, n)
+    verdict = ("inconclusive" if ci_low is None or ci_low <= 0 <= ci_high
+               else "holds" if ci_low > 0 else "contradicted")
+    rounded = lambda x, digits=3: None if x is None else round(float(x), digits)
+    return {"claim": text, "mean": rounded(mean_difference), "ci_low": rounded(ci_low), "ci_high": rounded(ci_high),
+            "p": None if p is None else float(f"{p:.3g}"), "n": n, "verdict": verdict, "mde": rounded(mde),
+            "unit": unit, "differences": differences}
+
+
+def minimum_detectable_effect(spread, n, alpha=ALPHA, power=POWER):
+    """The smallest true mean difference δ that a two-sided paired t-test at level
+    `alpha` detects with probability `power`, for n pairs whose differences have the
+    standard deviation `spread` (taken as the true σ). The statistic
+    T = d̄ / (s / √n) follows the noncentral t with n − 1 degrees of freedom and
+    noncentrality δ √n / σ, so with c = t(1 − α/2, n − 1), δ solves
+        P(T > c) + P(T < −c) = power,
+    found by bisection (brentq) on δ / σ. None for n < 2; 0 when the spread is 0."""
+    if n < 2:
+        return None
+    if spread == 0:
+        return 0.0
+    df, critical = n - 1, stats.t.ppf(1 - alpha / 2, n - 1)
+
+    def shortfall(effect):  # power at a true mean difference of `effect` standard deviations, minus `power`
+        noncentrality = effect * math.sqrt(n)
+        # P(T < −c) as P(T' > c) with the noncentrality negated: nct.cdf far in its tail is NaN (scipy 1.17)
+        return stats.nct.sf(critical, df, noncentrality) + stats.nct.sf(critical, df, -noncentrality) - power
+    upper = 1.0
+    while shortfall(upper) < 0:
+        upper *= 2
+    return optimize.brentq(shortfall, 0.0, upper, xtol=1e-10) * spread
+
+
+def typical_mde(claims):
+    """A table's minimum detectable effect: the median of its accuracy claims' (in points)."""
+    values = [c["mde"] for c in claims if c["unit"] == "points" and c["mde"] is not None]
+    return round(statistics.median(values), 3) if values else None
 
 
 def mean(values):
@@ -175,7 +255,7 @@ def dml_table(flags, seeds, runs, quick):
               claim("DML > Independent for the CNN of unequal students (resnet8 with vit_micro)",
                     top1["DML, ViT + CNN", 1], top1["Independent, ViT + CNN", 1]),
               claim("Fig. 3: a DML student's training loss rises more slowly under weight noise (wider minimum)",
-                    [-v for v in rise[vit]], [-v for v in rise[ind]])]
+                    [-v for v in rise[vit]], [-v for v in rise[ind]], unit="loss")]
     from common.landscape import compare
     compare([runs / slug(ind) / f"seed{seeds[0]}", runs / slug(vit) / f"seed{seeds[0]}"],
             runs.parent / "landscape.png")
@@ -195,10 +275,11 @@ def deit_table(flags, seeds, runs, quick):
     distillation; each head alone and the agreement with the teacher. A second
     teacher knows more than the students, as DeiT's ImageNet teacher does: it
     learns from all 5,000 images of cifar10-mini, they from 1,000."""
+    data = flags[:flags.index("--train-subset")]  # --dataset, --data-dir, --img-size where given
     students_images = flags[:flags.index("--epochs")]
     teachers = {  # run folder -> the images it learns from, its epochs
         "teacher": (students_images, "1" if quick else "200"),
-        "teacher-all-images": (["--train-subset", "300"] if quick else [], "1" if quick else "40")}
+        "teacher-all-images": ([*data, "--train-subset", "300"] if quick else data, "1" if quick else "40")}
     rows, checkpoint = [], {}
     for folder, (images, epochs) in teachers.items():
         run = train(takd, runs / folder, [*images, "--chain", "resnet20", "--epochs", epochs, "--seed", "0"])
@@ -274,11 +355,21 @@ def takd_table(flags, seeds, runs, quick):
               claim("TAKD (automatic assistant) > BLKD", takd_auto, blkd),
               claim("TAKD (automatic assistant) > NOKD", takd_auto, nokd),
               claim("TAKD (best assistant in hindsight) > BLKD", hindsight, blkd),
-              {"claim": "the automatic choice is the best assistant in hindsight",
-               "holds": chosen == best, "margin": round(mean(takd_auto) - mean(hindsight), 2),
-               "seeds_agreeing": f"{sum(c == b for c, b in zip(chosen, best))}/{len(seeds)}",
-               "chosen": chosen, "best_in_hindsight": best}]
+              choice_claim(chosen, best, takd_auto, hindsight)]
     return rows, claims
+
+
+def choice_claim(chosen, best, takd_auto, hindsight):
+    """The automatic choice against the best assistant in hindsight: not a paired
+    accuracy difference but a count, so no interval, p or MDE. Per seed, the
+    difference is the choice's regret (its student's top-1 minus the best's, <= 0);
+    the verdict is `holds` when the choice was (one of) the best in every seed, a
+    tie counting as best, else `contradicted`."""
+    regret = [round(a - h, 6) for a, h in zip(takd_auto, hindsight)]
+    return {"claim": "the automatic choice is the best assistant in hindsight", "mean": round(mean(regret), 3),
+            "ci_low": None, "ci_high": None, "p": None, "n": len(regret), "mde": None, "unit": "points",
+            "verdict": "holds" if all(r >= 0 for r in regret) else "contradicted", "differences": regret,
+            "seeds_best": f"{sum(r >= 0 for r in regret)}/{len(regret)}", "chosen": chosen, "best_in_hindsight": best}
 
 
 def ktg_table(flags, seeds, runs, quick):
@@ -316,21 +407,38 @@ def slug(name):
 # --- reports --------------------------------------------------------------------
 
 def write_markdown(path, table):
-    lines = [f"Table `{table['table']}`, seeds {table['seeds']}, "
+    data = table["dataset"] + (f" in {table['data_dir']}" if table["data_dir"] else "")
+    lines = [f"Table `{table['table']}` on {data}, seeds {table['seeds']}, "
              f"the runs' wall time {table['runs_wall_s'] / 60:.1f} min", "",
              "| method | metric | mean ± std | n | per seed |", "|---|---|---:|---:|---|"]
     for r in table["rows"]:
         digits = 2 if "top-1" in r["metric"] or "agreement" in r["metric"] else 3  # accuracies in points, else losses
         lines.append(f"| {r['method']} | {r['metric']} | {r['mean']:.{digits}f} ± {r['std']:.{digits}f} | "
                      f"{len(r['values'])} | {', '.join(f'{v:.{digits}f}' for v in r['values'])} |")
-    lines += ["", "| claim | holds | margin | seeds agreeing |", "|---|---|---:|---:|"]
-    lines += [f"| {c['claim']} | {'yes' if c['holds'] else 'no'} | {c['margin']:+.3g} | {c['seeds_agreeing']} |"
-              for c in table["claims"]]
+    lines += ["", "Claims, on the paired per-seed differences (in points of top-1 unless marked): *holds* when "
+                  "the 95 % interval lies above 0, *contradicted* when below, else *inconclusive*; MDE: the "
+                  "difference a paired t-test (α = 0.05) finds with 80 % power at this spread and n.",
+              "", "| claim | mean difference | 95 % CI | p | n | verdict | MDE | per seed |",
+              "|---|---:|---:|---:|---:|---|---:|---|"]
+    for c in table["claims"]:
+        digits = 2 if c["unit"] == "points" else 3
+        number = lambda x: "—" if x is None else f"{x:+.{digits}f}"
+        interval = "—" if c["ci_low"] is None else f"[{number(c['ci_low'])}, {number(c['ci_high'])}]"
+        text = c["claim"] + ("" if c["unit"] == "points" else f" ({c['unit']})")
+        p = "—" if c["p"] is None else f"{c['p']:.2g}"
+        mde = "—" if c["mde"] is None else f"{c['mde']:.{digits}f}"
+        lines.append(f"| {text} | {number(c['mean'])} | {interval} | {p} | {c['n']} | {c['verdict']} | {mde} | "
+                     f"{', '.join(number(d) for d in c['differences'])} |")
+    typical = table["minimum_detectable_effect"]
+    lines += ["", "Minimum detectable effect of this table (the median over its accuracy claims): "
+                  + ("—" if typical is None else f"{typical:.2f} points")]
     Path(path).write_text("\n".join(lines) + "\n")
 
 
-def plot_table(path, table):
-    """table.png: every top-1 row as a bar (mean) with its spread (± std) and one dot per seed."""
+def plot_table(path, table, chance=10.0):
+    """table.png: every top-1 row as a dot (mean) with its spread (± std) and one small
+    dot per seed, on an axis from 0 with chance level (`chance` %, 10 for CIFAR-10's
+    10 classes; None draws no line) dotted."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -339,11 +447,14 @@ def plot_table(path, table):
     labels = [f"{r['method']}: {r['metric']}" for r in rows]
     fig, ax = plt.subplots(figsize=(9, 0.4 * len(rows) + 1.2))
     y = range(len(rows))
-    ax.barh(y, [r["mean"] for r in rows], xerr=[r["std"] for r in rows], color="tab:blue", alpha=0.5, capsize=3)
+    ax.errorbar([r["mean"] for r in rows], y, xerr=[r["std"] for r in rows], fmt="o", color="tab:blue", capsize=3)
     for i, r in enumerate(rows):
-        ax.plot(r["values"], [i] * len(r["values"]), "k.", markersize=5)
-    low = min(min(r["values"]) for r in rows)
-    ax.set(yticks=list(y), yticklabels=labels, xlabel="test top-1 (%)", xlim=(max(0, low - 5), None),
+        ax.plot(r["values"], [i] * len(r["values"]), "k.", markersize=4)
+    if chance is not None:
+        ax.axvline(chance, color="gray", linestyle=":", label=f"chance ({chance:g} %)")
+        ax.legend(loc="lower right")
+    high = max(max(r["values"]) for r in rows)
+    ax.set(yticks=list(y), yticklabels=labels, xlabel="test top-1 (%)", xlim=(0, min(100, high + 5)),
            title=f"{table['table']}: mean ± std over seeds {table['seeds']} (dots: each seed)")
     ax.invert_yaxis()
     fig.tight_layout()
@@ -356,9 +467,15 @@ def parse_args(argv=None):
     parser.add_argument("table", choices=TABLES, help="which seed document's table")
     parser.add_argument("--seeds", type=int, nargs="+",
                         help=f"training seeds (default: {SEEDS}, with --quick {QUICK_SEEDS})")
-    parser.add_argument("--quick", action="store_true", help="2 seeds, 100 training images, one epoch: a smoke test")
-    parser.add_argument("--out", help="where runs and the table go (default: results/<table>, --quick: "
-                                      "results/<table>-quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 seeds, 100 training images (TAKD 500), one epoch: a smoke test")
+    parser.add_argument("--dataset", choices=DATASETS,
+                        help="the data set of every run (default: the scripts' own, the embedded cifar10-mini)")
+    parser.add_argument("--data-dir", help="where --dataset is, given to every run")
+    parser.add_argument("--img-size", type=int, help="the training resolution of every run (default: the "
+                                                     "scripts' own, 32 for CIFAR, 224 for ImageFolder)")
+    parser.add_argument("--out", help="where runs and the table go (default: results/<table>, with --dataset D "
+                                      "results/<table>-D, with --quick a further -quick)")
     return parser.parse_args(argv)
 
 
@@ -366,17 +483,35 @@ def main(args):
     seeds = args.seeds or (QUICK_SEEDS if args.quick else SEEDS)
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds repeats a seed: {seeds}")
-    out = Path(args.out or f"results/{args.table}{'-quick' if args.quick else ''}")
-    flags = SETTINGS[args.table]["quick" if args.quick else "full"]
+    if min(seeds) < 0:
+        raise UserError(f"--seeds must be non-negative, got {seeds}")
+    if args.data_dir and not args.dataset:
+        raise UserError("--data-dir needs --dataset (the default, cifar10-mini, is embedded)")
+    if args.dataset not in (None, "cifar10-mini") and not args.data_dir:
+        raise UserError(f"--dataset {args.dataset} needs --data-dir")
+    if args.img_size is not None and args.img_size <= 0:
+        raise UserError(f"--img-size must be positive, got {args.img_size}")
+    dataset = args.dataset or "cifar10-mini"
+    out = Path(args.out or f"results/{args.table}{'' if dataset == 'cifar10-mini' else '-' + dataset}"
+                           f"{'-quick' if args.quick else ''}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    # The data flags go first: the tables cut the settings at --epochs for their teachers.
+    data_flags = [*(["--dataset", args.dataset] if args.dataset else []),
+                  *(["--data-dir", args.data_dir] if args.data_dir else []),
+                  *(["--img-size", args.img_size] if args.img_size else [])]
+    flags = [*data_flags, *SETTINGS[args.table]["quick" if args.quick else "full"]]
     start = time.perf_counter()
     RUNS_WALL_S.clear()
     rows, claims = TABLES[args.table](flags, seeds, out / "runs", args.quick)
-    table = {"table": args.table, "seeds": seeds, "quick": args.quick, "settings": flags,
+    table = {"table": args.table, "dataset": dataset, "data_dir": args.data_dir, "img_size": args.img_size,
+             "seeds": seeds, "quick": args.quick, "settings": flags,
              "runs_wall_s": round(sum(RUNS_WALL_S), 1),  # what the table costs, however often it was resumed
-             "wall_s": round(time.perf_counter() - start, 1), "rows": rows, "claims": claims}
+             "wall_s": round(time.perf_counter() - start, 1), "rows": rows, "claims": claims,
+             "minimum_detectable_effect": typical_mde(claims)}
     write_json(out / "table.json", table)
     write_markdown(out / "table.md", table)
-    plot_table(out / "table.png", table)
+    plot_table(out / "table.png", table, CHANCE.get(dataset))
     print("\n" + (out / "table.md").read_text() + f"\nwrote {out}/table.json, table.md, table.png")
 
 
