@@ -340,7 +340,7 @@ def open_run_folder(fabric, args, script, marker="last.ckpt"):
     for above in (out, *out.parents):
         if above.exists() and not above.is_dir():
             raise UserError(f"--out {out}: {above} is a file, not a folder")
-    exists = out.is_dir() and any(out.iterdir())
+    exists = out.is_dir() and any(path.name != RUN_MARKER for path in out.iterdir())  # a run's files
     if args.resume and not (out / marker).is_file():
         if not _made_with(out, args):
             raise UserError(f"--resume: no {out / marker} to resume from")

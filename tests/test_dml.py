@@ -150,8 +150,8 @@ def test_two_process_ddp(tmp_path):
                "--batch-size", "100", "--out", out)
     res = results(out)
     assert res["world_size"] == 2 and len(res["students"]) == 2
-    assert sorted(p.name for p in out.iterdir()) == ["args.json", "best.ckpt", "curves.png", "last.ckpt", "logs",
-                                                     "metrics.csv", "results.json", "student0.safetensors",
+    assert sorted(p.name for p in out.iterdir()) == [".kd_run", "args.json", "best.ckpt", "curves.png", "last.ckpt",
+                                                     "logs", "metrics.csv", "results.json", "student0.safetensors",
                                                      "student1.safetensors"]
 
 
