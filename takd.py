@@ -131,6 +131,8 @@ def check_args(args):
         raise UserError("--chain has `auto` but --ta-candidates names no networks to choose from")
     if AUTO in args.ta_candidates:
         raise UserError("--ta-candidates must name networks, not `auto`")
+    if args.ta_candidates and AUTO not in chain:
+        print("note: --ta-candidates has no effect without `auto` in --chain")
     if AUTO in chain and not args.val_split:
         raise UserError("--chain has `auto`, which chooses on held-out training images: give --val-split "
                         "(e.g. 0.1), never the test split")

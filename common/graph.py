@@ -100,6 +100,9 @@ def sample_graph(trial, nodes, losses=LOSSES):
 # --- pictures ---------------------------------------------------------------
 
 
+ARC = 0.15  # the bend of an edge's arrow (matplotlib's arc3 rad): A→B and B→A curve apart
+
+
 def draw_graph(path, graph, accuracies=None):
     """Like seed 002's Fig. 2: the label, the network nodes and the ensemble node;
     edges coloured by gate (cutoff edges left out) and labelled by loss type.
@@ -122,10 +125,11 @@ def draw_graph(path, graph, accuracies=None):
         (x0, y0), (x1, y1) = where[edge["source"]], where[edge["target"]]
         colour = GATE_COLOURS[edge["gate"]]
         ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="-|>", color=colour, lw=1.8, shrinkA=22,
-                                                            shrinkB=22, connectionstyle="arc3,rad=0.15"))
+                                                            shrinkB=22, connectionstyle=f"arc3,rad={ARC}"))
         text = edge["loss"].replace("_attract", " +").replace("_repel", " −")
-        ax.text(x0 + 0.6 * (x1 - x0) - 0.08 * (y1 - y0), y0 + 0.6 * (y1 - y0) + 0.08 * (x1 - x0), text,
-                color=colour, fontsize=8, ha="center", va="center")
+        # on the arc: the middle of arc3's quadratic Bézier lies ARC/2 of the edge's length to its right
+        ax.text((x0 + x1) / 2 + ARC / 2 * (y1 - y0), (y0 + y1) / 2 - ARC / 2 * (x1 - x0), text, color=colour,
+                fontsize=8, ha="center", va="center")
     for m in range(count):
         ax.annotate("", where["ensemble"], where[m], arrowprops=dict(arrowstyle="-|>", color="grey", ls="--",
                                                                     shrinkA=22, shrinkB=22))
@@ -170,12 +174,14 @@ def draw_attention(path, images, maps, names, labels, predictions):
         for c, node_maps in enumerate(maps, start=1):
             heat = F.interpolate(node_maps[r][None, None].float(), size=image.shape[-2:], mode="bilinear")[0, 0]
             axes[r, c].imshow(picture)
-            axes[r, c].imshow(heat.cpu().numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            shown = axes[r, c].imshow(heat.cpu().numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
             predicted = predictions[c - 1][r]
             axes[r, c].set_title(f"{names[c - 1]}\n→ {predicted}", fontsize=8,
                                  color="black" if predicted == labels[r] else "red")
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
+    if maps:  # what the colours mean: the attention map's value, 0 to 1
+        fig.colorbar(shown, ax=axes[:, 1:].ravel().tolist(), label="attention", shrink=0.8)
     save_figure(fig, path)
     return fig

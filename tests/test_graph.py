@@ -95,6 +95,12 @@ def test_graph_picture(tmp_path):
     assert boxes == ["label", "0: resnet8\n50.0 %", "1: resnet8\n51.0 %", "2: resnet8\n52.0 %", "ensemble\n55.0 %"]
     edge_labels = [t.get_text() for t in ax.texts if type(t).__name__ == "Text" and t.get_bbox_patch() is None]
     assert edge_labels.count("prob +") == 5 and edge_labels.count("ce") == 3
+    # each label sits on its arc: the middle of the arrow's curve from the source node to the target node
+    from matplotlib.patches import ConnectionStyle
+    labels = iter(t for t in ax.texts if type(t).__name__ == "Text" and t.get_bbox_patch() is None)
+    for arrow in arrows[:3 + 5]:
+        start, control, end = ConnectionStyle.Arc3(rad=0.15).connect(arrow.xyann, arrow.xy).vertices
+        assert next(labels).get_position() == pytest.approx(tuple(0.25 * start + 0.5 * control + 0.25 * end))
     assert [text.get_text() for text in ax.get_legend().get_texts()] == ["through", "linear", "correct",
                                                                          "cutoff (not drawn)"]
 
@@ -104,8 +110,9 @@ def test_attention_picture(tmp_path):
     maps = [torch.rand(2, 16, 16), torch.rand(2, 16, 16)]
     fig = draw_attention(tmp_path / "attention.png", images, maps, ["0: resnet8_abn", "1: resnet8_abn"],
                          ["cat", "dog"], [["cat", "cat"], ["cat", "dog"]])
-    assert len(fig.axes) == 2 * 3  # a row per image: the image, then each node's map over it
-    titles = [ax.get_title() for ax in fig.axes]
+    assert len(fig.axes) == 2 * 3 + 1  # a row per image: the image, then each node's map over it; a colour bar
+    assert fig.axes[-1].get_ylabel() == "attention" and fig.axes[-1].get_ylim() == (0, 1)
+    titles = [ax.get_title() for ax in fig.axes[:-1]]
     assert titles == ["label: cat", "0: resnet8_abn\n→ cat", "1: resnet8_abn\n→ cat",
                       "label: dog", "0: resnet8_abn\n→ cat", "1: resnet8_abn\n→ dog"]
     assert fig.axes[4].title.get_color() == "red" and fig.axes[5].title.get_color() == "black"  # wrong, right
