@@ -109,8 +109,8 @@ def test_quick_table_writes_rows_claims_and_pictures(tables, name):
         assert c["n"] == 2 and c["mean"] == pytest.approx(statistics.mean(c["differences"]), abs=1e-3)
         assert c["ci_low"] <= c["mean"] <= c["ci_high"] and 0 <= c["p"] <= 1
         assert c["verdict"] == ("holds" if c["ci_low"] > 0 else "contradicted" if c["ci_high"] < 0 else "inconclusive")
-    assert table["minimum_detectable_effect"] == statistics.median(
-        c["mde"] for c in table["claims"] if c["mde"] is not None and c["unit"] == "points")
+    assert table["minimum_detectable_effect"] == pytest.approx(statistics.median(
+        c["mde"] for c in table["claims"] if c["mde"] is not None and c["unit"] == "points"), abs=1e-3)
     markdown = (out / "table.md").read_text()
     assert all(r["method"] in markdown for r in table["rows"]) and all(c["claim"] in markdown for c in table["claims"])
     assert "Minimum detectable effect" in markdown
