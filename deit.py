@@ -46,8 +46,8 @@ from timm.utils import ModelEmaV3
 from common.data import DATASETS, PADDING, SMALL_SIDE, hold_out, load_dataset, make_loader, probe_split
 from common.losses import cross_entropy, hard_distillation_loss, soft_distillation_loss
 from common.models import (both_heads, count_parameters, create_model, describe_pretrained, freeze,
-                           has_distillation_token, load_pretrained, load_teacher, model_name_in, save_weights,
-                           split_heads, weight_decay_groups)
+                           has_distillation_token, import_model_modules, load_pretrained, load_teacher, model_name_in,
+                           save_weights, split_heads, weight_decay_groups)
 from common.run import (HelpFormatter, TrainLog, UserError, accumulate, best_epoch, check_fraction, check_shared_flags,
                         cosine_schedule, end_epoch, evaluates_test, exit_on_user_error, finish, inference_dtype,
                         load_checkpoint, load_for_eval, make_fabric, make_logger, open_run_folder, parse_with_config,
@@ -96,6 +96,9 @@ def parse_args(argv=None):
     parser.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of the student")
     parser.add_argument("--model-ema-decay", type=float, default=0.99996,
                         help="its decay per step (DeiT's), reached after a warm-up (timm's use_warmup)")
+    parser.add_argument("--model-module", nargs="+", default=[],
+                        help="import these modules first: models they register with timm's @register_model "
+                             "can then be named (e.g. mypkg.models)")
     parser.add_argument("--pretrained", help="start the student from this local weights file, loaded as timm does")
     parser.add_argument("--compile", action="store_true", help="wrap the student and the teacher in torch.compile")
     parser.add_argument("--eval-every", type=int, default=1,
@@ -225,6 +228,7 @@ def evaluate(model, loader, fabric, teacher_decisions=None):
 
 
 def main(args):
+    import_model_modules(args.model_module)
     check_args(args)
     fabric = make_fabric()
     fabric.seed_everything(args.seed)

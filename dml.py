@@ -55,7 +55,8 @@ from common.data import DATASETS, PADDING, hold_out, load_dataset, make_loader, 
 from common.landscape import loss_curve, plot as plot_landscape, write_csv as write_landscape_csv
 from common.losses import cross_entropy, dml_loss
 from common.models import (agreeing_pairs, count_parameters, create_model, describe_pretrained, has_distillation_token,
-                           load_pretrained, prediction, save_weights, split_heads, weight_decay_groups)
+                           import_model_modules, load_pretrained, prediction, save_weights, split_heads,
+                           weight_decay_groups)
 from common.run import (HelpFormatter, TrainLog, UserError, accumulate, best_epoch, check_shared_flags, clip_each,
                         cosine_schedule, end_epoch, evaluates_test, exit_on_user_error, finish, load_checkpoint,
                         load_for_eval, make_fabric, make_logger, no_backward_sync, open_run_folder, parse_with_config,
@@ -96,6 +97,9 @@ def parse_args(argv=None):
     parser.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of each student")
     parser.add_argument("--model-ema-decay", type=float, default=0.99996,
                         help="its decay per step (DeiT's), reached after a warm-up (timm's use_warmup)")
+    parser.add_argument("--model-module", nargs="+", default=[],
+                        help="import these modules first: models they register with timm's @register_model "
+                             "can then be named (e.g. mypkg.models)")
     parser.add_argument("--pretrained", nargs="+",
                         help="local weights file(s), one for all students or one each, loaded as timm does")
     parser.add_argument("--compile", action="store_true", help="wrap the students in torch.compile")
@@ -182,6 +186,7 @@ def evaluate(students, loader, fabric):
 
 
 def main(args):
+    import_model_modules(args.model_module)
     check_args(args)
     fabric = make_fabric()
     fabric.seed_everything(args.seed)

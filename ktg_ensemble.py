@@ -53,7 +53,7 @@ from common.graph import (LABEL, LOSSES, check_graph, draw_attention, draw_graph
                           untrained_nodes)
 from common.losses import edge_loss, gate, label_loss
 from common.models import (ABN_ALIASES, agreeing_pairs, count_parameters, create_model, describe_pretrained,
-                           load_pretrained, save_weights)
+                           import_model_modules, load_pretrained, save_weights)
 from common.run import (HelpFormatter, TrainLog, UserError, check_shared_flags, end_epoch, evaluates_test,
                         exit_on_user_error, finish, load_checkpoint, load_for_eval, make_fabric, make_logger,
                         open_run_folder, parse_with_config, require_positive, seed_epoch, step_schedule, write_csv,
@@ -97,6 +97,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="run folder (default: runs/ktg/<date-time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run (or the search) in --out")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
+    parser.add_argument("--model-module", nargs="+", default=[],
+                        help="import these modules first: models they register with timm's @register_model "
+                             "can then be named (e.g. mypkg.models)")
     parser.add_argument("--pretrained", nargs="+",
                         help="local weights file(s), one for all nodes or one each, loaded as timm does")
     parser.add_argument("--eval", help="evaluate this checkpoint (its graph, with its run's arguments) instead of "
@@ -367,6 +370,7 @@ def search(nodes, data, fabric, args, out):
 
 
 def main(args):
+    import_model_modules(args.model_module)
     graph = check_args(args)
     fabric = make_fabric()
     if args.search and fabric.world_size > 1:

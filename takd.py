@@ -58,8 +58,8 @@ import torch
 
 from common.data import DATASETS, PADDING, hold_out, load_dataset, make_loader, probe_split
 from common.losses import cross_entropy, kd_loss
-from common.models import (count_parameters, create_model, describe_pretrained, freeze, load_pretrained, load_teacher,
-                           model_name_in, save_weights)
+from common.models import (count_parameters, create_model, describe_pretrained, freeze, import_model_modules,
+                           load_pretrained, load_teacher, model_name_in, save_weights)
 from common.run import (HelpFormatter, TrainLog, UserError, check_shared_flags, end_epoch, evaluates_test,
                         exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval, make_fabric,
                         make_logger, open_run_folder, parse_with_config, require_positive, save_figure, seed_epoch,
@@ -99,6 +99,9 @@ def parse_args(argv=None):
     parser.add_argument("--schedule", choices=["step", "constant"],
                         help="step: ÷10 at 50 %% and 75 %% of epochs (default: constant for plain CNNs, else step)")
     parser.add_argument("--warmup-epochs", type=float, help="linear lr warm-up (default: 0 for plain CNNs, else 1)")
+    parser.add_argument("--model-module", nargs="+", default=[],
+                        help="import these modules first: models they register with timm's @register_model "
+                             "can then be named (e.g. mypkg.models)")
     parser.add_argument("--pretrained", help="start the student (the chain's last network, in every lineage) from "
                                              "this local weights file, loaded as timm does")
     parser.add_argument("--compile", action="store_true", help="wrap the trained networks in torch.compile")
@@ -271,6 +274,7 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
 
 
 def main(args):
+    import_model_modules(args.model_module)
     check_args(args)
     fabric = make_fabric()
     fabric.seed_everything(args.seed)

@@ -52,6 +52,18 @@ ABN_ALIASES = [f"resnet{d}_abn" for d in CIFAR_RESNET_DEPTHS] + ["resnet18_abn"]
 ALIASES = list(VIT_ALIASES) + [f"resnet{d}" for d in CIFAR_RESNET_DEPTHS] + list(PLAIN_CNNS) + ABN_ALIASES
 
 
+def import_model_modules(modules):
+    """Import `modules` (--model-module): a model registered there with timm's
+    `@register_model` can then be named like any timm model."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise UserError(f"--model-module {module}: cannot import it ({error})") from None
+
+
 def create_model(name, num_classes, img_size, patch_size=None, drop_path=0.0, device=None):
     """A model by alias (see ALIASES) or timm name, for `img_size` inputs, made on
     `device` (default: the CPU, with kernels that suit any device).

@@ -378,6 +378,22 @@ def test_identical_students_agree_on_every_image():
     assert agreement == 100.0 and accuracy[0] == accuracy[1] == accuracy[2]
 
 
+def test_ones_own_model_by_model_module(tmp_path, monkeypatch):
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\n"
+        "from timm.models import register_model\n\n\n"
+        "@register_model\n"
+        "def tiny_mlp(num_classes=10, **kwargs):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, num_classes))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    run_main(dml, "--model-module", "mymodels", "--students", "tiny_mlp", "vit_micro", "--epochs", "1",
+             "--train-subset", "100", "--batch-size", "50", "--out", out)
+    assert [student["name"] for student in results(out)["students"]] == ["tiny_mlp", "vit_micro"]
+    with pytest.raises(UserError, match="--model-module no_such_package: cannot import it"):
+        run_main(dml, "--model-module", "no_such_package", "--out", tmp_path / "other")
+
+
 def test_diverging_weights_never_reach_a_checkpoint(tmp_path):
     """--lr 1e6: an update can make the weights NaN while the loss that made it was
     still finite; no checkpoint with non-finite weights may be written."""
