@@ -117,7 +117,8 @@ def parse_args(argv=None):
     args = parse_with_config(parser, argv, script="deit")
     changed = [f"--{name.replace('_', '-')}" for name in ("randaugment", "mixup", "cutmix", "reprob", "repeated_aug")
                if getattr(args, name) != parser.get_default(name)]
-    if changed and (args.recipe or ("deit" if args.dataset == "imagefolder" else "cifar")) != "deit":
+    args.recipe = args.recipe or ("deit" if args.dataset == "imagefolder" else "cifar")
+    if changed and args.recipe != "deit":
         print(f"note: {' '.join(changed)} take effect only with --recipe deit")
     return args
 
@@ -239,7 +240,6 @@ def main(args):
     with fabric.rank_zero_first(local=True):  # a download happens once per machine
         data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.split_seed)
     args.img_size = data["img_size"]
-    args.recipe = args.recipe or ("deit" if args.dataset == "imagefolder" else "cifar")
     if args.val_split:
         data = hold_out(data, args.val_split, args.split_seed)
     num_classes = len(data["classes"])

@@ -82,10 +82,15 @@ def create_model(name, num_classes, img_size, patch_size=None, drop_path=0.0, de
     return model
 
 
+def default_patch_size(img_size):
+    """A ViT's patch size unless given: 4 pixels up to 64-pixel images, else 16."""
+    return 4 if img_size <= 64 else 16
+
+
 def _build(name, num_classes, img_size, patch_size, drop_path):
     if name in VIT_ALIASES:
         timm_name, overrides = VIT_ALIASES[name]
-        patch_size = patch_size or (4 if img_size <= 64 else 16)
+        patch_size = patch_size or default_patch_size(img_size)
         if img_size % patch_size:
             raise UserError(f"--patch-size {patch_size} does not divide the image size {img_size}")
         model = timm.create_model(timm_name, num_classes=num_classes, img_size=img_size, patch_size=patch_size,
@@ -230,7 +235,7 @@ def weights_metadata(name, data, patch_size=None):
     if name in VIT_ALIASES:
         timm_name, overrides = VIT_ALIASES[name]
         kwargs = dict(num_classes=len(data["classes"]), img_size=img_size,
-                      patch_size=patch_size or (4 if img_size <= 64 else 16), **overrides)
+                      patch_size=patch_size or default_patch_size(img_size), **overrides)
         metadata.update(timm_model=timm_name, timm_kwargs=json.dumps(kwargs))
     elif name not in ALIASES:  # any timm model
         metadata.update(timm_model=name, timm_kwargs=json.dumps(dict(num_classes=len(data["classes"]))))
