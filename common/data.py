@@ -6,7 +6,10 @@
 - `imagefolder`: `DIR/train/<class>/*` and `DIR/val/<class>/*` (or, where there is
   no `val/`, `DIR/test/<class>/*`, as CIFAR-10 in JPEG folders), any size, colour
   or grayscale. Decoded once into memory when it fits (`IN_MEMORY_BYTES`),
-  otherwise streamed through DataLoader workers with timm's transforms.
+  otherwise streamed through DataLoader workers with timm's transforms; the file
+  list is one numpy array of encoded paths, which forked workers read without
+  copying (a Python list's objects are copied page by page as their reference
+  counts change, in every worker of every rank).
 
 Training augmentation: for CIFAR-sized images (side <= 64) random crop with
 padding + horizontal flip; for larger ones random resized crop + flip. Under
@@ -48,7 +51,7 @@ def native_img_size(dataset):
 
 def load_dataset(name, data_dir=None, img_size=None, train_subset=None, seed=0):
     """Return a dict with `train` and `test` (uint8 images N×3×H×W and int64 labels,
-    or file lists to stream), `classes`, `mean`, `std`, `img_size`."""
+    or, with `streamed`, numpy arrays of encoded file paths), `classes`, `mean`, `std`, `img_size`."""
     img_size = img_size or native_img_size(name)
     if name == "cifar10-mini":
         data = _load_mini()
@@ -79,8 +82,7 @@ def subset(data, size, seed):
     # Round-robin over the classes until `size` images are taken.
     order = torch.cat([torch.stack(col) for col in _round_robin(per_class)])[:size]
     order = order.sort().values
-    images = [images[i] for i in order] if isinstance(images, list) else images[order]
-    return {**data, "train": (images, labels_t[order])}
+    return {**data, "train": (images[order], labels_t[order])}
 
 
 def probe_split(data, seed=0, size=1000):
@@ -106,9 +108,7 @@ def hold_out(data, fraction, seed):
     is_val[torch.cat(held_out)] = True
     if is_val.all() or not is_val.any():
         raise UserError(f"--val-split {fraction} leaves no training or no validation images")
-    pick = lambda mask: ([images[i] for i in torch.nonzero(mask).flatten()] if isinstance(images, list)
-                         else images[mask], labels[mask])
-    return {**data, "train": pick(~is_val), "val": pick(is_val)}
+    return {**data, "train": (images[~is_val], labels[~is_val]), "val": (images[is_val], labels[is_val])}
 
 
 def _round_robin(lists):
@@ -184,7 +184,8 @@ def _load_torchvision_cifar(name, data_dir):
 
 
 def _scan_folder(root, classes=None):
-    """Image paths and labels of `root/<class>/*`, with a clear error for each way it can be wrong."""
+    """Image paths (a numpy array of encoded paths) and labels of `root/<class>/*`, and
+    the class names, with a clear error for each way it can be wrong."""
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist")
     found = sorted(d.name for d in root.iterdir() if d.is_dir())
@@ -197,13 +198,14 @@ def _scan_folder(root, classes=None):
         files = sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise UserError(f"class folder {root / cls} has no images")
-        paths += files
+        paths += [os.fsencode(file) for file in files]
         labels += [label] * len(files)
-    return paths, torch.tensor(labels), found
+    return np.array(paths), torch.tensor(labels), found
 
 
 def read_rgb(path):
-    """Decode one image file to RGB, naming the file if it is corrupt."""
+    """Decode one image file (a path, or one encoded as bytes) to RGB, naming the file if it is corrupt."""
+    path = os.fsdecode(path)
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
@@ -359,7 +361,7 @@ def on_device_layout(images):
 
 
 class _TransformImages(torch.utils.data.Dataset):
-    """Images (uint8 tensors or files) through a per-image PIL transform."""
+    """Images (uint8 tensors, or encoded paths of files to decode) through a per-image PIL transform."""
 
     def __init__(self, images, labels, transform):
         self.images, self.labels, self.transform = images, labels, transform
@@ -369,7 +371,7 @@ class _TransformImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         image = self.images[i]
-        image = read_rgb(image) if isinstance(image, Path) else Image.fromarray(image.permute(1, 2, 0).numpy())
+        image = read_rgb(image) if isinstance(image, bytes) else Image.fromarray(image.permute(1, 2, 0).numpy())
         return self.transform(image), self.labels[i]
 
 
@@ -381,18 +383,44 @@ def default_transform(data, train):
                             color_jitter=0.0 if train else None)
 
 
+def uint8_transform(transform):
+    """`transform` with its final ToTensor and Normalize replaced by a uint8 tensor, and
+    that Normalize's (mean, std), for the device to apply. A transform that ends
+    otherwise is kept as it is, with None."""
+    import torchvision.transforms as T
+
+    steps = getattr(transform, "transforms", [])
+    if len(steps) < 2 or not (isinstance(steps[-2], T.ToTensor) and isinstance(steps[-1], T.Normalize)):
+        return transform, None
+    return T.Compose([*steps[:-2], T.PILToTensor()]), (steps[-1].mean, steps[-1].std)
+
+
+def default_workers(fabric):
+    """DataLoader workers per rank: the cores this process may run on (its CPU
+    affinity, which schedulers such as Slurm set), shared by the ranks on this
+    machine, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    # torchrun (`fabric run`) sets LOCAL_WORLD_SIZE; without it every rank is counted as on this machine
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE") or fabric.world_size)
+    return max(1, min(8, cores // ranks_here))
+
+
 class TransformLoader:
     """Per-image transforms in DataLoader workers: for data sets too large for memory,
     and for augmentations that exist only per image (RandAugment).
 
+    The workers send uint8 batches (a quarter of float32's bytes to pass between
+    processes, pin and copy); the device converts and normalises them. On a GPU the
+    next batch is copied while the current one trains, as in timm's PrefetchLoader.
     `repeats` > 1 uses timm's repeated-augmentation sampler (Hoffer et al. 2020).
     """
 
     def __init__(self, split, data, batch_size, device, train, seed, rank, world_size, transform, repeats=1,
-                 workers=None):
+                 workers=1):
         from timm.data.distributed_sampler import RepeatAugSampler
 
         images, labels = split
+        transform, normalization = uint8_transform(transform)
         dataset = _TransformImages(images, labels, transform)
         if train and repeats > 1:
             self.sampler = RepeatAugSampler(dataset, world_size, rank, num_repeats=repeats)
@@ -401,23 +429,49 @@ class TransformLoader:
                                                                drop_last=True)
         else:  # every test image once: DistributedSampler would repeat some to even out the ranks
             self.sampler = _EveryNth(len(dataset), rank, world_size)
-        workers = min(8, os.cpu_count() or 1) if workers is None else workers
         # Workers start anew each epoch and draw their seeds from torch's generator,
         # which `seed_epoch` seeds: RandAugment draws the same after a resume.
         self.loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=self.sampler, num_workers=workers,
                                                   pin_memory=device.type == "cuda", drop_last=train)
         self.device, self.seed, self.batch_size, self.train = device, seed, batch_size, train
+        self.mean = self.std = None
+        if normalization is not None:
+            self.mean, self.std = (torch.as_tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+                                   for v in normalization)
 
     def __len__(self):
         return len(self.loader)
 
     def epoch(self, epoch=0):
         self.sampler.set_epoch(self.seed * 100_003 + epoch)
+        if self.device.type != "cuda":  # no copy to overlap with
+            for images, labels in self.loader:
+                yield self.to_device(images, labels)
+            return
+        # As timm's PrefetchLoader: batch i + 1 is copied and normalised on a side
+        # stream while the default stream trains on batch i.
+        side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+        ahead = None
         for images, labels in self.loader:
-            if not self.train:
-                images, labels = pad_batch(images, labels, self.batch_size)
-            yield (on_device_layout(images.to(self.device, non_blocking=True)),
-                   labels.to(self.device, non_blocking=True))
+            with torch.cuda.stream(side):
+                batch = self.to_device(images, labels)
+            if ahead is not None:
+                yield ahead
+            main.wait_stream(side)
+            for tensor in batch:  # made on the side stream: its memory is not reused while the main one reads it
+                tensor.record_stream(main)
+            ahead = batch
+        if ahead is not None:
+            yield ahead
+
+    def to_device(self, images, labels):
+        """A batch from the workers on the device: padded (test), normalised, in the device's layout."""
+        if not self.train:
+            images, labels = pad_batch(images, labels, self.batch_size)
+        images = images.to(self.device, non_blocking=True)
+        if self.mean is not None:  # as torchvision's ToTensor and Normalize compute it: the same numbers
+            images = images.float().div_(255).sub_(self.mean).div_(self.std)
+        return on_device_layout(images), labels.to(self.device, non_blocking=True)
 
 
 class _EveryNth(torch.utils.data.Sampler):
@@ -440,10 +494,11 @@ def make_loader(data, split, batch_size, fabric, seed=0, transform=None, repeats
     """The training (shuffled, augmented unless `augment` is False) or test loader of
     `split` for this rank: on the device, unless the data is streamed or a per-image
     `transform` is asked for (then through `workers` DataLoader processes, default
-    min(8, cores))."""
+    `default_workers`)."""
     train = split == "train"
     if data.get("streamed") or transform is not None:
         transform = transform or default_transform(data, train and augment)
+        workers = default_workers(fabric) if workers is None else workers
         return TransformLoader(data[split], data, batch_size, fabric.device, train, seed, fabric.global_rank,
                                fabric.world_size, transform, repeats, workers)
     return DeviceLoader(data[split], data, batch_size, fabric.device, train, seed, fabric.global_rank,

@@ -1,9 +1,15 @@
+import contextlib
+import os
+
+import numpy as np
 import pytest
 import torch
+import torchvision.transforms as T
 from PIL import Image
 
 import common.data as data_module
-from common.data import PADDING, DeviceLoader, augment, load_dataset, make_loader, probe_split, subset
+from common.data import (PADDING, DeviceLoader, augment, default_transform, hold_out, load_dataset, make_loader,
+                         probe_split, read_rgb, subset)
 from common.run import UserError
 from conftest import FakeFabric
 
@@ -107,6 +113,82 @@ def test_image_folder_streamed(tmp_path, monkeypatch):
     loader.loader.num_workers = 0
     images, labels = next(loader.epoch(0))
     assert images.shape == (4, 3, 48, 48) and labels.shape == (4,)
+
+
+def test_streamed_workers_send_uint8_and_the_device_normalises_as_torchvision(tmp_path, monkeypatch):
+    write_folder(tmp_path)
+    monkeypatch.setattr(data_module, "IN_MEMORY_BYTES", 0)
+    data = load_dataset("imagefolder", tmp_path, img_size=32)
+    # the file list is one array of encoded paths, which forked workers read without copying it
+    assert isinstance(data["train"][0], np.ndarray) and data["train"][0].dtype.kind == "S"
+    assert len(hold_out(data, 0.5, seed=0)["val"][0]) == 9
+    for split in ("train", "test"):
+        sent, _ = next(iter(make_loader(data, split, 4, FakeFabric(), workers=0).loader))
+        assert sent.dtype == torch.uint8  # a quarter of float32's bytes between processes and to the device
+    # normalised on the device to the numbers torchvision's ToTensor and Normalize give in a worker
+    transform = default_transform(data, train=False)
+    expected = torch.stack([transform(read_rgb(path)) for path in data["test"][0]])
+    batches = list(make_loader(data, "test", 4, FakeFabric(), workers=0).epoch())
+    assert torch.equal(torch.cat([images for images, _ in batches])[:18], expected)
+
+
+def test_default_workers_share_this_process_cores_among_the_ranks_on_the_machine(monkeypatch):
+    data = {"train": (torch.zeros(8, 3, 8, 8, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64)),
+            "classes": ["a", "b"], "mean": (0.5,) * 3, "std": (0.5,) * 3, "img_size": 8}
+    workers = lambda fabric: make_loader(data, "train", 2, fabric, transform=T.PILToTensor()).loader.num_workers
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)))  # the cores a scheduler gave us
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert workers(FakeFabric()) == 8  # at most 8
+    assert workers(FakeFabric(0, 4)) == 3  # four ranks, all here
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: 2 of the 8 ranks on this machine
+    assert workers(FakeFabric(0, 8)) == 6
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert workers(FakeFabric(0, 8)) == 1
+
+
+def test_on_cuda_the_next_batch_is_copied_while_the_current_one_trains(monkeypatch):
+    """No GPU needed: the streams are stand-ins that log what the loader asks of them."""
+    log, current, batches = [], [], iter(range(10))
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(f"{self.name} waits for {other.name}")
+
+    class Copy:
+        def __init__(self, batch):
+            self.batch = batch
+
+        def record_stream(self, stream):
+            log.append(f"{self.batch} kept for {stream.name}")
+
+    @contextlib.contextmanager
+    def on(stream):
+        current.append(stream.name)
+        yield
+        current.pop()
+
+    def to_device(images, labels):
+        batch = next(batches)
+        log.append(f"copy {batch} on {current[-1] if current else 'main'}")
+        return Copy(batch), Copy(batch)
+
+    main, side = Stream("main"), Stream("side")
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: side)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: main)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    data = {"train": (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64)),
+            "classes": ["a", "b"], "mean": (0.5,) * 3, "std": (0.5,) * 3, "img_size": 8}
+    loader = make_loader(data, "train", 2, FakeFabric(), transform=T.PILToTensor(), workers=0)
+    loader.device = torch.device("cuda")
+    monkeypatch.setattr(loader, "to_device", to_device)
+    for images, _ in loader.epoch():
+        log.append(f"train on {images.batch}")
+    assert log == ["copy 0 on side", "main waits for side", "0 kept for main", "0 kept for main",
+                   "copy 1 on side", "train on 0",
+                   "main waits for side", "1 kept for main", "1 kept for main", "train on 1"]
 
 
 def test_image_folder_test_split_and_subset(tmp_path, monkeypatch):
