@@ -2,8 +2,9 @@
 
 The baseline: fp32, a DataLoader whose workers apply per-image PIL transforms
 (random crop with padding, flip, ToTensor, Normalize), two students, the same
-losses. dml.py: data on the device as uint8, batch augmentation, bf16-mixed
-where the hardware has it. Both count each training image once per step.
+losses, on the device dml.py trains on (a GPU where there is one). dml.py: data
+on the device as uint8, batch augmentation, bf16-mixed where the hardware has
+it. Both count each training image once per step.
 
     python tests/bench_dml.py                       # vit_tiny × 2, 32×32, batch 128, cifar10-mini
     python tests/bench_dml.py --students vit_micro vit_micro --images 2560
@@ -42,18 +43,34 @@ class PILDataset(torch.utils.data.Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
-def baseline_img_per_s(students, images, batch_size, workers):
+def dml_device():
+    """The device dml.py trains on: Fabric's choice for one device, as `make_fabric` makes it."""
+    from lightning_fabric import Fabric
+
+    return Fabric(devices=1).device
+
+
+def wait_for(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def baseline_img_per_s(students, images, batch_size, workers, device):
     data = load_dataset("cifar10-mini", train_subset=images)
     transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                            T.Normalize(CIFAR_MEAN, CIFAR_STD)])
     loader = torch.utils.data.DataLoader(PILDataset(*data["train"], transform), batch_size, shuffle=True,
-                                         num_workers=workers, drop_last=True)
-    models = [create_model(name, 10, 32, drop_path=0.1).train() for name in students]
+                                         num_workers=workers, drop_last=True, pin_memory=device.type == "cuda")
+    models = [create_model(name, 10, 32, drop_path=0.1).to(device).train() for name in students]
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.05) for m in models]
     seen, start = 0, None
     for step, (x, y) in enumerate(loader):
         if step == 1:  # the first step pays for start-up
+            wait_for(device)
             seen, start = 0, time.perf_counter()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = [m(x) for m in models]
         for k, (model, optimizer) in enumerate(zip(models, optimizers)):
             kl = sum(F.kl_div(F.log_softmax(logits[k], 1), F.softmax(logits[j].detach(), 1), reduction="batchmean")
@@ -63,6 +80,7 @@ def baseline_img_per_s(students, images, batch_size, workers):
             loss.backward()
             optimizer.step()
         seen += len(y)
+    wait_for(device)
     return seen / (time.perf_counter() - start)
 
 
@@ -85,8 +103,10 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="bench_dml.json")
     args = parser.parse_args()
     ours = project_img_per_s(args.students, args.images, args.batch_size)
-    baseline = baseline_img_per_s(args.students, args.images, args.batch_size, args.workers)
-    result = {"students": args.students, "img_size": 32, "batch_size": args.batch_size, "images": args.images,
+    device = dml_device()
+    baseline = baseline_img_per_s(args.students, args.images, args.batch_size, args.workers, device)
+    result = {"students": args.students, "device": str(device), "img_size": 32, "batch_size": args.batch_size,
+              "images": args.images,
               "dml_py_img_per_s": ours, "baseline_img_per_s": baseline, "speedup": ours / baseline,
               "torch_threads": torch.get_num_threads()}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
