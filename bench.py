@@ -350,8 +350,8 @@ def print_table(report):
         print(f"ktg: a three-node step costs {report['ktg_vs_three_nodes']:.2f}× three one-node steps")
     decode, workers = report["decode_img_per_s_per_worker"], report["loader_workers"]
     print(f"streamed ImageFolder: one DataLoader worker decodes and transforms {decode:.0f} img/s "
-          f"({report['decode_img_size']} px, {report['decode_file_kb']:.0f} KB JPEGs); the default {workers} "
-          f"workers per device here feed at most {decode * workers:.0f} img/s")
+          f"({report['decode_img_size']} px, {report['decode_file_kb']:.0f} KB JPEGs); the default workers per "
+          f"device here ({workers}) feed at most {decode * workers:.0f} img/s")
 
 
 if __name__ == "__main__":
