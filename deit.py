@@ -49,9 +49,9 @@ from common.models import (both_heads, count_parameters, create_model, describe_
                            has_distillation_token, import_model_modules, load_pretrained, load_teacher, model_name_in,
                            save_weights, split_heads, weight_decay_groups)
 from common.run import (HelpFormatter, TrainLog, UserError, accumulate, best_epoch, check_fraction, check_shared_flags,
-                        cosine_schedule, end_epoch, evaluates_test, exit_on_user_error, finish, inference_dtype,
-                        load_checkpoint, load_for_eval, make_fabric, make_logger, open_run_folder, parse_with_config,
-                        require_positive, seed_epoch, write_json)
+                        clip_gradients, cosine_schedule, end_epoch, evaluates_test, exit_on_user_error, finish,
+                        inference_dtype, load_checkpoint, load_for_eval, make_fabric, make_logger, open_run_folder,
+                        parse_with_config, require_positive, seed_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -112,8 +112,8 @@ def parse_args(argv=None):
     parser.add_argument("--logger", choices=["csv", "tensorboard"], default="csv",
                         help="also log steps and epochs to logs/version_<n>/metrics.csv or tensorboard/")
     parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
-    parser.add_argument("--workers", type=int, help="DataLoader workers (recipe deit, streamed data; "
-                                                    "default: min(8, cores))")
+    parser.add_argument("--workers", type=int, help="DataLoader workers (recipe deit, streamed data; default: this "
+                             "process's cores shared by the ranks on the machine, at most 8)")
     args = parse_with_config(parser, argv, script="deit")
     changed = [f"--{name.replace('_', '-')}" for name in ("randaugment", "mixup", "cutmix", "reprob", "repeated_aug")
                if getattr(args, name) != parser.get_default(name)]
@@ -300,7 +300,7 @@ def main(args):
 
     accuracy = ema_top1 = None
     for epoch in range(state["epoch"], args.epochs if not args.eval else 0):
-        seed_epoch(args.seed, epoch)
+        seed_epoch(fabric, args.seed, epoch)
         model.train()
         terms = ["loss", "ce", "distill"] + (["teacher_disagreement"] if teacher is not None else [])
         log = TrainLog(fabric, terms, epoch, args.epochs, steps_per_epoch * args.grad_accum_steps, args.log_every, out,
@@ -323,7 +323,7 @@ def main(args):
                 fabric.backward(loss / args.grad_accum_steps)
             if last_of_step:
                 if args.clip_grad:
-                    fabric.clip_gradients(model, optimizer, max_norm=args.clip_grad)
+                    clip_gradients(fabric, optimizer, [model], args.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:

@@ -57,7 +57,7 @@ from common.losses import cross_entropy, dml_loss
 from common.models import (agreeing_pairs, count_parameters, create_model, describe_pretrained, has_distillation_token,
                            import_model_modules, load_pretrained, prediction, save_weights, split_heads,
                            weight_decay_groups)
-from common.run import (HelpFormatter, TrainLog, UserError, accumulate, best_epoch, check_shared_flags, clip_each,
+from common.run import (HelpFormatter, TrainLog, UserError, accumulate, best_epoch, check_shared_flags, clip_gradients,
                         cosine_schedule, end_epoch, evaluates_test, exit_on_user_error, finish, load_checkpoint,
                         load_for_eval, make_fabric, make_logger, no_backward_sync, open_run_folder, parse_with_config,
                         seed_epoch, write_json)
@@ -115,7 +115,8 @@ def parse_args(argv=None):
     parser.add_argument("--logger", choices=["csv", "tensorboard"], default="csv",
                         help="also log steps and epochs to logs/version_<n>/metrics.csv or tensorboard/")
     parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
-    parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data (default: min(8, cores))")
+    parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data (default: this process's "
+                             "cores shared by the ranks on the machine, at most 8)")
     return parse_with_config(parser, argv, script="dml")
 
 
@@ -242,7 +243,7 @@ def main(args):
     names = [f"{term}_{k}" for k in range(K) for term in ("ce", "kl")]
     accuracy = ema_accuracy = agreement = None
     for epoch in range(state["epoch"], args.epochs):
-        seed_epoch(args.seed, epoch)
+        seed_epoch(fabric, args.seed, epoch)
         for student in students:
             student.train()
         log = TrainLog(fabric, names, epoch, args.epochs, steps_per_epoch * args.grad_accum_steps, args.log_every, out,
@@ -257,7 +258,7 @@ def main(args):
                 fabric.backward(terms.sum() / args.grad_accum_steps)
             if last_of_step:
                 if args.clip_grad:
-                    clip_each(fabric, optimizer, students, args.clip_grad)
+                    clip_gradients(fabric, optimizer, students, args.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 for ema, student in zip(emas, students):

@@ -56,8 +56,8 @@ from common.models import (ABN_ALIASES, agreeing_pairs, count_parameters, create
                            import_model_modules, load_pretrained, save_weights)
 from common.run import (HelpFormatter, TrainLog, UserError, check_shared_flags, end_epoch, evaluates_test,
                         exit_on_user_error, finish, load_checkpoint, load_for_eval, make_fabric, make_logger,
-                        open_run_folder, parse_with_config, require_positive, seed_epoch, step_schedule, write_csv,
-                        write_json)
+                        on_rank_zero, open_run_folder, parse_with_config, require_positive, seed_epoch, step_schedule,
+                        write_csv, write_json)
 from common.study import open_study, search_picture, storage_failure, storage_url, trial_rows
 
 
@@ -107,7 +107,8 @@ def parse_args(argv=None):
     parser.add_argument("--logger", choices=["csv", "tensorboard"], default="csv",
                         help="also log steps and epochs to logs/version_<n>/metrics.csv or tensorboard/")
     parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
-    parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data (default: min(8, cores))")
+    parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data (default: this process's "
+                             "cores shared by the ranks on the machine, at most 8)")
     return parse_with_config(parser, argv, script="ktg_ensemble")
 
 
@@ -229,7 +230,7 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
                  pretrained=pretrained)
     if out is not None and args.eval:
         load_for_eval(fabric, args.eval, state)
-    elif out is not None and args.resume and (out / "last.ckpt").is_file():
+    elif out is not None and args.resume and on_rank_zero(fabric, (out / "last.ckpt").is_file()):
         load_checkpoint(fabric, out / "last.ckpt", state, args)
         if state["graph"] != graph:
             raise UserError(f"cannot resume {out / 'last.ckpt'}: it trained another graph")
@@ -240,7 +241,7 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
     row = None
     logger = make_logger(args.logger, out) if out is not None else None
     for epoch in range(state["epoch"], args.epochs if not args.eval else 0):
-        seed_epoch(args.seed, epoch)
+        seed_epoch(fabric, args.seed, epoch)
         for node in nodes:
             node.train()
         log = TrainLog(fabric, ["loss"], epoch, args.epochs, steps_per_epoch, args.log_every, out, logger=logger)
@@ -435,7 +436,7 @@ def attention_picture(path, nodes, graph, data, fabric, count=5):
     `count` classes (seed 002, Fig. 3); its data in attention.csv beside it."""
     images, labels = data["test"]
     shown = [m for m, name in enumerate(graph["nodes"]) if name in ABN_ALIASES]
-    if not shown or isinstance(images, list):
+    if not shown or data.get("streamed"):
         return  # no attention branch, or images streamed from files
     picks = torch.stack([torch.nonzero(labels == c).flatten()[0] for c in range(len(data["classes"]))
                          if (labels == c).any()][:count])

@@ -62,8 +62,8 @@ from common.models import (count_parameters, create_model, describe_pretrained, 
                            load_pretrained, load_teacher, model_name_in, save_weights)
 from common.run import (HelpFormatter, TrainLog, UserError, check_shared_flags, end_epoch, evaluates_test,
                         exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval, make_fabric,
-                        make_logger, open_run_folder, parse_with_config, require_positive, save_figure, seed_epoch,
-                        step_schedule, write_csv, write_json)
+                        make_logger, on_rank_zero, open_run_folder, parse_with_config, require_positive, save_figure,
+                        seed_epoch, step_schedule, write_csv, write_json)
 
 AUTO = "auto"
 # Each family's recipe (see the docstring); --lr, --weight-decay, --schedule, --warmup-epochs override it
@@ -117,7 +117,8 @@ def parse_args(argv=None):
     parser.add_argument("--logger", choices=["csv", "tensorboard"], default="csv",
                         help="also log steps and epochs to logs/ or tensorboard/ of each network")
     parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
-    parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data (default: min(8, cores))")
+    parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data (default: this process's "
+                             "cores shared by the ranks on the machine, at most 8)")
     return parse_with_config(parser, argv, script="takd")
 
 
@@ -206,6 +207,8 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
     `folder`; continue from its last checkpoint if it has one. Returns the trained
     network, frozen for use as the next teacher, and its results."""
     train_loader, test_loader, val_loader, probe_loader = loaders
+    if args.compile:  # the plain CNNs share one forward: past dynamo's recompile limit (8) it would run eager
+        torch._dynamo.reset()
     torch.manual_seed(args.seed)  # the same initial weights alone and distilled
     model = create_model(name, len(data["classes"]), args.img_size, device=fabric.device)
     pretrained = None
@@ -218,7 +221,7 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
     # model_name: a checkpoint of this project knows the network it holds
     state = dict(model=model, optimizer=optimizer, epoch=0, history=[], best_top1=-1.0, wall_s=0.0, images=0,
                  train_s=0.0, model_name=name, args=vars(args))
-    if (folder / "last.ckpt").is_file():
+    if on_rank_zero(fabric, (folder / "last.ckpt").is_file()):
         load_checkpoint(fabric, folder / "last.ckpt", state, args)
         fabric.print(f"{folder.name}: continuing at epoch {state['epoch']}" if state["epoch"] < args.epochs
                      else f"{folder.name}: trained already, reusing it")
@@ -228,7 +231,7 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
     steps_per_epoch = len(train_loader)
     logger = make_logger(args.logger, folder) if state["epoch"] < args.epochs else None
     for epoch in range(state["epoch"], args.epochs):
-        seed_epoch(args.seed, epoch)
+        seed_epoch(fabric, args.seed, epoch)
         model.train()
         log = TrainLog(fabric, ["loss", "ce", "distill"], epoch, args.epochs, steps_per_epoch, args.log_every, folder,
                        folder.name, logger)

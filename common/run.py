@@ -160,17 +160,28 @@ def no_backward_sync(fabric, modules, enabled):
     return stack
 
 
-def clip_each(fabric, optimizer, modules, max_norm):
-    """Clip each module's gradient norm to `max_norm` on its own (a student is not
-    held back by its peer's gradients), after unscaling them once (16-mixed)."""
-    fabric.strategy.precision.unscale_gradients(optimizer)
+def clip_gradients(fabric, optimizer, modules, max_norm):
+    """Clip each module's gradient norm to `max_norm` on its own (a DML student is
+    not held back by its peer's gradients). In 16-mixed the gradients are unscaled
+    first, once, on the optimizer Fabric's `step` gives the GradScaler (which keys
+    its state by that object); a step that overflowed is then skipped by the
+    scaler, not raised, and nothing is read on the host."""
+    fabric.strategy.precision.unscale_gradients(getattr(optimizer, "optimizer", optimizer))
     for module in modules:
         torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
 
 
 def inference_dtype(fabric):
-    """The dtype a frozen teacher is held in: bf16 in a bf16 run, else float32."""
-    return torch.bfloat16 if "bf16" in str(fabric.strategy.precision.precision) else torch.float32
+    """The dtype a frozen teacher is held in: that of the run's autocast (bf16 or
+    float16), float32 in a full-precision run."""
+    precision = str(fabric.strategy.precision.precision)
+    return torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else torch.float32
+
+
+def on_rank_zero(fabric, value):
+    """Rank 0's `value` on every process: a decision made from files (does a
+    checkpoint exist?) is the same everywhere, even without a shared file system."""
+    return fabric.broadcast(value) if fabric.world_size > 1 else value
 
 
 def finish(fabric):
@@ -206,12 +217,13 @@ def evaluates_test(epoch, epochs, every):
     return (epoch + 1) % every == 0 or epoch + 1 == epochs
 
 
-def seed_epoch(seed, epoch):
-    """Seed torch, numpy and random for one epoch: drop-path, Mixup and the
-    DataLoader workers draw the same after a resume as in one go."""
+def seed_epoch(fabric, seed, epoch):
+    """Seed torch, numpy and random for one epoch of this process: drop-path,
+    Mixup, CutMix, erasing and the DataLoader workers draw the same after a resume
+    as in one go, and differently on each rank (rank 0 as a single process)."""
     from lightning_fabric.utilities.seed import seed_everything
 
-    seed_everything(seed * 1000 + epoch, verbose=False)
+    seed_everything((seed * 1000 + epoch + 1_000_003 * fabric.global_rank) % 2**32, verbose=False)
 
 
 class TrainLog:
@@ -333,42 +345,52 @@ def open_run_folder(fabric, args, script, marker="last.ckpt"):
     folder with our marker, never the working directory, one of its parents or
     the home folder. A run killed before its first checkpoint is started afresh
     by --resume when asked with the same arguments (`args.resume` turns False).
-    Every process checks before rank 0 changes anything, so all agree."""
+    Rank 0 decides from its files and every process follows (no shared file
+    system needed to agree); then rank 0 changes the folder."""
     out = Path(args.out)
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
-    for above in (out, *out.parents):
-        if above.exists() and not above.is_dir():
-            raise UserError(f"--out {out}: {above} is a file, not a folder")
-    exists = out.is_dir() and any(path.name != RUN_MARKER for path in out.iterdir())  # a run's files
-    if args.resume and not (out / marker).is_file():
-        if not _made_with(out, args):
-            raise UserError(f"--resume: no {out / marker} to resume from")
+    error, replace, afresh = on_rank_zero(fabric, _check_run_folder(out, args, marker) if fabric.is_global_zero
+                                          else None)
+    if error:
+        raise UserError(error)
+    if afresh:
         fabric.print(f"--resume: {out} has no {marker} yet, so the run starts afresh with the same arguments")
         args.resume = False
-        exists = False  # keep its files: args.json is rewritten, the rest is replaced as the run goes
-    elif exists and not (args.resume or args.overwrite):
-        raise UserError(f"run folder {out} exists and is not empty: pass --resume or --overwrite, or another --out")
-    if exists and args.overwrite:
-        precious = [Path.cwd(), *Path.cwd().parents, Path.home()]
-        if out.resolve() in {path.resolve() for path in precious}:
-            raise UserError(f"--overwrite would delete {out}, the working directory, a folder above it or the home "
-                            f"folder: give another --out")
-        if not (out / RUN_MARKER).is_file():
-            raise UserError(f"--overwrite: {out} is not a run folder of this project (it has no {RUN_MARKER}), "
-                            f"so nothing was deleted: give another --out")
-    writable = next(path for path in (out, *out.parents) if path.exists())
-    if not os.access(writable, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: {writable} is not writable")
-    fabric.barrier()
     if fabric.is_global_zero:
-        if exists and args.overwrite:
+        if replace:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         if not (out / RUN_MARKER).is_file():
             write_json(out / RUN_MARKER, {"script": script})
     fabric.barrier()
     return out
+
+
+def _check_run_folder(out, args, marker):
+    """open_run_folder's decision: (the error, or None; whether to delete `out` first; whether to start afresh)."""
+    for above in (out, *out.parents):
+        if above.exists() and not above.is_dir():
+            return f"--out {out}: {above} is a file, not a folder", False, False
+    exists = out.is_dir() and any(path.name != RUN_MARKER for path in out.iterdir())  # a run's files
+    writable = next(path for path in (out, *out.parents) if path.exists())
+    if not os.access(writable, os.W_OK | os.X_OK):
+        return f"--out {out}: {writable} is not writable", False, False
+    if args.resume and not (out / marker).is_file():
+        if not _made_with(out, args):
+            return f"--resume: no {out / marker} to resume from", False, False
+        return None, False, True  # keep its files: args.json is rewritten, the rest is replaced as the run goes
+    if exists and not (args.resume or args.overwrite):
+        return f"run folder {out} exists and is not empty: pass --resume or --overwrite, or another --out", False, False
+    if exists and args.overwrite:
+        precious = [Path.cwd(), *Path.cwd().parents, Path.home()]
+        if out.resolve() in {path.resolve() for path in precious}:
+            return (f"--overwrite would delete {out}, the working directory, a folder above it or the home folder: "
+                    f"give another --out"), False, False
+        if not (out / RUN_MARKER).is_file():
+            return (f"--overwrite: {out} is not a run folder of this project (it has no {RUN_MARKER}), so nothing "
+                    f"was deleted: give another --out"), False, False
+    return None, exists and args.overwrite, False
 
 
 def _made_with(out, args):
@@ -390,10 +412,18 @@ def save_checkpoint(fabric, path, state):
         kept = f"the last good checkpoint is {path}" if path.is_file() else f"no checkpoint was written to {path}"
         raise UserError(f"the weights became NaN or infinite by epoch {state.get('epoch')}: stopped; {kept}")
     tmp = path.with_name(path.name + ".tmp")
-    fabric.save(tmp, state)
+    fabric.save(tmp, with_loss_scale(fabric, state))
     if fabric.is_global_zero:
         os.replace(tmp, path)
     fabric.barrier()
+
+
+def with_loss_scale(fabric, state):
+    """`state` and, in 16-mixed, the GradScaler (its scale and growth tracker), so
+    that a resumed run goes on with the scale it had, as an uninterrupted one."""
+    if getattr(fabric.strategy.precision, "scaler", None) is None:
+        return state
+    return {**state, "loss_scale": fabric.strategy.precision}
 
 
 def finite_weights(fabric, state):
@@ -414,20 +444,34 @@ CURVES_EVERY_S = 30.0
 
 def save_epoch(fabric, out, state, top1, panels):
     """End of an epoch: `last.ckpt`, `best.ckpt` if `top1` is the best so far
-    (None: an epoch that did not evaluate, never the best), `metrics.csv` and,
-    now and then, `curves.png` (its `panels`, see plot_curves) from `state["history"]`."""
+    (None: an epoch that did not evaluate, never the best; the same file, linked,
+    not written twice), `metrics.csv` and, now and then, `curves.png` (its
+    `panels`, see plot_curves) from `state["history"]`."""
     is_best = top1 is not None and top1 > state["best_top1"]
     if is_best:
         state["best_top1"], state["best_epoch"] = top1, state["epoch"]
     save_checkpoint(fabric, out / "last.ckpt", state)
-    if is_best:
-        save_checkpoint(fabric, out / "best.ckpt", state)
     if fabric.is_global_zero:
+        if is_best:
+            same_file(out / "last.ckpt", out / "best.ckpt")
         write_csv(out / "metrics.csv", state["history"])
         curves = out / "curves.png"
         due = not curves.is_file() or time.time() - curves.stat().st_mtime >= CURVES_EVERY_S
         if due or state["epoch"] >= state["args"]["epochs"]:
             plot_curves(curves, state["history"], panels)
+
+
+def same_file(source, path):
+    """Make `path` hold what `source` holds, atomically: a hard link (the next
+    last.ckpt is a new file, so the link keeps this one), or a copy where the file
+    system has no links."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
 
 
 # What --resume may change: nothing that shapes the run (models, data, epochs,
@@ -460,9 +504,13 @@ def load_checkpoint(fabric, path, state, args):
         raise UserError(f"cannot resume {path}: it was made with {was}; a resumed run may change only "
                         f"logging, workers and --compile")
     try:  # read a second time, now by Fabric, into the (possibly distributed) modules
-        remainder = fabric.load(path, state, weights_only=True)
+        target = with_loss_scale(fabric, state) if "loss_scale" in raw else state
+        remainder = fabric.load(path, target, weights_only=True)
     except Exception as error:
         raise UserError(f"checkpoint {path} does not fit this run: {type(error).__name__}: {error}") from None
+    remainder.pop("loss_scale", None)  # of a 16-mixed run resumed in another precision
+    if target is not state:  # Fabric set the plain values (epoch, history) in the dict it was given
+        state.update({key: value for key, value in target.items() if key != "loss_scale"})
     state.update(remainder)  # plain values a script does not ask for by name, such as best_epoch
     return remainder
 

@@ -10,6 +10,9 @@ themselves are checked on the CPU in the other tests).
 """
 import argparse
 import contextlib
+import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -369,3 +372,183 @@ def test_data_is_loaded_on_local_rank_zero_first(tmp_path, monkeypatch, script, 
                         lambda *args, **kwargs: loaded_inside.append(list(inside)) or load_dataset(*args, **kwargs))
     run_main(script, *flags, "--epochs", "1", "--train-subset", "100", "--batch-size", "50", "--out", tmp_path / "run")
     assert loaded_inside == [[True]]  # loaded once, inside rank_zero_first(local=True)
+
+
+# --- 16-mixed: clipping, the loss scale, the teacher's dtype -------------------------
+
+
+def fp16_fabric(init_scale, backoff_factor=0.5):
+    """A launched one-process Fabric in 16-mixed on the CPU (what V100s and T4s run),
+    with a GradScaler starting at `init_scale`."""
+    from lightning_fabric import Fabric
+    from lightning_fabric.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, backoff_factor=backoff_factor)
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    fabric.launch()
+    return fabric
+
+
+def with_small_test_split(monkeypatch, script, size=100):
+    """`script` loads its data with only the first `size` test images: a float16
+    evaluation of all 1,000 would take most of a test's time on a CPU."""
+    load = script.load_dataset
+
+    def load_small(*args, **kwargs):
+        data = load(*args, **kwargs)
+        images, labels = data["test"]
+        return {**data, "test": (images[:size], labels[:size])}
+
+    monkeypatch.setattr(script, "load_dataset", load_small)
+
+
+def weights(path):
+    return {key: value for key, value in torch.load(path, weights_only=True).items()
+            if key.startswith(("student", "model")) and isinstance(value, dict)}
+
+
+# plain2, the smallest network: float16 is emulated on a CPU, and slow
+@pytest.mark.parametrize("script, flags", [(dml, ["--students", "plain2", "plain2"]), (deit, ["--model", "plain2"])])
+def test_clipping_in_16_mixed_unscales_once_and_skips_an_overflow(tmp_path, monkeypatch, script, flags):
+    # The first step overflows at a loss scale of 2^30 (skipped, scale ÷ 2^20), the
+    # next ones update at 2^10. A clip threshold no gradient reaches must leave every
+    # weight as without clipping: unscaled twice, the updates were 2^10 times too small;
+    # clipping that raised on an inf gradient stopped the run at its first step.
+    monkeypatch.setattr(script, "make_fabric", lambda: fp16_fabric(2.0 ** 30, backoff_factor=2.0 ** -20))
+    with_small_test_split(monkeypatch, script)
+    for name, clip in (("plain", []), ("clipped", ["--clip-grad", "1e9"])):
+        run_main(script, *flags, "--epochs", "1", "--train-subset", "100", "--batch-size", "50", *clip,
+                 "--out", tmp_path / name)
+    plain, clipped = weights(tmp_path / "plain" / "last.ckpt"), weights(tmp_path / "clipped" / "last.ckpt")
+    for module in plain:
+        for key, value in plain[module].items():
+            assert torch.equal(value, clipped[module][key]), f"{module}.{key}"
+    assert torch.load(tmp_path / "plain" / "last.ckpt", weights_only=True)["loss_scale"]["scale"] == 2.0 ** 10
+
+
+def test_resume_keeps_the_loss_scale(tmp_path, monkeypatch):
+    monkeypatch.setattr(dml, "make_fabric", lambda: fp16_fabric(2.0 ** 30, backoff_factor=2.0 ** -20))
+    with_small_test_split(monkeypatch, dml)
+    flags = ["--students", "plain2", "plain2", "--train-subset", "100", "--batch-size", "50", "--epochs", "2"]
+    run_main(dml, *flags, "--out", tmp_path / "whole")
+
+    def stop_after_the_first(fabric, out, state, row, *rest):
+        end_epoch(fabric, out, state, row, *rest)
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    end_epoch = dml.end_epoch
+    monkeypatch.setattr(dml, "end_epoch", stop_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(dml, *flags, "--out", tmp_path / "resumed")
+    monkeypatch.setattr(dml, "end_epoch", end_epoch)
+    run_main(dml, *flags, "--out", tmp_path / "resumed", "--resume")
+    # restarted at 2^30, the resumed run would skip its first step again
+    whole, resumed = weights(tmp_path / "whole" / "last.ckpt"), weights(tmp_path / "resumed" / "last.ckpt")
+    assert all(torch.equal(value, resumed[module][key]) for module in whole for key, value in whole[module].items())
+
+
+def test_a_frozen_teacher_runs_in_the_autocast_dtype():
+    from common.run import inference_dtype
+
+    assert inference_dtype(fp16_fabric(2.0 ** 10)) == torch.float16
+    assert inference_dtype(RecordedPrecisionFabric("bf16-mixed")) == torch.bfloat16
+    assert inference_dtype(RecordedPrecisionFabric("32-true")) == torch.float32
+
+
+class RecordedPrecisionFabric:
+    def __init__(self, precision):
+        self.strategy = argparse.Namespace(precision=argparse.Namespace(precision=precision))
+
+
+# --- distributed: each rank its own random numbers; rank 0 decides from files ------------
+
+PROBE_MODULE = '''
+import os, torch
+from timm.models import register_model
+
+class Probe(torch.nn.Module):
+    """Writes the first training batch it sees, per rank, then classifies linearly."""
+    def __init__(self, num_classes):
+        super().__init__()
+        self.head = torch.nn.Linear(3, num_classes)
+        self.seen = False
+    def forward(self, x):
+        if self.training and not self.seen:
+            self.seen = True
+            torch.save(x.detach().cpu(), os.path.join(os.environ["PROBE_DIR"], f"rank{os.environ['RANK']}.pt"))
+        return self.head(x.mean((2, 3)))
+
+@register_model
+def probe_net(pretrained=False, num_classes=10, **kwargs):
+    return Probe(num_classes)
+'''
+
+
+def test_ranks_draw_their_own_augmentations(tmp_path):
+    # deit's recipe with repeated augmentation: the two ranks get the same images in
+    # the same places; with one random stream for all, their crops, RandAugment,
+    # Mixup/CutMix and erasing were the same too, and the copies pixel-identical
+    (tmp_path / "probe_models.py").write_text(PROBE_MODULE)
+    env = {**os.environ, "PROBE_DIR": str(tmp_path), "PYTHONPATH": str(tmp_path)}
+    fabric = os.path.join(os.path.dirname(sys.executable), "fabric")
+    result = subprocess.run([fabric, "run", "--accelerator", "cpu", "--devices", "2", "deit.py", "--model", "probe_net",
+                             "--model-module", "probe_models", "--recipe", "deit", "--repeated-aug", "2", "--epochs",
+                             "1", "--train-subset", "100", "--batch-size", "20", "--workers", "1", "--out",
+                             str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert first.shape == second.shape == (10, 3, 32, 32)
+    assert not torch.equal(first, second)
+    assert results(tmp_path / "run")["world_size"] == 2
+
+
+def test_one_seed_per_rank_and_epoch_rank_zero_as_before():
+    from common.run import seed_epoch
+
+    draws = {}
+    for rank in (0, 1):
+        seed_epoch(FakeFabric(rank=rank, world_size=2), 3, 5)
+        draws[rank] = torch.rand(4)
+    torch.manual_seed(3 * 1000 + 5)  # a single process's seed, kept so that runs resume exactly
+    assert torch.equal(draws[0], torch.rand(4)) and not torch.equal(draws[0], draws[1])
+
+
+class BroadcastingFabric(FakeFabric):
+    """Rank 1 of two, on a machine whose files differ from rank 0's: broadcast gives rank 0's `value`."""
+
+    def __init__(self, rank_zero_value):
+        super().__init__(rank=1, world_size=2)
+        self.rank_zero_value, self.broadcasts = rank_zero_value, 0
+
+    def broadcast(self, value, src=0):
+        self.broadcasts += 1
+        return self.rank_zero_value
+
+    def barrier(self):
+        pass
+
+
+def test_run_folder_decision_is_rank_zeros(tmp_path):
+    from common.run import UserError, open_run_folder
+
+    args = argparse.Namespace(out=str(tmp_path / "run"), resume=False, overwrite=False)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.csv").write_text("epoch\n1\n")  # this rank sees a run's file...
+    fabric = BroadcastingFabric((None, False, False))  # ...rank 0 sees an empty folder: go on
+    assert open_run_folder(fabric, args, "dml") == tmp_path / "run" and fabric.broadcasts == 1
+    with pytest.raises(UserError, match="exists"):  # and rank 0's refusal stops this rank too
+        open_run_folder(BroadcastingFabric(("run folder exists", False, False)), args, "dml")
+
+
+def test_takd_compiles_every_network_of_a_long_chain(tmp_path, monkeypatch, dynamo_counters):
+    import functools
+
+    # dynamo's fast "eager" backend: the guards and the recompile limit are what is tested
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    with_small_test_split(monkeypatch, takd)
+    run_main(takd, "--chain", "plain10", "plain8", "plain6", "plain4", "plain2", "--epochs", "1", "--train-subset",
+             "100", "--batch-size", "50", "--compile", "--out", tmp_path / "run")
+    assert [step["model"] for step in results(tmp_path / "run")["steps"]] == ["plain10", "plain8", "plain6", "plain4",
+                                                                              "plain2"]
