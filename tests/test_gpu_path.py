@@ -546,9 +546,11 @@ def test_takd_compiles_every_network_of_a_long_chain(tmp_path, monkeypatch, dyna
 
     # dynamo's fast "eager" backend: the guards and the recompile limit are what is tested
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     with_small_test_split(monkeypatch, takd)
     run_main(takd, "--chain", "plain10", "plain8", "plain6", "plain4", "plain2", "--epochs", "1", "--train-subset",
              "100", "--batch-size", "50", "--compile", "--out", tmp_path / "run")
     assert [step["model"] for step in results(tmp_path / "run")["steps"]] == ["plain10", "plain8", "plain6", "plain4",
                                                                               "plain2"]
+    # past the limit (8 recompiles of the plain CNNs' one forward) a frame runs eager, with a log warning only
+    assert not [reason for reason in dynamo_counters["unimplemented"] if "recompile limit" in reason]
+    assert dynamo_counters["frames"]["total"] == dynamo_counters["frames"]["ok"] > 0
