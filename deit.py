@@ -48,10 +48,10 @@ from common.losses import cross_entropy, hard_distillation_loss, soft_distillati
 from common.models import (both_heads, count_parameters, create_model, describe_pretrained, freeze,
                            has_distillation_token, import_model_modules, load_pretrained, load_teacher, model_name_in,
                            save_weights, split_heads, weight_decay_groups)
-from common.run import (HelpFormatter, TrainLog, UserError, accumulate, best_epoch, check_fraction, check_shared_flags,
-                        clip_gradients, cosine_schedule, end_epoch, evaluates_test, exit_on_user_error, finish,
-                        inference_dtype, load_checkpoint, load_for_eval, make_fabric, make_logger, open_run_folder,
-                        parse_with_config, require_positive, seed_epoch, write_json)
+from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, accumulate, best_epoch, check_fraction,
+                        check_shared_flags, clip_gradients, cosine_schedule, end_epoch, evaluates_test,
+                        exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval, make_fabric,
+                        make_logger, open_run_folder, parse_with_config, require_positive, seed_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -119,7 +119,7 @@ def parse_args(argv=None):
                if getattr(args, name) != parser.get_default(name)]
     args.recipe = args.recipe or ("deit" if args.dataset == "imagefolder" else "cifar")
     if changed and args.recipe != "deit":
-        print(f"note: {' '.join(changed)} take effect only with --recipe deit")
+        print(f"note: {' '.join(changed)} take{'s' if len(changed) == 1 else ''} effect only with --recipe deit")
     return args
 
 
@@ -133,6 +133,13 @@ def check_args(args):
     if not distilling and (args.teacher or args.teacher_ckpt):
         raise UserError("--teacher is used only with --distillation-type soft or hard")
     check_fraction("distillation_alpha", args.distillation_alpha, high_included=True)
+    if args.recipe == "deit":
+        from timm.data.auto_augment import rand_augment_transform
+        try:
+            rand_augment_transform(args.randaugment, {})
+        except (AssertionError, ValueError, IndexError, KeyError):
+            raise UserError(f"--randaugment {args.randaugment}: not a timm RandAugment policy "
+                            f"(such as rand-m9-mstd0.5-inc1)") from None
     require_positive(distillation_tau=args.distillation_tau, repeated_aug=args.repeated_aug)
     check_shared_flags(args)
 
@@ -381,7 +388,7 @@ def main(args):
             save_weights(out / "model.safetensors", model, args.model, data, args.patch_size)  # for load_state_dict
             if ema is not None:
                 save_weights(out / "ema.safetensors", ema, args.model, data, args.patch_size)
-        write_json(out / "results.json", results)
+        write_json(out / (EVAL_RESULTS if args.eval else "results.json"), results)
         source = f" from {args.teacher}" if teacher is not None else ""
         print(f"\n{args.model} ({args.distillation_type} distillation{source}) on {args.dataset}, {args.epochs} epochs "
               f"-> {out}")

@@ -57,10 +57,10 @@ from common.losses import cross_entropy, dml_loss
 from common.models import (agreeing_pairs, count_parameters, create_model, describe_pretrained, has_distillation_token,
                            import_model_modules, load_pretrained, prediction, save_weights, split_heads,
                            weight_decay_groups)
-from common.run import (HelpFormatter, TrainLog, UserError, accumulate, best_epoch, check_shared_flags, clip_gradients,
-                        cosine_schedule, end_epoch, evaluates_test, exit_on_user_error, finish, load_checkpoint,
-                        load_for_eval, make_fabric, make_logger, no_backward_sync, open_run_folder, parse_with_config,
-                        seed_epoch, write_json)
+from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, accumulate, best_epoch, check_shared_flags,
+                        clip_gradients, cosine_schedule, end_epoch, evaluates_test, exit_on_user_error, finish,
+                        load_checkpoint, load_for_eval, make_fabric, make_logger, no_backward_sync, open_run_folder,
+                        parse_with_config, seed_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -349,7 +349,7 @@ def evaluate_checkpoint(fabric, args, out, state, students, emas, test_loader, v
     if val_loader is not None:
         results["val_ensemble_top1"] = evaluate(students, val_loader, fabric)[0][len(students)][0]
     if fabric.is_global_zero:
-        write_json(Path(out) / "results.json", results)
+        write_json(Path(out) / EVAL_RESULTS, results)
         print_summary(results, out)
     finish(fabric)
 

@@ -54,7 +54,7 @@ from common.graph import (LABEL, LOSSES, check_graph, draw_attention, draw_graph
 from common.losses import edge_loss, gate, label_loss
 from common.models import (ABN_ALIASES, agreeing_pairs, count_parameters, create_model, describe_pretrained,
                            import_model_modules, load_pretrained, save_weights)
-from common.run import (HelpFormatter, TrainLog, UserError, check_shared_flags, end_epoch, evaluates_test,
+from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, check_shared_flags, end_epoch, evaluates_test,
                         exit_on_user_error, finish, load_checkpoint, load_for_eval, make_fabric, make_logger,
                         on_rank_zero, open_run_folder, parse_with_config, require_positive, seed_epoch, step_schedule,
                         write_csv, write_json)
@@ -423,9 +423,10 @@ def main(args):
         if not args.eval:
             for m, node in enumerate(nodes):  # loadable with plain load_state_dict
                 save_weights(out / f"node{m}.safetensors", node, graph["nodes"][m], data)
-        write_json(out / "results.json", results)
-        draw_graph(out / "graph.png", graph, {**dict(enumerate(top1)), "ensemble": tested["top1_ensemble"]})
-        attention_picture(out / "attention.png", nodes, graph, data, fabric)
+        write_json(out / (EVAL_RESULTS if args.eval else "results.json"), results)
+        if not args.eval:  # --eval adds only its EVAL_RESULTS to --out, which may be the run's folder
+            draw_graph(out / "graph.png", graph, {**dict(enumerate(top1)), "ensemble": tested["top1_ensemble"]})
+            attention_picture(out / "attention.png", nodes, graph, data, fabric)
         print_summary(results, out)
     finish(fabric)
 

@@ -60,7 +60,7 @@ from common.data import DATASETS, PADDING, hold_out, load_dataset, make_loader, 
 from common.losses import cross_entropy, kd_loss
 from common.models import (count_parameters, create_model, describe_pretrained, freeze, import_model_modules,
                            load_pretrained, load_teacher, model_name_in, save_weights)
-from common.run import (HelpFormatter, TrainLog, UserError, check_shared_flags, end_epoch, evaluates_test,
+from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, check_shared_flags, end_epoch, evaluates_test,
                         exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval, make_fabric,
                         make_logger, on_rank_zero, open_run_folder, parse_with_config, require_positive, save_figure,
                         seed_epoch, step_schedule, write_csv, write_json)
@@ -405,7 +405,7 @@ def evaluate_checkpoint(fabric, args, out, data, loaders):
                "val_top1": evaluate(model, loaders[2], fabric)[0] if loaders[2] is not None else None,
                "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size}
     if fabric.is_global_zero:
-        write_json(out / "results.json", results)
+        write_json(out / EVAL_RESULTS, results)
         print(f"{name} from {args.eval}: top-1 {top1:.2f}, top-5 {top5:.2f}")
     finish(fabric)
 

@@ -52,18 +52,46 @@ def parse_with_config(parser, argv=None, script=None):
             saved = torch.load(args.eval, map_location="cpu", weights_only=True)["args"]
         except Exception as error:
             parser.error(f"{source}: cannot read it as a checkpoint of this project ({type(error).__name__})")
-    if saved:
+    if saved is not None:
         check_script(saved.get("script"), script, source, parser.error)
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(saved) - known - {"script"})
+        actions = {action.dest: action for action in parser._actions}
+        unknown = sorted(set(saved) - set(actions) - {"script"})
         if unknown:
             parser.error(f"{source}: {', '.join(unknown)} is not a flag of this script")
-        parser.set_defaults(**{key: value for key, value in saved.items()
-                               if key in known and key not in ("out", "resume", "overwrite", "config", "eval")})
+        if not set(saved) - {"script"}:
+            parser.error(f"{source} holds no flags: give a run's args.json")
+        parser.set_defaults(**{key: _saved_value(actions[key], value, source, parser.error)
+                               for key, value in saved.items()
+                               if key in actions and key not in ("out", "resume", "overwrite", "config", "eval")})
         args = parser.parse_args(argv)
     if script is not None:
         args.script = script
     return args
+
+
+def _saved_value(action, value, source, fail):
+    """`value` of a run's file for the flag `action`, checked (type, choices, one or a list) as argparse checks
+    the command line: `fail` with one line naming the file and the flag otherwise."""
+    flag = f"{source}: {action.option_strings[0] if action.option_strings else action.dest}"
+    if value is None:
+        return None
+    if action.nargs == 0:  # store_true
+        if not isinstance(value, bool):
+            fail(f"{flag} must be true or false, got {value!r}")
+        return value
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if many != isinstance(value, list) or isinstance(value, dict):
+        fail(f"{flag} must be {'a list' if many else 'one value'}, got {value!r}")
+    checked = []
+    for item in value if many else [value]:
+        try:
+            item = (action.type or str)(str(item))
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
+            fail(f"{flag}: invalid {getattr(action.type, '__name__', 'str')} value {item!r}")
+        if action.choices is not None and item not in action.choices:
+            fail(f"{flag}: invalid choice {item!r} (choose from {', '.join(map(str, action.choices))})")
+        checked.append(item)
+    return checked if many else checked[0]
 
 
 def check_script(made_by, script, source, fail):
@@ -336,6 +364,7 @@ def require_positive(**values):
 
 
 RUN_MARKER = ".kd_run"  # in every run folder: only such a folder is ever replaced by --overwrite
+EVAL_RESULTS = "eval.json"  # what --eval writes into --out: a run's results.json is never replaced by it
 
 
 def open_run_folder(fabric, args, script, marker="last.ckpt"):
@@ -350,6 +379,9 @@ def open_run_folder(fabric, args, script, marker="last.ckpt"):
     out = Path(args.out)
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
+    if getattr(args, "eval", None) and (args.resume or args.overwrite):
+        raise UserError(f"--eval writes {EVAL_RESULTS} into --out and never replaces or continues a run: "
+                        f"leave out --{'resume' if args.resume else 'overwrite'}")
     error, replace, afresh = on_rank_zero(fabric, _check_run_folder(out, args, marker) if fabric.is_global_zero
                                           else None)
     if error:
@@ -360,8 +392,9 @@ def open_run_folder(fabric, args, script, marker="last.ckpt"):
     if fabric.is_global_zero:
         if replace:
             shutil.rmtree(out)
+        fresh = not out.is_dir() or not any(out.iterdir())  # --eval marks only a folder it made
         out.mkdir(parents=True, exist_ok=True)
-        if not (out / RUN_MARKER).is_file():
+        if not (out / RUN_MARKER).is_file() and (fresh or not getattr(args, "eval", None)):
             write_json(out / RUN_MARKER, {"script": script})
     fabric.barrier()
     return out
@@ -376,6 +409,12 @@ def _check_run_folder(out, args, marker):
     writable = next(path for path in (out, *out.parents) if path.exists())
     if not os.access(writable, os.W_OK | os.X_OK):
         return f"--out {out}: {writable} is not writable", False, False
+    if getattr(args, "eval", None):
+        return None, False, False  # it adds EVAL_RESULTS to whatever folder --out is, and deletes nothing
+    if args.resume and (out / "args.json").is_file():
+        changed = _resume_changes(out, args)
+        if changed:
+            return changed, False, False
     if args.resume and not (out / marker).is_file():
         if not _made_with(out, args):
             return f"--resume: no {out / marker} to resume from", False, False
@@ -395,12 +434,25 @@ def _check_run_folder(out, args, marker):
 
 def _made_with(out, args):
     """Whether the run in `out` was started with `args` (its args.json, leaving out what a resume may change)."""
+    return (out / "args.json").is_file() and _resume_changes(out, args) is None
+
+
+def _resume_changes(out, args):
+    """None when `args` may resume the run in `out` (by its args.json), else the line that refuses them:
+    checked before anything in the folder is written."""
     try:
         made = json.loads((out / "args.json").read_text())
-    except (OSError, ValueError):
-        return False
+    except (OSError, ValueError) as error:
+        return f"--resume: cannot read {out / 'args.json'} ({type(error).__name__})"
+    if not isinstance(made, dict):
+        return f"--resume: {out / 'args.json'} is not a JSON object of flags"
     asked = {key: value for key, value in vars(args).items() if value is not None}  # None: filled in by the run
-    return isinstance(made, dict) and not run_shaping_changes(made, asked)
+    changed = run_shaping_changes(made, asked)
+    if not changed:
+        return None
+    was = ", ".join(f"--{key.replace('_', '-')} {made.get(key)} (now {asked[key]})" for key in changed)
+    return (f"cannot resume {out}: it was made with {was}; a resumed run may change only logging, workers and "
+            f"--compile")
 
 
 def save_checkpoint(fabric, path, state):

@@ -1,6 +1,7 @@
 """deit.py end to end: a teacher run, then students distilled from it."""
 import argparse
 import csv
+import json
 
 import pytest
 import torch
@@ -109,7 +110,7 @@ def test_teacher_from_a_project_checkpoint_ema_eval_and_weights_out(teacher, tmp
     assert results(tmp_path / "pretrained")["pretrained"] == [
         {"file": str(out / "model.safetensors"), "loaded": len(model.state_dict()), "resampled": [], "skipped": []}]
     run_main(deit, "--eval", out / "last.ckpt", "--out", tmp_path / "eval")
-    evaluated = results(tmp_path / "eval")
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
     for key in ("top1", "top1_cls", "top1_dist", "teacher_top1", "teacher_agreement", "ema_top1"):
         assert evaluated[key] == res[key], key
     assert evaluated["evaluated"] == str(out / "last.ckpt") and evaluated["epochs_trained"] == 1
@@ -192,6 +193,8 @@ def test_bad_flags():
         deit.parse_args(["--recipe", "fancy"])
     with pytest.raises(UserError, match="--val-split must lie in"):
         deit.check_args(deit.parse_args(["--val-split", "1"]))
+    with pytest.raises(UserError, match="--randaugment garbage-xx: not a timm RandAugment policy"):
+        deit.check_args(deit.parse_args(["--recipe", "deit", "--randaugment", "garbage-xx"]))
 
 
 def test_odd_batch_with_mixup_is_refused(tmp_path):

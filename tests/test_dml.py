@@ -1,5 +1,6 @@
 """dml.py end to end on the embedded data: run folder, modes, DeiT students, resume, DDP and bad input."""
 import csv
+import json
 import shutil
 
 import pytest
@@ -205,8 +206,15 @@ def test_ema_clipping_accumulation_tensorboard_and_weights_out(tmp_path):
 
 
 def test_eval_reproduces_the_last_accuracies_and_config_restarts_a_run(tmp_path, finished_run):
-    run_main(dml, "--eval", finished_run / "last.ckpt", "--out", tmp_path / "eval")
-    evaluated, trained = results(tmp_path / "eval"), results(finished_run)
+    run = tmp_path / "eval"  # --eval into the run's own folder adds eval.json and changes nothing of the run
+    shutil.copytree(finished_run, run)
+    kept = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    for flag in ("--overwrite", "--resume"):
+        with pytest.raises(UserError, match=f"never replaces or continues a run: leave out {flag}"):
+            run_main(dml, "--eval", run / "last.ckpt", "--out", run, flag)
+    run_main(dml, "--eval", run / "last.ckpt", "--out", run)
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+    evaluated, trained = json.loads((run / "eval.json").read_text()), results(finished_run)
     assert [s["top1"] for s in evaluated["students"]] == [s["top1"] for s in trained["students"]]
     assert evaluated["ensemble_top1"] == trained["ensemble_top1"] and evaluated["epochs_trained"] == 1
     # --config: the run's arguments, a flag overriding one of them

@@ -68,7 +68,7 @@ def test_eval_pretrained_and_weights_out(tmp_path):
     model = create_model("resnet8_abn", 10, 32)
     model.load_state_dict(load_file(out / "node1.safetensors"))  # strict
     run_main(ktg_ensemble, "--eval", out / "last.ckpt", "--out", tmp_path / "eval")
-    trained, evaluated = results(out), results(tmp_path / "eval")
+    trained, evaluated = results(out), json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert evaluated["graph"] == trained["graph"] and evaluated["ensemble_top1"] == trained["ensemble_top1"]
     assert [n["top1"] for n in evaluated["nodes"]] == [n["top1"] for n in trained["nodes"]]
     run_main(ktg_ensemble, *NODES, "--graph", "independent", "--pretrained", out / "node0.safetensors", "--epochs", "1",

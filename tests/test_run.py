@@ -87,10 +87,37 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_afresh(tmp
     out = tmp_path / "run"
     open_run_folder(FolderFabric(), run_args(out), "dml")
     (out / "args.json").write_text(json.dumps({"out": str(out), "epochs": 5, "img_size": 32, "resume": False}))
-    with pytest.raises(UserError, match="no .*last.ckpt to resume from"):  # other arguments: not the same run
+    with pytest.raises(UserError, match="cannot resume .*made with --epochs 5 \\(now 6\\)"):  # not the same run
         open_run_folder(FolderFabric(), run_args(out, resume=True, epochs=6), "dml")
     args = run_args(out, resume=True, epochs=5, img_size=None)  # None: filled in by the run, as --img-size
     assert open_run_folder(FolderFabric(), args, "dml") == out and args.resume is False
+
+
+def test_eval_never_replaces_nor_continues_a_run(tmp_path):
+    run = open_run_folder(FolderFabric(), run_args(tmp_path / "run"), "dml")
+    (run / "results.json").write_text("{}")
+    for flag in ("overwrite", "resume"):
+        with pytest.raises(UserError, match=f"--eval writes eval.json .*leave out --{flag}"):
+            open_run_folder(FolderFabric(), run_args(run, eval="last.ckpt", **{flag: True}), "dml")
+    assert open_run_folder(FolderFabric(), run_args(run, eval="last.ckpt"), "dml") == run  # eval.json beside
+    assert sorted(path.name for path in run.iterdir()) == [RUN_MARKER, "results.json"]
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("years of work")
+    open_run_folder(FolderFabric(), run_args(thesis, eval="last.ckpt"), "dml")
+    assert [path.name for path in thesis.iterdir()] == ["thesis.tex"]  # not marked: --overwrite stays refused
+
+
+@pytest.mark.parametrize("marker", ["args.json", "last.ckpt"])  # takd and ktg_ensemble; dml and deit
+def test_a_refused_resume_writes_nothing(tmp_path, marker):
+    out = open_run_folder(FolderFabric(), run_args(tmp_path / "run"), "takd")
+    made = {"chain": ["plain4", "plain2"], "epochs": 2}
+    (out / "args.json").write_text(json.dumps(made))
+    for changed in ({"epochs": 3}, {"chain": ["plain6", "plain2"]}):
+        with pytest.raises(UserError, match=f"cannot resume .*made with --{next(iter(changed))} "):
+            open_run_folder(FolderFabric(), run_args(out, resume=True, **{**made, **changed}), "takd", marker)
+    assert json.loads((out / "args.json").read_text()) == made
+    assert open_run_folder(FolderFabric(), run_args(out, resume=True, **made), "takd", marker) == out
 
 
 def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
@@ -160,7 +187,13 @@ def test_config_starts_from_a_runs_arguments_and_bad_config_is_one_line(tmp_path
     args = dml.parse_args(["--config", str(tmp_path / "args.json"), "--epochs", "9"])
     assert args.students == ["resnet8", "resnet14"] and args.epochs == 9 and args.out is None
     for text, message in [("{not json", "cannot read it as JSON"), ("[1, 2]", "not a JSON object of flags"),
-                          ('{"epoch": 3}', "epoch is not a flag of this script")]:  # a typo is not ignored
+                          ('{"epoch": 3}', "epoch is not a flag of this script"),  # a typo is not ignored
+                          ('{"epochs": 1.5}', "bad.json: --epochs: invalid int value 1.5"),
+                          ('{"epochs": "abc"}', "bad.json: --epochs: invalid int value 'abc'"),
+                          ('{"mode": "bogus"}', "bad.json: --mode: invalid choice 'bogus'"),
+                          ('{"students": "vit_micro"}', "bad.json: --students must be a list"),
+                          ('{"model_ema": "yes"}', "bad.json: --model-ema must be true or false"),
+                          ("{}", "bad.json holds no flags"), ('{"script": "dml"}', "bad.json holds no flags")]:
         (tmp_path / "bad.json").write_text(text)
         with pytest.raises(SystemExit) as exit_:
             dml.parse_args(["--config", str(tmp_path / "bad.json")])

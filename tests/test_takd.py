@@ -1,6 +1,7 @@
 """takd.py end to end on the embedded data: chains, --compare, auto, recipes, resume, DDP and bad input."""
 import contextlib
 import csv
+import json
 import io
 import re
 
@@ -160,7 +161,7 @@ def test_eval_pretrained_and_weights_out(tmp_path, compared):
     model = create_model("plain4", 10, 32)
     model.load_state_dict(load_file(out / "plain6_to_plain4" / "model.safetensors"))  # strict
     run_main(takd, "--eval", out / "plain6_to_plain4" / "last.ckpt", "--out", tmp_path / "eval")
-    evaluated = results(tmp_path / "eval")
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert evaluated["model"] == "plain4" and evaluated["top1"] == res["networks"]["plain6_to_plain4"]["top1"]
     # the student starts from a weights file in every lineage
     run_main(takd, "--chain", "plain6", "plain2", "--teacher-ckpt", out / "plain6" / "last.ckpt", "--pretrained",
