@@ -1,6 +1,10 @@
-"""The whole GPU path on a real GPU, in one command (`python -m pytest -q tests/test_gpu.py`):
-each script's one-epoch run on CUDA in bf16-mixed, once with --compile, and under
-`fabric run --devices 2` where two GPUs are present. Skipped without CUDA."""
+"""The whole GPU path on a real GPU, in one command of a few minutes
+(`python -m pytest -q tests/test_gpu.py`; skipped without CUDA): each script's
+one-epoch run on CUDA in bf16-mixed and in 16-mixed, compiled and not, with the
+step's optional parts (clipping, EMA, accumulation, DeiT's recipe), a 16-mixed
+run resumed exactly, two GPUs where there are two, and bench.py at 32 and 224
+pixels. Each run prints its img/s: paste the output into a report."""
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, results
+from conftest import ROOT, kill_when, metrics_without_speed, results, run_script
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -19,35 +23,70 @@ COMMANDS = {
     "takd": ["takd.py", "--chain", "plain4", "plain2"],
     "ktg": ["ktg_ensemble.py", "--nodes", "resnet8_abn", "resnet8_abn", "--graph", "dml"],
 }
+EXTRAS = {  # the optional parts of a step, where a script has them
+    "dml": ["--clip-grad", "1", "--model-ema", "--grad-accum-steps", "2"],
+    "deit": ["--clip-grad", "1", "--model-ema", "--recipe", "deit", "--repeated-aug", "1"],
+}
 
 
-def fabric_run(out, command, devices, *flags):
+def fabric_run(out, command, devices, *flags, precision="bf16-mixed"):
     fabric = os.path.join(os.path.dirname(sys.executable), "fabric")
     result = subprocess.run([fabric, "run", "--accelerator", "cuda", "--devices", str(devices), "--precision",
-                             "bf16-mixed", *command, *SMALL, *flags, "--out", str(out)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=1200)
+                             precision, *map(str, command), *SMALL, *map(str, flags), "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     res = results(out)
-    assert res["precision"] == "bf16-mixed" and res["world_size"] == devices
+    assert res["precision"] == precision and res["world_size"] == devices
+    print(f"{command[0]} {precision} x{devices} {' '.join(map(str, flags))}: "
+          f"{res.get('train_img_per_s') or 0:.0f} img/s")
     return res
 
 
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("method", list(COMMANDS))
-def test_one_gpu(tmp_path, method, compile):
-    flags = ["--compile"] if compile else []
-    fabric_run(tmp_path / "run", COMMANDS[method], 1, *flags)
+# every script in bf16, eager and compiled; in 16-mixed those with a loss-scaled clipping path
+RUNS = [(method, compile, "bf16-mixed") for method in COMMANDS for compile in (False, True)]
+RUNS += [(method, False, "16-mixed") for method in ("dml", "deit")]
+
+
+@pytest.mark.parametrize("method, compile, precision", RUNS,
+                         ids=[f"{m}-{'compiled' if c else 'eager'}-{p}" for m, c, p in RUNS])
+def test_one_gpu(tmp_path, method, compile, precision):
+    flags = (["--compile"] if compile else []) + EXTRAS.get(method, [])
+    fabric_run(tmp_path / "run", COMMANDS[method], 1, *flags, precision=precision)
 
 
 def test_deit_with_a_teacher_on_gpu(tmp_path):
     fabric_run(tmp_path / "teacher", ["deit.py", "--model", "resnet8", "--distillation-type", "none"], 1)
-    res = fabric_run(tmp_path / "student", ["deit.py", "--model", "deit_micro", "--teacher", "resnet8",
-                                            "--teacher-ckpt", tmp_path / "teacher" / "last.ckpt",
-                                            "--distillation-type", "hard"], 1, "--compile")
-    assert res["teacher_top1"] > 10 and res["teacher_agreement"] is not None
+    for precision in ("bf16-mixed", "16-mixed"):
+        res = fabric_run(tmp_path / precision, ["deit.py", "--model", "deit_micro", "--teacher", "resnet8",
+                                                "--teacher-ckpt", tmp_path / "teacher" / "last.ckpt",
+                                                "--distillation-type", "hard"], 1, "--compile", precision=precision)
+        assert res["teacher_top1"] > 10 and res["teacher_agreement"] is not None
+
+
+def test_16_mixed_resume_is_exact(tmp_path, monkeypatch):
+    monkeypatch.setenv("LT_PRECISION", "16-mixed")  # read by Fabric, as `fabric run --precision` sets it
+    args = [*COMMANDS["dml"], *SMALL, "--epochs", "2"]
+    run_script(*args, "--out", tmp_path / "whole")
+    kill_when(*args, out=tmp_path / "part", marker=tmp_path / "part" / "metrics.csv")  # after its first epoch
+    run_script(*args, "--out", tmp_path / "part", "--resume")
+    # with the loss scale restarted, the resumed run would skip steps the whole one took
+    assert metrics_without_speed(tmp_path / "part" / "metrics.csv") == metrics_without_speed(
+        tmp_path / "whole" / "metrics.csv")
+    assert results(tmp_path / "part")["precision"] == "16-mixed"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("method", list(COMMANDS))
 def test_two_gpus(tmp_path, method):
-    fabric_run(tmp_path / "run", COMMANDS[method], 2)
+    fabric_run(tmp_path / "run", COMMANDS[method], 2, *EXTRAS.get(method, []))
+
+
+@pytest.mark.parametrize("img_size", [32, 224])
+def test_bench(tmp_path, img_size):
+    result = subprocess.run([sys.executable, "bench.py", "--steps", "20", "--img-size", str(img_size), "--json",
+                             str(tmp_path / "bench.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    print(result.stdout)
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["img_size"] == img_size and report["device"] != "cpu"
+    assert all(method["img_per_s"] > 0 and 0 < method["mfu"] < 1 for method in report["methods"].values())

@@ -10,7 +10,6 @@ themselves are checked on the CPU in the other tests).
 """
 import argparse
 import contextlib
-import json
 import os
 import subprocess
 import sys
