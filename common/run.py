@@ -129,7 +129,8 @@ def exit_on_user_error(main, args):
         sys.exit(2)
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
-        kept = f": --resume --out {out} continues from its last finished epoch" if out else ""
+        done = "its finished trials" if getattr(args, "search", None) else "its last finished epoch"
+        kept = f": --resume --out {out} continues from {done}" if out else ""
         print(f"interrupted{kept}", file=sys.stderr)
         sys.exit(130)
 
@@ -409,8 +410,8 @@ def _check_run_folder(out, args, marker):
     writable = next(path for path in (out, *out.parents) if path.exists())
     if not os.access(writable, os.W_OK | os.X_OK):
         return f"--out {out}: {writable} is not writable", False, False
-    if getattr(args, "eval", None):
-        return None, False, False  # it adds EVAL_RESULTS to whatever folder --out is, and deletes nothing
+    if getattr(args, "eval", None):  # it adds EVAL_RESULTS to whatever folder --out is, and deletes nothing
+        return _make_folder(out), False, False
     if args.resume and (out / "args.json").is_file():
         changed = _resume_changes(out, args)
         if changed:
@@ -420,8 +421,14 @@ def _check_run_folder(out, args, marker):
             return f"--resume: no {out / marker} to resume from", False, False
         return None, False, True  # keep its files: args.json is rewritten, the rest is replaced as the run goes
     if exists and not (args.resume or args.overwrite):
+        if not (out / RUN_MARKER).is_file():
+            return (f"--out {out} exists, is not empty and is not a run folder of this project (it has no "
+                    f"{RUN_MARKER}): give another --out"), False, False
         return f"run folder {out} exists and is not empty: pass --resume or --overwrite, or another --out", False, False
     if exists and args.overwrite:
+        if out.is_symlink():
+            return (f"--overwrite: {out} is a link to {out.resolve()}; nothing was deleted: give the folder itself "
+                    f"or another --out"), False, False
         precious = [Path.cwd(), *Path.cwd().parents, Path.home()]
         if out.resolve() in {path.resolve() for path in precious}:
             return (f"--overwrite would delete {out}, the working directory, a folder above it or the home folder: "
@@ -429,7 +436,15 @@ def _check_run_folder(out, args, marker):
         if not (out / RUN_MARKER).is_file():
             return (f"--overwrite: {out} is not a run folder of this project (it has no {RUN_MARKER}), so nothing "
                     f"was deleted: give another --out"), False, False
-    return None, exists and args.overwrite, False
+    return _make_folder(out), exists and args.overwrite, False
+
+
+def _make_folder(out):
+    """Make `out` (a folder that cannot be made, under /proc say, stops every process); the line saying why not."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"--out {out}: cannot make this folder ({error.strerror})"
 
 
 def _made_with(out, args):

@@ -2,6 +2,7 @@
 on SQLite or a shared PostgreSQL server with heartbeats, its connection failures
 turned into one line, and what a worker writes of it (trials.csv, search.png)."""
 import fcntl
+import logging
 import os
 import warnings
 
@@ -14,6 +15,9 @@ def open_study(args, out):
     the trial of a killed process as failed."""
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trials_log = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, QuietInterrupt) for f in trials_log.filters):
+        trials_log.addFilter(QuietInterrupt())
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     url = storage_url(args, out)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
@@ -39,6 +43,17 @@ def open_study(args, out):
     study.sampler = optuna.samplers.RandomSampler(seed=args.seed * 100_003 + len(study.trials))
     study.pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
     return study
+
+
+class QuietInterrupt(logging.Filter):
+    """Optuna logs a trial's error with its traceback: none for Ctrl-C or SIGTERM (the
+    script's one line says it) and none for a UserError (a trial whose loss turned NaN)."""
+
+    def filter(self, record):
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, UserError):
+            record.exc_info = None
+        return not isinstance(error, KeyboardInterrupt)
 
 
 def storage_url(args, out):

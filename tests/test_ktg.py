@@ -238,3 +238,22 @@ def test_learning_rate_schedule():
     args = ktg_ensemble.parse_args(["--epochs", "10", "--batch-size", "128"])
     assert ktg_ensemble.learning_rate(args, 0, 4, 10) == pytest.approx(0.1)  # half way through the warm-up
     assert ktg_ensemble.learning_rate(args, 1, 0, 10) == pytest.approx(0.2)  # 0.1 at batch 64, scaled
+
+
+def test_a_trial_stopped_by_ctrl_c_is_logged_without_a_traceback(tmp_path, caplog):
+    import argparse
+
+    from common.study import open_study
+
+    args = argparse.Namespace(storage=None, study_name="quiet", heartbeat_grace=15, seed=0)
+    study = open_study(args, tmp_path)
+
+    def objective(trial):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        study.optimize(objective, n_trials=1)
+    study.optimize(lambda trial: (_ for _ in ()).throw(UserError("the loss became NaN")), n_trials=1,
+                   catch=(UserError,))
+    assert "the loss became NaN" in caplog.text and "KeyboardInterrupt" not in caplog.text
+    assert not any(record.exc_info for record in caplog.records)  # Optuna's handler prints no traceback

@@ -81,6 +81,22 @@ def test_out_that_is_or_lies_under_a_file_is_one_line(tmp_path):
     for out in (tmp_path / "file", tmp_path / "file" / "run"):
         with pytest.raises(UserError, match="is a file, not a folder"):
             open_run_folder(FolderFabric(), run_args(out), "dml")
+    with pytest.raises(UserError, match="/proc/kdrun: cannot make this folder"):
+        open_run_folder(FolderFabric(), run_args("/proc/kdrun"), "dml")
+    with pytest.raises(UserError, match="/proc/kdrun: cannot make this folder"):
+        open_run_folder(FolderFabric(), run_args("/proc/kdrun", eval="last.ckpt"), "dml")
+
+
+def test_a_link_or_a_folder_not_ours_is_never_replaced(tmp_path):
+    run = open_run_folder(FolderFabric(), run_args(tmp_path / "run"), "dml")
+    (run / "last.ckpt").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(run)
+    with pytest.raises(UserError, match="link.* is a link to .*run; nothing was deleted"):
+        open_run_folder(FolderFabric(), run_args(tmp_path / "link", overwrite=True), "dml")
+    assert (run / "last.ckpt").is_file() and (tmp_path / "link").is_symlink()
+    (run / RUN_MARKER).unlink()
+    with pytest.raises(UserError, match="is not a run folder of this project .*: give another --out$"):
+        open_run_folder(FolderFabric(), run_args(run), "dml")
 
 
 def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_afresh(tmp_path):
@@ -146,6 +162,9 @@ def test_ctrl_c_and_sigterm_are_one_line_and_status_130(capsys):
         exit_on_user_error(main, argparse.Namespace(out="runs/x"))
     assert exit_.value.code == 130
     assert capsys.readouterr().err == "interrupted: --resume --out runs/x continues from its last finished epoch\n"
+    with pytest.raises(SystemExit):
+        exit_on_user_error(main, argparse.Namespace(out="runs/x", search=2))
+    assert capsys.readouterr().err == "interrupted: --resume --out runs/x continues from its finished trials\n"
 
 
 def test_require_positive():
