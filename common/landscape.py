@@ -119,6 +119,13 @@ def plot(path, runs):
 
 def compare(folders, out):
     """Draw the landscape curves of several run folders together (one colour each); returns the figure."""
+    out = Path(out)
+    if out.is_dir():
+        raise SystemExit(f"error: --out {out} is a folder: give the PNG file to write")
+    if not out.parent.is_dir():
+        above = next(path for path in out.parents if path.exists())
+        raise SystemExit(f"error: --out {out}: {above} is a file, not a folder" if not above.is_dir()
+                         else f"error: --out {out}: the folder {out.parent} does not exist")
     runs = {}
     for folder in map(Path, folders):
         if not (folder / "landscape.csv").is_file():

@@ -62,6 +62,9 @@ def import_model_modules(modules):
             importlib.import_module(module)
         except ImportError as error:
             raise UserError(f"--model-module {module}: cannot import it ({error})") from None
+        except SyntaxError as error:
+            raise UserError(f"--model-module {module}: cannot import it: {error.msg} ({error.filename}, line "
+                            f"{error.lineno})") from None
 
 
 def create_model(name, num_classes, img_size, patch_size=None, drop_path=0.0, device=None):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from common.data import load_dataset, make_loader
-from common.landscape import loss_curve
+from common.landscape import compare, loss_curve
 from common.losses import cross_entropy
 from conftest import FakeFabric
 
@@ -28,3 +28,12 @@ def test_loss_curve_rises_with_noise_and_restores_the_weights():
         assert row["rise"] == pytest.approx(row["loss_mean"] - rows[0]["loss_mean"])
         assert row["relative_rise"] == pytest.approx(row["rise"] / rows[0]["loss_mean"])
         assert row["top1_drop"] == pytest.approx(rows[0]["top1_mean"] - row["top1_mean"])
+
+
+def test_compare_refuses_an_out_it_cannot_write_in_one_line(tmp_path):
+    (tmp_path / "afile").write_text("")
+    for out, message in [(tmp_path, "is a folder: give the PNG file"), (tmp_path / "afile" / "x.png", "is a file"),
+                         (tmp_path / "missing" / "x.png", "does not exist")]:
+        with pytest.raises(SystemExit, match=f"^error: --out .*{message}"):
+            compare([tmp_path], out)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]  # no thesis.tmp left

@@ -143,3 +143,14 @@ def test_a_vit_file_into_a_deit_keeps_its_position_and_patch_embeddings(tmp_path
     # the grid's positions carry over unchanged (the same 8×8 grid); both tokens start at the class token's
     assert torch.allclose(deit.pos_embed[:, 2:], positions[:, 1:], atol=1e-5)
     assert torch.equal(deit.pos_embed[:, 0], positions[:, 0]) and torch.equal(deit.pos_embed[:, 1], positions[:, 0])
+
+
+def test_a_model_module_that_does_not_import_is_one_line(tmp_path, monkeypatch):
+    from common.models import import_model_modules
+
+    (tmp_path / "badmod.py").write_text("def net(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match=r"--model-module badmod: cannot import it: .*badmod.py, line 1\)"):
+        import_model_modules(["badmod"])
+    with pytest.raises(UserError, match="--model-module nosuchmod: cannot import it"):
+        import_model_modules(["nosuchmod"])
