@@ -137,9 +137,16 @@ def read_state_dict(path):
         raise UserError(f"cannot read weights {path}: {type(error).__name__}") from None
     for key in ("model", "student0", "state_dict", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
+            if key == "student0" and "student1" in state:
+                print(f"note: {path} holds {sum(k.startswith('student') for k in state)} students of a dml.py run; "
+                      f"its student 0 is taken")
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} holds no state dict of weights")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"weights {path} are NaN or infinite in {len(bad)} of {len(state)} tensors ({bad[0]}, ...): "
+                        f"not used")
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
 
 

@@ -597,6 +597,8 @@ def load_for_eval(fabric, path, state):
     except Exception as error:
         raise UserError(f"checkpoint {path} does not fit these networks: {type(error).__name__}: "
                         f"{str(error).splitlines()[0][:200]}") from None
+    if not finite_weights(fabric, state):
+        raise UserError(f"checkpoint {path} holds NaN or infinite weights: not evaluated")
 
 
 def _fail(message):

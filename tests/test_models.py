@@ -154,3 +154,19 @@ def test_a_model_module_that_does_not_import_is_one_line(tmp_path, monkeypatch):
         import_model_modules(["badmod"])
     with pytest.raises(UserError, match="--model-module nosuchmod: cannot import it"):
         import_model_modules(["nosuchmod"])
+
+
+def test_non_finite_weights_are_refused_at_load_and_a_dml_student_is_named(tmp_path, capsys):
+    from common.models import load_teacher
+
+    model = create_model("resnet8", 10, 32)
+    state = model.state_dict()
+    torch.save({"student0": state, "student1": state, "args": {}}, tmp_path / "dml.ckpt")
+    load_pretrained(create_model("resnet8", 10, 32), tmp_path / "dml.ckpt")
+    assert "holds 2 students of a dml.py run; its student 0 is taken" in capsys.readouterr().out
+    state = {**state, "fc.weight": torch.full_like(state["fc.weight"], float("nan"))}
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.raises(UserError, match=r"weights .*nan.pth are NaN or infinite in 1 of .* tensors \(fc.weight"):
+        load_pretrained(create_model("resnet8", 10, 32), tmp_path / "nan.pth")
+    with pytest.raises(UserError, match="nan.pth are NaN or infinite"):
+        load_teacher("resnet8", tmp_path / "nan.pth", 10, 32)

@@ -151,6 +151,19 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
     assert not (tmp_path / "best.ckpt").exists()
 
 
+def test_eval_refuses_a_checkpoint_with_non_finite_weights(tmp_path):
+    from lightning_fabric import Fabric
+
+    from common.run import load_for_eval
+
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    torch.save({"model": model.state_dict()}, tmp_path / "nan.ckpt")
+    with pytest.raises(UserError, match="nan.ckpt holds NaN or infinite weights: not evaluated"):
+        load_for_eval(Fabric(accelerator="cpu", devices=1), tmp_path / "nan.ckpt", {"model": torch.nn.Linear(2, 2)})
+
+
 def test_ctrl_c_and_sigterm_are_one_line_and_status_130(capsys):
     import os
     import signal
