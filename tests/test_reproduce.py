@@ -3,7 +3,10 @@ hand-computed numbers, every table end to end on a few hundred training images (
 the data flags reaching every run, and the reuse and resumption of its runs."""
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ import ktg_ensemble
 import reproduce
 import takd
 from common.run import UserError
-from conftest import png_size
+from conftest import ROOT, png_size
 
 
 def make_table(table, out, *extra):
@@ -86,11 +89,27 @@ def test_the_minimum_detectable_effect_has_80_percent_power():
 
 # --- tables --------------------------------------------------------------------
 
+def image_folder(root, classes=2, train=250, val=10):
+    """A tiny ImageFolder: `classes` colours, 32×32 PNGs with noise, in root/train/<class> and root/val/<class>."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("val", val)):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 60, (32, 32, 3)) + np.array([150 if k == c else 40 for k in range(3)])
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
 @pytest.fixture(scope="module")
 def tables(tmp_path_factory):
-    """Each table made once with --quick (2 seeds, 1 epoch, 100 training images, TAKD 500)."""
+    """Each table made once with --quick (2 seeds, 1 epoch, 100 training images); TAKD's,
+    the costliest, on a tiny ImageFolder at 16 px (500 images, 20 test images), where
+    it also shows the data flags reaching every run."""
     root = tmp_path_factory.mktemp("tables")
-    return {name: (make_table(name, root / name), root / name) for name in reproduce.TABLES}
+    data = {"takd": ["--dataset", "imagefolder", "--data-dir", str(image_folder(root / "data")), "--img-size", "16"]}
+    return {name: (make_table(name, root / name, *data.get(name, [])), root / name) for name in reproduce.TABLES}
 
 
 @pytest.mark.parametrize("name", list(reproduce.TABLES))
@@ -103,7 +122,8 @@ def test_quick_table_writes_rows_claims_and_pictures(tables, name):
             assert r["std"] == pytest.approx(statistics.stdev(r["values"]), abs=1e-3)
     seeded = [r for r in table["rows"] if "trained once" not in r["method"] and "search" not in r["method"]]
     assert seeded and all(len(r["values"]) == 2 for r in seeded)
-    assert table["dataset"] == "cifar10-mini" and table["data_dir"] is None
+    assert (table["dataset"], table["data_dir"] is None) == (("imagefolder", False) if name == "takd" else
+                                                             ("cifar10-mini", True))
     assert table["claims"] and all(c["verdict"] in ("holds", "contradicted", "inconclusive") for c in table["claims"])
     for c in (c for c in table["claims"] if c["mde"] is not None):  # the paired claims
         assert c["n"] == 2 and c["mean"] == pytest.approx(statistics.mean(c["differences"]), abs=1e-3)
@@ -139,7 +159,7 @@ def test_takd_table_compares_the_automatic_choice_with_hindsight(tables):
     sweep = [row(table, f"TAKD via {c}", "top-1")["values"] for c in ("plain4", "plain6", "plain8")]
     assert row(table, "TAKD, best assistant in hindsight (chosen on test)", "top-1")["values"] == \
         [max(values) for values in zip(*sweep)]
-    choice = table["claims"][-1]
+    choice = next(c for c in table["claims"] if "chosen" in c)
     assert len(choice["chosen"]) == 2 and set(choice["chosen"]) <= {"plain4", "plain6", "plain8"}
     automatic = row(table, "TAKD, assistant chosen automatically", "top-1")["values"]
     hindsight = row(table, "TAKD, best assistant in hindsight (chosen on test)", "top-1")["values"]
@@ -149,6 +169,16 @@ def test_takd_table_compares_the_automatic_choice_with_hindsight(tables):
     teacher = out / "runs" / "teacher" / "plain10" / "last.ckpt"
     args = json.loads((out / "runs" / "auto" / "seed1" / "args.json").read_text())
     assert teacher.is_file() and args["teacher_ckpt"] == str(teacher)
+    for seed, chosen in enumerate(choice["chosen"]):
+        # the chain through the chosen assistant is the automatic run's, not trained again
+        assert not (out / "runs" / f"via-{chosen}" / f"seed{seed}").exists()
+        assert row(table, f"TAKD via {chosen}", "top-1")["values"][seed] == automatic[seed]
+        # Fig. 2: plain2 learns from each candidate as the automatic run trained it alone
+        for c in ("plain4", "plain6", "plain8"):
+            args = json.loads((out / "runs" / f"from-{c}-alone" / f"seed{seed}" / "args.json").read_text())
+            assert args["teacher_ckpt"] == str(out / "runs" / "auto" / f"seed{seed}" / c / "last.ckpt")
+            assert args["chain"] == [c, "plain2"]
+    assert any(c["claim"].startswith("Fig. 2") for c in table["claims"])
 
 
 def test_deit_and_ktg_use_one_teacher_and_one_search(tables):
@@ -156,8 +186,15 @@ def test_deit_and_ktg_use_one_teacher_and_one_search(tables):
     for method in ("soft (deit_micro)", "hard (deit_micro)"):
         args = json.loads((out / "runs" / reproduce.slug(method) / "seed0" / "args.json").read_text())
         assert args["teacher_ckpt"] == str(out / "runs" / "teacher" / "resnet20" / "last.ckpt")
+        assert (args["recipe"], args["repeated_aug"]) == ("deit", 1)
+    teacher = json.loads((out / "runs" / "teacher" / "args.json").read_text())
+    assert teacher["train_subset"] == args["train_subset"]  # the teacher learns from the students' images
+    assert sorted(p.name for p in (out / "runs").iterdir() if p.is_dir()) == \
+        ["hard-deit-micro", "none-vit-micro", "soft-deit-micro", "teacher"]
     table, out = tables["ktg"]
     graph = json.loads((out / "runs" / "search" / "best_graph.json").read_text())
+    search = json.loads((out / "runs" / "search" / "args.json").read_text())
+    assert search["search"] == int(reproduce.role("ktg", "search", True)[1])
     for seed in (0, 1):
         trained = json.loads((out / "runs" / "ktg-searched-graph" / f"seed{seed}" / "results.json").read_text())
         assert trained["graph"] == graph and trained["seed"] == seed
@@ -178,39 +215,22 @@ def test_a_rerun_reuses_finished_runs_and_resumes_a_killed_one(tables, tmp_path,
     assert again["rows"] == table["rows"] and again["claims"] == table["claims"]
 
 
-def image_folder(root, classes=2, train=250, val=10):
-    """A tiny ImageFolder: `classes` colours, 32×32 PNGs with noise, in root/train/<class> and root/val/<class>."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train), ("val", val)):
-        for c in range(classes):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 60, (32, 32, 3)) + np.array([150 if k == c else 40 for k in range(3)])
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
-    return root
-
-
-def test_the_data_flags_reach_every_run_and_a_rerun_on_other_data_is_refused(tmp_path):
-    """The TAKD table (the cheapest) for one seed on a tiny ImageFolder at 16 px."""
-    data = image_folder(tmp_path / "data")
-    out = tmp_path / "takd"
-    flags = ["--seeds", "0", "--dataset", "imagefolder", "--data-dir", str(data), "--img-size", "16"]
-    table = make_table("takd", out, *flags)
-    assert (table["dataset"], table["data_dir"], table["img_size"]) == ("imagefolder", str(data), 16)
+def test_the_data_flags_reach_every_run_and_a_rerun_on_other_data_is_refused(tables, tmp_path):
+    table, out = tables["takd"]
+    data = table["data_dir"]
+    assert (table["dataset"], table["img_size"]) == ("imagefolder", 16)
     runs = sorted(lock.with_suffix("") for lock in (out / "runs").rglob("*.lock") if lock.with_suffix("").is_dir())
-    assert len(runs) == 5  # the teacher, then the automatic choice and the three assistants for seed 0
+    # the teacher; for each seed the automatic choice, the two assistants it did not choose, plain2 from each alone
+    assert len(runs) == 1 + 2 * 6
     for run in runs:
         args = json.loads((run / "args.json").read_text())
-        assert (args["dataset"], args["data_dir"], args["img_size"]) == ("imagefolder", str(data), 16), run
-    paired = [c for c in table["claims"] if "chosen" not in c]
-    assert paired and all(c["verdict"] == "inconclusive" and c["ci_low"] is None for c in paired)  # one seed
+        assert (args["dataset"], args["data_dir"], args["img_size"]) == ("imagefolder", data, 16), run
     # the same folder on other data, cifar10-mini or another data folder: its runs are not reused
     with pytest.raises(UserError, match="trained with other dataset"):
-        make_table("takd", out, "--seeds", "0")
+        make_table("takd", out)
     moved = image_folder(tmp_path / "moved")
     with pytest.raises(UserError, match="trained with other data_dir"):
-        make_table("takd", out, *flags[:5], str(moved), *flags[6:])
+        make_table("takd", out, "--dataset", "imagefolder", "--data-dir", str(moved), "--img-size", "16")
 
 
 def test_a_dataset_gets_its_own_default_folder(monkeypatch, tmp_path):
@@ -246,3 +266,19 @@ def test_an_out_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "table").write_text("")
     with pytest.raises(UserError, match="is a file, not a folder"):
         make_table("dml", tmp_path / "table")
+
+
+def test_several_processes_are_refused_in_one_line(tmp_path):
+    """Under `fabric run --devices 2` each process would run the table: one held a
+    run's lock while waiting for the other in the process group's set-up, and the
+    other waited for the lock, for ever. Now each process stops with one line."""
+    fabric = os.path.join(os.path.dirname(sys.executable), "fabric")
+    result = subprocess.run([fabric, "run", "--accelerator", "cpu", "--devices", "2", "reproduce.py", "dml",
+                             "--quick", "--out", str(tmp_path / "table")], cwd=ROOT, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode != 0
+    said = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert said == ["error: reproduce.py runs in one process (here WORLD_SIZE=2): start it with python, not fabric "
+                    "run or torchrun"], result.stderr[-3000:]
+    assert "interrupted" not in result.stderr and str(ROOT / "reproduce.py") not in result.stderr  # no traceback
+    assert not (tmp_path / "table").exists()
