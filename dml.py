@@ -128,6 +128,8 @@ def check_args(args):
         raise UserError(f"--pretrained takes one file or one per student ({len(args.students)})")
     if args.mode == "independent" and args.dml_target != "prediction":
         print(f"note: --dml-target {args.dml_target} has no effect in independent mode (no peer to mimic)")
+    if not args.model_ema and args.model_ema_decay != 0.99996:
+        print("note: --model-ema-decay has no effect without --model-ema")
 
 
 # --- training and evaluation -------------------------------------------------
@@ -214,6 +216,8 @@ def main(args):
         if args.model_ema:
             emas.append(ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=True))
         models.append(model)
+    if args.mode == "dml" and args.dml_target == "distillation" and not any(map(has_distillation_token, models)):
+        fabric.print("note: --dml-target distillation acts as prediction here: no student has a distillation token")
     lr = args.lr * args.batch_size * args.grad_accum_steps / 512
     # one optimizer, a parameter group per student and decay kind: norms, biases, position
     # embeddings and tokens get no weight decay, as in timm and DeiT

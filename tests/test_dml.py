@@ -429,3 +429,8 @@ def test_resume_refuses_a_change_that_shapes_the_run(tmp_path, finished_run, fla
     else:
         with pytest.raises(UserError, match=f"cannot resume .*it was made with {flags[0]} "):
             run_main(dml, *args, *flags)
+
+
+def test_flags_without_effect_get_a_note(capsys):
+    dml.check_args(dml.parse_args(["--model-ema-decay", "0.9"]))
+    assert "note: --model-ema-decay has no effect without --model-ema" in capsys.readouterr().out

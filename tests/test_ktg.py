@@ -257,3 +257,12 @@ def test_a_trial_stopped_by_ctrl_c_is_logged_without_a_traceback(tmp_path, caplo
                    catch=(UserError,))
     assert "the loss became NaN" in caplog.text and "KeyboardInterrupt" not in caplog.text
     assert not any(record.exc_info for record in caplog.records)  # Optuna's handler prints no traceback
+
+
+@pytest.mark.parametrize("flags, note", [(["--search", "2", "--graph", "independent"], "--graph independent has no "
+                                          "effect with --search"),
+                                         (["--storage", "sqlite:///x.db", "--study-name", "s"],
+                                          "--storage --study-name take effect only with --search")])
+def test_flags_without_effect_get_a_note(flags, note, capsys):
+    ktg_ensemble.check_args(ktg_ensemble.parse_args(flags))
+    assert f"note: {note}" in capsys.readouterr().out
