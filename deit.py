@@ -39,6 +39,7 @@ S 79.9 -> 81.2, B 81.8 -> 83.4; hard > soft > none.
 """
 import argparse
 from datetime import datetime
+from pathlib import Path
 
 import torch
 from timm.utils import ModelEmaV3
@@ -127,11 +128,19 @@ def check_args(args):
     distilling = args.distillation_type != "none"
     if distilling and args.teacher_ckpt and not args.teacher:
         args.teacher = model_name_in(args.teacher_ckpt)  # a checkpoint of this project knows its model
+    if distilling and args.teacher_ckpt and not args.teacher:
+        if not Path(args.teacher_ckpt).is_file():
+            raise UserError(f"--teacher-ckpt {args.teacher_ckpt} does not exist")
+        raise UserError(f"--teacher-ckpt {args.teacher_ckpt} is not a readable checkpoint of this project: if it is a "
+                        f"weights file, name its model with --teacher")
     if distilling and not (args.teacher and args.teacher_ckpt):
         raise UserError(f"--distillation-type {args.distillation_type} needs --teacher-ckpt (and --teacher for a "
                         f"weights file that is not one of this project's checkpoints)")
     if not distilling and (args.teacher or args.teacher_ckpt):
-        raise UserError("--teacher is used only with --distillation-type soft or hard")
+        given = " and ".join(flag for flag, value in (("--teacher", args.teacher),
+                                                      ("--teacher-ckpt", args.teacher_ckpt)) if value)
+        raise UserError(f"{given} {'is' if ' and ' not in given else 'are'} used only with --distillation-type soft "
+                        f"or hard")
     check_fraction("distillation_alpha", args.distillation_alpha, high_included=True)
     if args.recipe == "deit":
         from timm.data.auto_augment import rand_augment_transform

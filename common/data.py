@@ -210,7 +210,8 @@ def read_rgb(path):
         with Image.open(path) as image:
             return image.convert("RGB")
     except Exception as error:
-        raise UserError(f"cannot read image {path}: {type(error).__name__}") from None
+        reason = str(error).replace(repr(path), "").replace(path, "").strip(" :'") or "unreadable"
+        raise UserError(f"cannot read image {path}: {reason} ({type(error).__name__})") from None
 
 
 def _resize_center_crop(image, short_side, crop):

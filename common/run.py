@@ -124,7 +124,7 @@ def exit_on_user_error(main, args):
     except UserError as error:
         # A UserError raised in a DataLoader worker arrives wrapped with its
         # traceback; its last line is the message.
-        message = str(error).strip().splitlines()[-1]
+        message = str(error).strip().splitlines()[-1].removeprefix(f"{UserError.__module__}.UserError: ")
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

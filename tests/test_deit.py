@@ -193,6 +193,10 @@ def test_bad_flags():
         deit.parse_args(["--recipe", "fancy"])
     with pytest.raises(UserError, match="--val-split must lie in"):
         deit.check_args(deit.parse_args(["--val-split", "1"]))
+    with pytest.raises(UserError, match="--teacher-ckpt missing.ckpt does not exist"):
+        deit.check_args(deit.parse_args(["--distillation-type", "hard", "--teacher-ckpt", "missing.ckpt"]))
+    with pytest.raises(UserError, match="^--teacher-ckpt is used only with --distillation-type soft or hard"):
+        deit.check_args(deit.parse_args(["--distillation-type", "none", "--teacher-ckpt", "x.ckpt"]))
     with pytest.raises(UserError, match="--randaugment garbage-xx: not a timm RandAugment policy"):
         deit.check_args(deit.parse_args(["--recipe", "deit", "--randaugment", "garbage-xx"]))
 

@@ -22,7 +22,8 @@ class FolderFabric(FakeFabric):
 def test_user_error_is_one_line_and_status_2(capsys):
     def main(args):
         # a UserError raised in a DataLoader worker arrives with the worker's traceback before it
-        raise UserError("Caught UserError in DataLoader worker process 0.\nTraceback ...\ncannot read image x.jpg")
+        raise UserError("Caught UserError in DataLoader worker process 0.\nTraceback ...\n"
+                        "common.run.UserError: cannot read image x.jpg")
 
     with pytest.raises(SystemExit) as exit_:
         exit_on_user_error(main, None)
