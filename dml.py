@@ -167,25 +167,28 @@ def curve_panels(students):
 
 
 @torch.no_grad()
-def evaluate(students, loader, fabric):
+def evaluate(students, loader, fabric, emas=()):
     """Top-1 and top-5 (%) of each student and of the ensemble (the mean of their
-    logits), and the students' `agreement`: the share (%) of images on which two
-    of them predict the same class, averaged over the pairs."""
-    for student in students:
-        student.eval()
-    counts = torch.zeros(len(students) + 2, 2, device=fabric.device)  # the last row: agreeing images
+    logits), the students' `agreement`: the share (%) of images on which two of
+    them predict the same class, averaged over the pairs, and the top-1 and top-5
+    of each EMA copy in `emas` (None without): one pass over the data for all."""
+    K = len(students)
+    models = [*students, *emas]
+    for model in models:
+        model.eval()
+    counts = torch.zeros(len(models) + 2, 2, device=fabric.device)  # the students, ensemble, EMAs, agreeing images
     seen = torch.zeros((), device=fabric.device)
     for images, labels in loader.epoch():
         with fabric.autocast():  # for the EMA copies, which Fabric does not wrap
-            logits = [prediction(student(images)).float() for student in students]
-        counts[-1] += agreeing_pairs(logits, labels)
-        logits.append(torch.stack(logits).mean(0))
+            logits = [prediction(model(images)).float() for model in models]
+        counts[-1] += agreeing_pairs(logits[:K], labels)
+        logits.insert(K, torch.stack(logits[:K]).mean(0))
         for i, scores in enumerate(logits):
             top = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]
             counts[i] += torch.stack([top[:, 0].sum(), top.any(1).sum()])
         seen += (labels != PADDING).sum()
     percent = (100 * fabric.all_reduce(counts, reduce_op="sum") / fabric.all_reduce(seen, reduce_op="sum")).tolist()
-    return percent[:-1], percent[-1][0]
+    return percent[:K + 1], percent[-1][0], percent[K + 1:-1] if emas else None
 
 
 def main(args):
@@ -279,15 +282,14 @@ def main(args):
         row.update(dict.fromkeys(tested), img_per_s=means["img_per_s"])  # empty in epochs without a test
         score = None
         if evaluates_test(epoch, args.epochs, args.eval_every):
-            accuracy, agreement = evaluate(students, test_loader, fabric)
+            accuracy, agreement, ema_accuracy = evaluate(students, test_loader, fabric, [ema.module for ema in emas])
             row.update({f"top1_{k}": accuracy[k][0] for k in range(K)})
             row.update(top1_ensemble=accuracy[K][0], agreement=agreement)
             if emas:
-                ema_accuracy, _ = evaluate([ema.module for ema in emas], test_loader, fabric)
                 row.update({f"ema_top1_{k}": ema_accuracy[k][0] for k in range(K)})
             score = accuracy[K][0]
         if val_loader is not None:  # best.ckpt is chosen on the validation split, never on test
-            val_accuracy, _ = evaluate(students, val_loader, fabric)
+            val_accuracy, _, _ = evaluate(students, val_loader, fabric)
             row.update({f"val_top1_{k}": val_accuracy[k][0] for k in range(K)})
             row.update(val_top1_ensemble=val_accuracy[K][0])
             score = val_accuracy[K][0]
@@ -295,12 +297,11 @@ def main(args):
 
     # --- results ------------------------------------------------------------
     if accuracy is None:  # resumed a finished run
-        accuracy, agreement = evaluate(students, test_loader, fabric)
-        ema_accuracy = evaluate([ema.module for ema in emas], test_loader, fabric)[0] if emas else None
+        accuracy, agreement, ema_accuracy = evaluate(students, test_loader, fabric, [ema.module for ema in emas])
     results = run_results(fabric, args, students, accuracy, ema_accuracy)
     # without augmentation, on a fixed part of the training images: did the students fit them?
-    train_accuracy, _ = evaluate(students, make_loader(probe_split(data, args.split_seed), "test", per_device_batch,
-                                                       fabric), fabric)
+    train_accuracy, _, _ = evaluate(students, make_loader(probe_split(data, args.split_seed), "test",
+                                                          per_device_batch, fabric), fabric)
     for k, student in enumerate(results["students"]):
         student["train_top1"] = train_accuracy[k][0]
     results.update(agreement=agreement, best=best_epoch(state), pretrained=pretrained,
@@ -345,8 +346,7 @@ def run_results(fabric, args, students, accuracy, ema_accuracy=None):
 def evaluate_checkpoint(fabric, args, out, state, students, emas, test_loader, val_loader):
     """--eval: the checkpoint's students (and averages) on the test split, no training."""
     load_for_eval(fabric, args.eval, state)
-    ema_accuracy = evaluate([ema.module for ema in emas], test_loader, fabric)[0] if emas else None
-    accuracy, agreement = evaluate(students, test_loader, fabric)
+    accuracy, agreement, ema_accuracy = evaluate(students, test_loader, fabric, [ema.module for ema in emas])
     results = run_results(fabric, args, students, accuracy, ema_accuracy)
     results.update(agreement=agreement, evaluated=str(args.eval), epochs_trained=state["epoch"],
                    train_img_per_s=None, wall_s=None)

@@ -380,10 +380,18 @@ def test_identical_students_agree_on_every_image():
     from common.models import create_model
     from conftest import FakeFabric
 
-    model = create_model("resnet8", 10, 32)
+    torch.manual_seed(0)
+    model, other = create_model("resnet8", 10, 32), create_model("resnet8", 10, 32)
     loader = make_loader(load_dataset("cifar10-mini"), "test", 64, FakeFabric())
-    accuracy, agreement = dml.evaluate([model, model], loader, FakeFabric())
-    assert agreement == 100.0 and accuracy[0] == accuracy[1] == accuracy[2]
+    accuracy, agreement, ema_accuracy = dml.evaluate([model, model], loader, FakeFabric())
+    assert agreement == 100.0 and accuracy[0] == accuracy[1] == accuracy[2] and ema_accuracy is None
+    # the EMA copies in the same pass over the data, outside the ensemble and the agreement
+    passes = []
+    epoch = loader.epoch
+    loader.epoch = lambda *args: passes.append(1) or epoch(*args)
+    with_emas, agreement_with_emas, ema_accuracy = dml.evaluate([model, model], loader, FakeFabric(), [other, model])
+    assert len(passes) == 1 and with_emas == accuracy and agreement_with_emas == 100.0
+    assert ema_accuracy[1] == accuracy[0] and ema_accuracy[0] == dml.evaluate([other, other], loader, FakeFabric())[0][0]
 
 
 def test_ones_own_model_by_model_module(tmp_path, monkeypatch):
