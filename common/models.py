@@ -143,8 +143,10 @@ def read_state_dict(path):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} holds no state dict of weights")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
+    floats = {k: v for k, v in state.items() if v.is_floating_point()}
+    finite = torch.stack([torch.isfinite(v).all() for v in floats.values()]).all() if floats else True
+    if not finite:  # one read of all the tensors' checks
+        bad = [k for k, v in floats.items() if not torch.isfinite(v).all()]
         raise UserError(f"weights {path} are NaN or infinite in {len(bad)} of {len(state)} tensors ({bad[0]}, ...): "
                         f"not used")
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}

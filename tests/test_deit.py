@@ -9,7 +9,7 @@ import torch
 import deit
 from common.models import create_model
 from common.run import UserError, plot_curves
-from conftest import fabric_run, kill_when, metrics_without_speed, results, run_main
+from conftest import kill_when, metrics_without_speed, results, run_main
 
 SMALL = ["--train-subset", "600", "--batch-size", "50", "--lr", "2e-3"]
 
@@ -171,11 +171,8 @@ def test_resume_with_the_deit_recipe_is_exact(tmp_path):
     assert "val_top1" in (killed / "metrics.csv").read_text().splitlines()[0].split(",")
 
 
-def test_two_process_ddp(tmp_path):
-    out = tmp_path / "ddp"
-    fabric_run("deit.py", "--model", "deit_micro", "--epochs", "1", "--train-subset", "200", "--batch-size", "100",
-               "--out", out)
-    assert results(out)["world_size"] == 2
+# Two processes: tests/test_gpu_path.py's test_ranks_draw_their_own_augmentations runs deit.py
+# under `fabric run --devices 2` with its recipe and checks what each rank trained on.
 
 
 def bad(*flags):
