@@ -417,7 +417,7 @@ def _check_run_folder(out, args, marker):
         if changed:
             return changed, False, False
     if args.resume and not (out / marker).is_file():
-        if not _made_with(out, args):
+        if not (out / "args.json").is_file():  # its arguments, when it has them, were checked above
             return f"--resume: no {out / marker} to resume from", False, False
         return None, False, True  # keep its files: args.json is rewritten, the rest is replaced as the run goes
     if exists and not (args.resume or args.overwrite):
@@ -447,11 +447,6 @@ def _make_folder(out):
         return f"--out {out}: cannot make this folder ({error.strerror})"
 
 
-def _made_with(out, args):
-    """Whether the run in `out` was started with `args` (its args.json, leaving out what a resume may change)."""
-    return (out / "args.json").is_file() and _resume_changes(out, args) is None
-
-
 def _resume_changes(out, args):
     """None when `args` may resume the run in `out` (by its args.json), else the line that refuses them:
     checked before anything in the folder is written."""
@@ -462,11 +457,16 @@ def _resume_changes(out, args):
     if not isinstance(made, dict):
         return f"--resume: {out / 'args.json'} is not a JSON object of flags"
     asked = {key: value for key, value in vars(args).items() if value is not None}  # None: filled in by the run
+    return resume_refusal(out, made, asked)
+
+
+def resume_refusal(source, made, asked):
+    """None when a run `made` with these arguments may go on with those `asked`, else the line that refuses."""
     changed = run_shaping_changes(made, asked)
     if not changed:
         return None
     was = ", ".join(f"--{key.replace('_', '-')} {made.get(key)} (now {asked[key]})" for key in changed)
-    return (f"cannot resume {out}: it was made with {was}; a resumed run may change only logging, workers and "
+    return (f"cannot resume {source}: it was made with {was}; a resumed run may change only logging, workers and "
             f"--compile")
 
 
@@ -564,12 +564,9 @@ def load_checkpoint(fabric, path, state, args):
     if not isinstance(raw, dict) or "args" not in raw:
         raise UserError(f"{path} is not a checkpoint of this project")
     check_script(raw["args"].get("script"), getattr(args, "script", None), f"checkpoint {path}", _fail)
-    changed = run_shaping_changes(raw["args"], vars(args))
-    if changed:
-        was = ", ".join(f"--{key.replace('_', '-')} {raw['args'].get(key)} (now {getattr(args, key)})"
-                        for key in changed)
-        raise UserError(f"cannot resume {path}: it was made with {was}; a resumed run may change only "
-                        f"logging, workers and --compile")
+    refusal = resume_refusal(path, raw["args"], vars(args))
+    if refusal:
+        raise UserError(refusal)
     try:  # read a second time, now by Fabric, into the (possibly distributed) modules
         target = with_loss_scale(fabric, state) if "loss_scale" in raw else state
         remainder = fabric.load(path, target, weights_only=True)
