@@ -224,24 +224,36 @@ def teacher_predictions(teacher, loader, fabric):
 
 
 @torch.no_grad()
-def evaluate(model, loader, fabric, teacher_decisions=None):
+def evaluate(model, loader, fabric, teacher_decisions=None, ema=None):
     """Top-1 (%) of the prediction (the heads' average), of the class and the
-    distillation head, and the agreement (%) of the prediction with the teacher."""
-    model.eval()
-    counts = torch.zeros(5, device=fabric.device)  # prediction, class head, distillation head, agreement, seen
+    distillation head, the agreement (%) of the prediction with the teacher, and
+    the top-1 of the EMA copy `ema` (None without): one pass over the data."""
+    for network in (model, ema):
+        if network is not None:
+            network.eval()
+    counts = torch.zeros(6, device=fabric.device)  # prediction, class head, distillation head, agreement, EMA, seen
     for batch, (images, labels) in enumerate(loader.epoch()):
-        with both_heads(model), fabric.autocast():  # autocast for the EMA copy, which Fabric does not wrap
-            class_logits, distill_logits = split_heads(model(images))
-        predicted = (class_logits.float() + distill_logits.float()).argmax(1)
+        with fabric.autocast():  # autocast for the EMA copy, which Fabric does not wrap
+            predicted, class_logits, distill_logits = predict(model, images)
+            if ema is not None:
+                counts[4] += (predict(ema, images)[0] == labels).sum()
         real = labels != PADDING
         counts[0] += (predicted == labels).sum()
         counts[1] += (class_logits.argmax(1) == labels).sum()
         counts[2] += (distill_logits.argmax(1) == labels).sum()
         if teacher_decisions is not None:
             counts[3] += ((teacher_decisions[batch] == predicted) & real).sum()
-        counts[4] += real.sum()
+        counts[5] += real.sum()
     counts = fabric.all_reduce(counts, reduce_op="sum")
-    return (100 * counts[:4] / counts[4]).tolist()
+    top1 = (100 * counts[:5] / counts[5]).tolist()
+    return top1 if ema is not None else top1[:4] + [None]
+
+
+def predict(model, images):
+    """The class predicted from the heads' average, and the two heads' logits."""
+    with both_heads(model):
+        class_logits, distill_logits = split_heads(model(images))
+    return (class_logits.float() + distill_logits.float()).argmax(1), class_logits, distill_logits
 
 
 def main(args):
@@ -314,7 +326,7 @@ def main(args):
         write_json(out / "args.json", vars(args))
     state["args"] = vars(args)
 
-    accuracy = ema_top1 = None
+    accuracy = None
     for epoch in range(state["epoch"], args.epochs if not args.eval else 0):
         seed_epoch(fabric, args.seed, epoch)
         model.train()
@@ -359,11 +371,11 @@ def main(args):
             row["ema_top1"] = None
         score = None
         if evaluates_test(epoch, args.epochs, args.eval_every):
-            accuracy = evaluate(model, test_loader, fabric, teacher_decisions)
+            accuracy = evaluate(model, test_loader, fabric, teacher_decisions, None if ema is None else ema.module)
             row.update(top1=accuracy[0], top1_cls=accuracy[1], top1_dist=accuracy[2],
                        teacher_agreement=accuracy[3] if teacher is not None else None)
             if ema is not None:
-                row["ema_top1"] = ema_top1 = evaluate(ema.module, test_loader, fabric)[0]
+                row["ema_top1"] = accuracy[4]
             score = accuracy[0]
         if val_loader is not None:  # best.ckpt is chosen on the validation split, never on test
             row["val_top1"] = score = evaluate(model, val_loader, fabric)[0]
@@ -371,8 +383,7 @@ def main(args):
 
     # --- results ------------------------------------------------------------
     if accuracy is None:  # resumed a finished run, or --eval
-        accuracy = evaluate(model, test_loader, fabric, teacher_decisions)
-        ema_top1 = evaluate(ema.module, test_loader, fabric)[0] if ema is not None else None
+        accuracy = evaluate(model, test_loader, fabric, teacher_decisions, None if ema is None else ema.module)
     distilled = has_distillation_token(model)
     # without augmentation, on a fixed part of the training images: did the student fit them?
     train_top1 = evaluate(model, make_loader(probe_split(data, args.split_seed), "test", per_device_batch, fabric),
@@ -386,7 +397,7 @@ def main(args):
         "teacher_agreement": accuracy[3] if teacher is not None else None, "train_top1": train_top1,
         "teacher_disagreement": state["history"][-1].get("teacher_disagreement") if state["history"] else None,
         "best_on": "validation" if args.val_split else "test", "best": best_epoch(state), "pretrained": pretrained,
-        "ema_top1": ema_top1,
+        "ema_top1": accuracy[4],
         "train_img_per_s": state["history"][-1]["img_per_s"] if state["history"] else None, "wall_s": state["wall_s"],
         "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
     }

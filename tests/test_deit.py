@@ -224,3 +224,20 @@ def test_randaugment_posterize_at_full_magnitude():
 
     op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
     assert op(Image.new("RGB", (8, 8), (200, 100, 50))).size == (8, 8)
+
+
+def test_the_student_and_its_ema_copy_are_evaluated_in_one_pass():
+    from common.data import load_dataset, make_loader
+    from conftest import FakeFabric
+
+    torch.manual_seed(0)
+    model, other = create_model("deit_micro", 10, 32), create_model("deit_micro", 10, 32)
+    loader = make_loader(load_dataset("cifar10-mini"), "test", 64, FakeFabric())
+    alone = deit.evaluate(model, loader, FakeFabric())
+    assert alone[4] is None and alone[3] == 0  # no EMA copy, no teacher
+    passes = []
+    epoch = loader.epoch
+    loader.epoch = lambda *args: passes.append(1) or epoch(*args)
+    with_ema = deit.evaluate(model, loader, FakeFabric(), ema=other)
+    assert len(passes) == 1 and with_ema[:4] == alone[:4]
+    assert with_ema[4] == deit.evaluate(other, loader, FakeFabric())[0] != alone[0]  # the copy's own prediction
