@@ -3,6 +3,7 @@ what it wrote, kill it when it has reached a given point."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,10 +32,18 @@ def run_script(*args, check=True):
 def fabric_run(*args, devices=2, timeout=300):
     """Run a script under `fabric run` on `devices` CPU processes (DDP on gloo)."""
     fabric = os.path.join(os.path.dirname(sys.executable), "fabric")
-    result = subprocess.run([fabric, "run", "--accelerator", "cpu", "--devices", str(devices), *map(str, args)],
+    result = subprocess.run([fabric, "run", "--accelerator", "cpu", "--devices", str(devices), "--main-port",
+                             str(free_port()), *map(str, args)],
                             cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def free_port():
+    """A port no one listens on: two-process runs of tests run side by side (pytest -n) must not share one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def results(folder):

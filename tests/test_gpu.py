@@ -7,14 +7,13 @@ pixels. Each run prints its img/s: paste the output into a report."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, kill_when, metrics_without_speed, results, run_script
+from conftest import ROOT, free_port, kill_when, metrics_without_speed, results, run_script
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -33,11 +32,8 @@ EXTRAS = {  # the optional parts of a step, where a script has them
 
 def fabric_run(out, command, devices, *flags, precision="bf16-mixed"):
     fabric = shutil.which("fabric") or os.path.join(os.path.dirname(sys.executable), "fabric")
-    with socket.socket() as free:  # runs in parallel (pytest -n) must not share a rendezvous port
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
     result = subprocess.run([fabric, "run", "--accelerator", "cuda", "--devices", str(devices), "--main-port",
-                             str(port), "--precision", precision, *map(str, command), *SMALL, *map(str, flags),
+                             str(free_port()), "--precision", precision, *map(str, command), *SMALL, *map(str, flags),
                              "--out", str(out)], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -27,7 +27,7 @@ from common.graph import preset
 from common import models
 from common.models import create_model, freeze, load_teacher, read_state_dict
 from common.run import TrainLog
-from conftest import ROOT, FakeFabric, results, run_main
+from conftest import ROOT, FakeFabric, free_port, results, run_main
 
 CUDA = FakeFabric(device="cuda")
 
@@ -500,7 +500,8 @@ def test_ranks_draw_their_own_augmentations(tmp_path):
     (tmp_path / "probe_models.py").write_text(PROBE_MODULE)
     env = {**os.environ, "PROBE_DIR": str(tmp_path), "PYTHONPATH": str(tmp_path)}
     fabric = os.path.join(os.path.dirname(sys.executable), "fabric")
-    result = subprocess.run([fabric, "run", "--accelerator", "cpu", "--devices", "2", "deit.py", "--model", "probe_net",
+    result = subprocess.run([fabric, "run", "--accelerator", "cpu", "--devices", "2", "--main-port", str(free_port()),
+                             "deit.py", "--model", "probe_net",
                              "--model-module", "probe_models", "--recipe", "deit", "--repeated-aug", "2", "--epochs",
                              "1", "--train-subset", "100", "--batch-size", "20", "--workers", "1", "--out",
                              str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
