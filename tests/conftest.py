@@ -9,6 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+if "PYTEST_XDIST_WORKER" in os.environ:  # pytest -n: one thread per worker, and its runs' subprocesses
+    os.environ["OMP_NUM_THREADS"] = "1"  # (threads spinning against each other's cores cost more than they give)
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -169,7 +169,7 @@ def test_a_lost_server_stops_the_worker_with_one_line(tmp_path, postgres_server)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.fullmatch(rf"error: lost the study storage at 127\.0\.0\.1:{postgres_server.port}: "
                                              r".+; rerun with --resume once it is back", errors[0]), stderr[-2000:]
-    _, stderr = start_worker(storage, "lost", 0, out, "--resume").communicate(timeout=120)
+    _, stderr = start_worker(storage, "lost", 0, out, "--resume").communicate(timeout=300)
     assert (out / "results.json").is_file(), stderr[-2000:]
     trials = study_trials(storage, "lost")
     assert len(finished(trials)) >= 4 and not any(t.state.name == "RUNNING" for t in trials)
