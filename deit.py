@@ -52,7 +52,8 @@ from common.models import (both_heads, count_parameters, create_model, describe_
 from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, accumulate, best_epoch, check_fraction,
                         check_shared_flags, clip_gradients, cosine_schedule, end_epoch, evaluates_test,
                         exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval, make_fabric,
-                        make_logger, open_run_folder, parse_with_config, require_positive, seed_epoch, write_json)
+                        make_logger, open_run_folder, parse_with_config, require_positive, resume_mid_epoch,
+                        save_mid_epoch, seed_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -332,9 +333,10 @@ def main(args):
         model.train()
         terms = ["loss", "ce", "distill"] + (["teacher_disagreement"] if teacher is not None else [])
         log = TrainLog(fabric, terms, epoch, args.epochs, steps_per_epoch * args.grad_accum_steps, args.log_every, out,
-                       logger=logger)
+                       logger=logger, preemptible=True)
         optimizer.zero_grad(set_to_none=True)
         batches = accumulate(train_loader.epoch(epoch), args.grad_accum_steps, steps_per_epoch)
+        resume_mid_epoch(fabric, state, batches, log, args.grad_accum_steps)
         for batch, step, last_of_step, images, labels in batches:
             scheduler.step_update(epoch * steps_per_epoch + step)
             targets = labels
@@ -361,6 +363,8 @@ def main(args):
                 view_labels = targets.argmax(1) if targets.ndim == 2 else targets  # the larger part of a mixed view
                 terms.append(100 * (teacher_logits.argmax(1) != view_labels).float().mean())
             log.step(batch, torch.stack(terms), len(labels))
+            if last_of_step and log.stopping:  # SIGTERM or Ctrl-C: save this step and stop
+                save_mid_epoch(fabric, out, state, step + 1, log)
         means = log.close()
 
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": means["loss"],

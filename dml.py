@@ -60,7 +60,7 @@ from common.models import (agreeing_pairs, count_parameters, create_model, descr
 from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, accumulate, best_epoch, check_shared_flags,
                         clip_gradients, cosine_schedule, end_epoch, evaluates_test, exit_on_user_error, finish,
                         load_checkpoint, load_for_eval, make_fabric, make_logger, no_backward_sync, open_run_folder,
-                        parse_with_config, seed_epoch, write_json)
+                        parse_with_config, resume_mid_epoch, save_mid_epoch, seed_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -254,9 +254,10 @@ def main(args):
         for student in students:
             student.train()
         log = TrainLog(fabric, names, epoch, args.epochs, steps_per_epoch * args.grad_accum_steps, args.log_every, out,
-                       logger=logger)
+                       logger=logger, preemptible=True)
         optimizer.zero_grad(set_to_none=True)
         batches = accumulate(train_loader.epoch(epoch), args.grad_accum_steps, steps_per_epoch)
+        resume_mid_epoch(fabric, state, batches, log, args.grad_accum_steps)
         for batch, step, last_of_step, images, labels in batches:
             scheduler.step_update(epoch * steps_per_epoch + step)
             with no_backward_sync(fabric, students, enabled=not last_of_step):
@@ -271,6 +272,8 @@ def main(args):
                 for ema, student in zip(emas, students):
                     ema.update(student.module, step=epoch * steps_per_epoch + step)
             log.step(batch, terms.flatten(), len(labels))
+            if last_of_step and log.stopping:  # SIGTERM or Ctrl-C: save this step and stop
+                save_mid_epoch(fabric, out, state, step + 1, log)
         means = log.close()
 
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}

@@ -7,11 +7,14 @@ temporary file and renamed, so a kill at any moment leaves the last good one.
 """
 import argparse
 import csv
+import itertools
 import json
+import math
 import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -129,7 +132,7 @@ def exit_on_user_error(main, args):
         sys.exit(2)
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
-        done = "its finished trials" if getattr(args, "search", None) else "its last finished epoch"
+        done = "its finished trials" if getattr(args, "search", None) else "its last checkpoint"
         kept = f": --resume --out {out} continues from {done}" if out else ""
         print(f"interrupted{kept}", file=sys.stderr)
         sys.exit(130)
@@ -266,7 +269,8 @@ class TrainLog:
     inside the epoch prints one line instead.
     """
 
-    def __init__(self, fabric, names, epoch, epochs, steps, log_every, out, desc="", logger=None):
+    def __init__(self, fabric, names, epoch, epochs, steps, log_every, out, desc="", logger=None,
+                 preemptible=False):
         self.fabric, self.names, self.epoch, self.steps, self.log_every = fabric, names, epoch, steps, log_every
         self.logger = logger
         self.out, self.desc = out, f"{desc} epoch {epoch + 1}/{epochs}".strip()
@@ -276,6 +280,17 @@ class TrainLog:
         self.terminal = sys.stdout.isatty()
         self.bar = tqdm(total=steps, desc=self.desc, leave=False, disable=not (fabric.is_global_zero and self.terminal))
         self.start = time.perf_counter()
+        # preemptible: SIGTERM or Ctrl-C asks the loop to stop at a step (`stopping`, the same on every
+        # rank: agreed at a read) and save there (save_mid_epoch); a second one stops at once
+        self.stop_asked = self.stopping = False
+        self.handlers = {}
+        if preemptible and threading.current_thread() is threading.main_thread():
+            self.handlers = {sig: signal.signal(sig, self._ask_to_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _ask_to_stop(self, signum, frame):
+        if self.stop_asked:
+            raise KeyboardInterrupt
+        self.stop_asked = True
 
     def step(self, step, terms, batch_size):
         """Add one step's loss terms (a tensor of len(names) values) for `batch_size` images on this rank."""
@@ -287,18 +302,22 @@ class TrainLog:
         self.bar.update()
         if (step + 1) % self.log_every == 0 or step + 1 == self.steps:
             self.read(step + 1)
+        elif self.fabric.world_size == 1:
+            self.stopping = self.stop_asked  # nothing to agree on
 
     def read(self, done):
-        """The one sync: the mean terms so far over all ranks, and whether any went bad."""
-        packed = torch.cat([self.sums / done, (self.first_bad_step >= 0).float()[None]])
+        """The one sync: the mean terms so far over all ranks, whether any went bad, whether any was asked to stop."""
+        flags = torch.tensor([self.stop_asked], dtype=torch.float32, device=self.sums.device)
+        packed = torch.cat([self.sums / done, flags, (self.first_bad_step >= 0).float()[None]])
         packed = self.fabric.all_reduce(packed, reduce_op="mean").tolist()
+        self.stopping = packed[-2] > 0
         if packed[-1] > 0:  # on some rank
             first = int(self.first_bad_step)
             where = f"step {first + 1}" if first >= 0 else f"by step {done} (on another process)"
             last = Path(self.out or "") / "last.ckpt"
             kept = f"; the last good checkpoint is {last}" if self.out is not None and last.is_file() else ""
             raise UserError(f"the loss became NaN or infinite at epoch {self.epoch + 1}, {where}: stopped{kept}")
-        self.means = dict(zip(self.names, packed[:-1]))
+        self.means = dict(zip(self.names, packed[:-2]))
         self.seconds = time.perf_counter() - self.start
         if self.logger is not None:
             self.logger.log_metrics({f"train/{name}": value for name, value in self.means.items()}
@@ -317,7 +336,83 @@ class TrainLog:
     def close(self):
         """End of the epoch: the mean of every term over the epoch, and img/s."""
         self.bar.close()
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+        if self.stop_asked and not self.stopping:  # asked after the epoch's last step: stop as before
+            signal.raise_signal(signal.SIGTERM)
         return {**self.means, "img_per_s": self.img_per_s}
+
+    def state(self):
+        """What a mid-epoch checkpoint keeps of the log: its sums and counts so far."""
+        return {"sums": self.sums, "first_bad_step": self.first_bad_step, "images": self.images,
+                "seconds": time.perf_counter() - self.start}
+
+    def load(self, state, done):
+        """Continue from `state` after `done` steps of the epoch."""
+        self.sums.copy_(state["sums"])
+        self.first_bad_step.copy_(state["first_bad_step"])
+        self.images = state["images"]
+        self.start = time.perf_counter() - state["seconds"]
+        self.bar.update(done)
+
+
+# --- preemption: a checkpoint inside an epoch ---------------------------------
+
+
+def save_mid_epoch(fabric, out, state, step, log):
+    """SIGTERM or Ctrl-C inside an epoch (a cluster's preemption), at the end of
+    optimizer step `step`: `last.ckpt` with the epoch's progress (its steps, the
+    log's sums, every process's random generators), then stop as an interrupt does.
+    `--resume` goes on from that step exactly (resume_mid_epoch)."""
+    progress = {"steps": step, "log": log.state(), "rng": fabric.all_gather(rng_state(fabric.device))}
+    save_checkpoint(fabric, out / "last.ckpt", {**state, "mid_epoch": progress})
+    fabric.print(f"stopped at epoch {state['epoch'] + 1}, step {step}: saved {out / 'last.ckpt'}")
+    raise KeyboardInterrupt
+
+
+def resume_mid_epoch(fabric, state, batches, log, accum_steps):
+    """After save_mid_epoch: draw the epoch's first batches again without training
+    on them (the data pipeline's generators advance as they did), then restore the
+    log and this process's random generators as they were at the save."""
+    progress = state.pop("mid_epoch", None)
+    if progress is None:
+        return
+    fabric.print(f"going on from step {progress['steps']} of epoch {state['epoch'] + 1}")
+    for _ in itertools.islice(batches, progress["steps"] * accum_steps):
+        pass
+    log.load(progress["log"], progress["steps"] * accum_steps)
+    rng = progress["rng"]
+    set_rng_state({key: value[fabric.global_rank] if fabric.world_size > 1 else value for key, value in rng.items()})
+
+
+def rng_state(device):
+    """torch's, numpy's, Python's (and the GPU's) generators of this process, as tensors (gathered across ranks)."""
+    import random
+
+    import numpy as np
+
+    _, keys, position, has_gauss, gauss = np.random.get_state()
+    _, words, python_gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "numpy": torch.tensor([*keys.tolist(), position, has_gauss]),
+             "python": torch.tensor(words), "gauss": torch.tensor([gauss, math.nan if python_gauss is None
+                                                                   else python_gauss], dtype=torch.float64)}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return {key: value.to(device) for key, value in state.items()}
+
+
+def set_rng_state(state):
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"].cpu())
+    numpy = state["numpy"].tolist()
+    numpy_gauss, python_gauss = state["gauss"].tolist()
+    np.random.set_state(("MT19937", np.array(numpy[:624], dtype=np.uint32), numpy[624], numpy[625], numpy_gauss))
+    random.setstate((3, tuple(state["python"].tolist()), None if math.isnan(python_gauss) else python_gauss))
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
 def end_epoch(fabric, out, state, row, score, log, panels):

@@ -175,7 +175,7 @@ def test_ctrl_c_and_sigterm_are_one_line_and_status_130(capsys):
     with pytest.raises(SystemExit) as exit_:
         exit_on_user_error(main, argparse.Namespace(out="runs/x"))
     assert exit_.value.code == 130
-    assert capsys.readouterr().err == "interrupted: --resume --out runs/x continues from its last finished epoch\n"
+    assert capsys.readouterr().err == "interrupted: --resume --out runs/x continues from its last checkpoint\n"
     with pytest.raises(SystemExit):
         exit_on_user_error(main, argparse.Namespace(out="runs/x", search=2))
     assert capsys.readouterr().err == "interrupted: --resume --out runs/x continues from its finished trials\n"
@@ -292,3 +292,38 @@ def test_curves_are_redrawn_now_and_then_and_after_the_last_epoch(tmp_path, monk
     assert (tmp_path / "metrics.csv").read_text().count("\n") == 5  # the CSV is written every epoch
     # an improving epoch (only the first: the same top-1 after) is serialised once, best.ckpt is the same file
     assert saved == ["last.ckpt"] * 4 and (tmp_path / "best.ckpt").read_text() == "1\n"
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("dml.py", ["--students", "resnet8", "resnet8", "--grad-accum-steps", "2"]),
+    ("deit.py", ["--model", "deit_micro", "--recipe", "deit", "--repeated-aug", "1"]),  # Mixup, erasing, drop-path
+], ids=["dml", "deit"])
+def test_sigterm_inside_an_epoch_saves_that_step_and_resume_goes_on_exactly(tmp_path, script, flags):
+    import signal
+    import subprocess
+    import sys
+
+    import deit
+    import dml
+    from conftest import ROOT, metrics_without_speed, results, run_main
+
+    args = [*flags, "--epochs", "2", "--train-subset", "600", "--batch-size", "20", "--log-every", "4"]
+    module = {"dml.py": dml, "deit.py": deit}[script]
+    run_main(module, *args, "--out", tmp_path / "whole")
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen([sys.executable, script, *args, "--out", str(stopped)], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in process.stdout:  # without a terminal each read prints a line: stop in the second epoch
+        if line.startswith("epoch 2/2 step 8/30"):
+            process.send_signal(signal.SIGTERM)
+            break
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in err, err[-2000:]
+    said = re.search(r"stopped at epoch 2, step (\d+)", out)
+    assert said and 4 <= int(said[1]) * (2 if script == "dml.py" else 1) < 30, out  # inside the epoch
+    checkpoint = torch.load(stopped / "last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["mid_epoch"]["steps"] == int(said[1])
+    run_main(module, *args, "--out", stopped, "--resume")
+    assert metrics_without_speed(stopped / "metrics.csv") == metrics_without_speed(tmp_path / "whole" / "metrics.csv")
+    assert results(stopped)["top1" if script == "deit.py" else "ensemble_top1"] == \
+        results(tmp_path / "whole")["top1" if script == "deit.py" else "ensemble_top1"]
