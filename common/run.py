@@ -343,16 +343,15 @@ class TrainLog:
         return {**self.means, "img_per_s": self.img_per_s}
 
     def state(self):
-        """What a mid-epoch checkpoint keeps of the log: its sums and counts so far."""
-        return {"sums": self.sums, "first_bad_step": self.first_bad_step, "images": self.images,
-                "seconds": time.perf_counter() - self.start}
+        """What a mid-epoch checkpoint keeps of the log: this process's sums so far (tensors), and the counts."""
+        return ({"log_sums": self.sums, "log_first_bad_step": self.first_bad_step},
+                {"images": self.images, "seconds": time.perf_counter() - self.start})
 
-    def load(self, state, done):
-        """Continue from `state` after `done` steps of the epoch."""
-        self.sums.copy_(state["sums"])
-        self.first_bad_step.copy_(state["first_bad_step"])
-        self.images = state["images"]
-        self.start = time.perf_counter() - state["seconds"]
+    def load(self, tensors, counts, done):
+        """Continue from what state() returned, after `done` steps of the epoch."""
+        self.sums.copy_(tensors["log_sums"])
+        self.first_bad_step.copy_(tensors["log_first_bad_step"])
+        self.images, self.start = counts["images"], time.perf_counter() - counts["seconds"]
         self.bar.update(done)
 
 
@@ -361,10 +360,12 @@ class TrainLog:
 
 def save_mid_epoch(fabric, out, state, step, log):
     """SIGTERM or Ctrl-C inside an epoch (a cluster's preemption), at the end of
-    optimizer step `step`: `last.ckpt` with the epoch's progress (its steps, the
-    log's sums, every process's random generators), then stop as an interrupt does.
+    optimizer step `step`: `last.ckpt` with the epoch's progress (its steps, every
+    process's log sums and random generators), then stop as an interrupt does.
     `--resume` goes on from that step exactly (resume_mid_epoch)."""
-    progress = {"steps": step, "log": log.state(), "rng": fabric.all_gather(rng_state(fabric.device))}
+    tensors, counts = log.state()
+    per_process = fabric.all_gather({**tensors, **rng_state(fabric.device)})  # [world size, ...] each
+    progress = {"steps": step, "per_process": per_process, **counts}
     save_checkpoint(fabric, out / "last.ckpt", {**state, "mid_epoch": progress})
     fabric.print(f"stopped at epoch {state['epoch'] + 1}, step {step}: saved {out / 'last.ckpt'}")
     raise KeyboardInterrupt
@@ -372,17 +373,19 @@ def save_mid_epoch(fabric, out, state, step, log):
 
 def resume_mid_epoch(fabric, state, batches, log, accum_steps):
     """After save_mid_epoch: draw the epoch's first batches again without training
-    on them (the data pipeline's generators advance as they did), then restore the
-    log and this process's random generators as they were at the save."""
+    on them (the data pipeline's generators advance as they did), then restore this
+    process's log sums and random generators as they were at the save."""
     progress = state.pop("mid_epoch", None)
     if progress is None:
         return
     fabric.print(f"going on from step {progress['steps']} of epoch {state['epoch'] + 1}")
     for _ in itertools.islice(batches, progress["steps"] * accum_steps):
         pass
-    log.load(progress["log"], progress["steps"] * accum_steps)
-    rng = progress["rng"]
-    set_rng_state({key: value[fabric.global_rank] if fabric.world_size > 1 else value for key, value in rng.items()})
+    # a copy of this process's row (torch's set_rng_state reads a view's storage from its start)
+    mine = {key: (value[fabric.global_rank] if fabric.world_size > 1 else value).clone()
+            for key, value in progress["per_process"].items()}
+    log.load(mine, progress, progress["steps"] * accum_steps)
+    set_rng_state(mine)
 
 
 def rng_state(device):
