@@ -390,8 +390,14 @@ def main(args):
     args.img_size = data["img_size"]
     if args.val_split:  # held out by --split-seed: the same images in every worker of a search
         data = hold_out(data, args.val_split, args.split_seed)
-    for name in set(graph["nodes"]):
-        create_model(name, len(data["classes"]), args.img_size)  # an unknown name stops the run before training
+    for name in sorted(set(graph["nodes"])):
+        model = create_model(name, len(data["classes"]), args.img_size)  # an unknown name stops the run here
+        if name in ABN_ALIASES:
+            with torch.no_grad():
+                side = min(node_outputs(model.eval(), torch.zeros(1, 3, args.img_size, args.img_size))[2].shape[-2:])
+            if max(args.crop_sizes) > side:
+                fabric.print(f"note: {name}'s attention maps are {side}×{side} at {args.img_size} px: a --crop-sizes "
+                             f"window above {side} is the whole map")
     if fabric.is_global_zero and not args.eval:
         write_json(out / "args.json", vars(args))
 

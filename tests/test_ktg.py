@@ -266,3 +266,15 @@ def test_a_trial_stopped_by_ctrl_c_is_logged_without_a_traceback(tmp_path, caplo
 def test_flags_without_effect_get_a_note(flags, note, capsys):
     ktg_ensemble.check_args(ktg_ensemble.parse_args(flags))
     assert f"note: {note}" in capsys.readouterr().out
+
+
+def test_a_crop_larger_than_the_attention_map_gets_a_note_and_the_whole_map(tmp_path, capsys):
+    from common.losses import attention_crops
+
+    run_main(ktg_ensemble, *NODES, "--graph", "dml", "--img-size", "16", "--epochs", "1", "--train-subset", "100",
+             "--batch-size", "50", "--out", tmp_path / "run")
+    assert "note: resnet8_abn's attention maps are 8×8 at 16 px: a --crop-sizes window above 8 is the whole map" in \
+        capsys.readouterr().out
+    maps = torch.rand(2, 8, 8)
+    (whole, _), = attention_crops(maps, maps, [11])
+    assert whole.shape == (2, 64)  # clamped to the map, never wrapped around its border
