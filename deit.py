@@ -257,6 +257,12 @@ def predict(model, images):
     return (class_logits.float() + distill_logits.float()).argmax(1), class_logits, distill_logits
 
 
+def learning_rate(args, lr, epoch, step, steps_per_epoch):
+    """The rate at this step: a linear warm-up over --warmup-epochs, then a cosine
+    down to --min-lr (timm's per-step schedule, as DeiT trains)."""
+    return cosine_schedule(lr, args.min_lr, args.epochs, args.warmup_epochs, epoch, step, steps_per_epoch)
+
+
 def main(args):
     import_model_modules(args.model_module)
     check_args(args)
@@ -312,7 +318,6 @@ def main(args):
     if steps_per_epoch == 0:
         raise UserError(f"--grad-accum-steps {args.grad_accum_steps} is more than the {len(train_loader)} batches "
                         f"of an epoch")
-    scheduler = cosine_schedule(optimizer, lr, args.min_lr, args.epochs, args.warmup_epochs, steps_per_epoch)
 
     state = {"model": model, "optimizer": optimizer, "epoch": 0, "history": [], "best_top1": -1.0, "wall_s": 0.0}
     if ema is not None:
@@ -338,7 +343,8 @@ def main(args):
         batches = accumulate(train_loader.epoch(epoch), args.grad_accum_steps, steps_per_epoch)
         resume_mid_epoch(fabric, state, batches, log, args.grad_accum_steps)
         for batch, step, last_of_step, images, labels in batches:
-            scheduler.step_update(epoch * steps_per_epoch + step)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(args, lr, epoch, step, steps_per_epoch)
             targets = labels
             if erase is not None:
                 images = erase(images)

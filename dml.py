@@ -191,6 +191,12 @@ def evaluate(students, loader, fabric, emas=()):
     return percent[:K + 1], percent[-1][0], percent[K + 1:-1] if emas else None
 
 
+def learning_rate(args, lr, epoch, step, steps_per_epoch):
+    """The rate at this step: a linear warm-up over --warmup-epochs, then a cosine
+    down to --min-lr (timm's per-step schedule, as seed 000 trains)."""
+    return cosine_schedule(lr, args.min_lr, args.epochs, args.warmup_epochs, epoch, step, steps_per_epoch)
+
+
 def main(args):
     import_model_modules(args.model_module)
     check_args(args)
@@ -232,7 +238,6 @@ def main(args):
     if steps_per_epoch == 0:
         raise UserError(f"--grad-accum-steps {args.grad_accum_steps} is more than the {len(train_loader)} batches "
                         f"of an epoch")
-    scheduler = cosine_schedule(optimizer, lr, args.min_lr, args.epochs, args.warmup_epochs, steps_per_epoch)
 
     state = {f"student{k}": s for k, s in enumerate(students)}
     state.update({f"ema{k}": ema for k, ema in enumerate(emas)})
@@ -259,7 +264,8 @@ def main(args):
         batches = accumulate(train_loader.epoch(epoch), args.grad_accum_steps, steps_per_epoch)
         resume_mid_epoch(fabric, state, batches, log, args.grad_accum_steps)
         for batch, step, last_of_step, images, labels in batches:
-            scheduler.step_update(epoch * steps_per_epoch + step)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(args, lr, epoch, step, steps_per_epoch)
             with no_backward_sync(fabric, students, enabled=not last_of_step):
                 terms = student_losses(students, images, labels, args)
                 # one backward for all: L_k reaches only student k, the peers being detached

@@ -232,14 +232,20 @@ def step_schedule(lr, epoch, step, steps_per_epoch, milestones, warmup_epochs):
     return lr * 0.1 ** sum(epoch >= m for m in milestones) * warmup
 
 
-def cosine_schedule(optimizer, lr, min_lr, epochs, warmup_epochs, steps_per_epoch):
-    """timm's per-step cosine schedule with linear warm-up (at most a fifth of the run).
-    Stateless: `step_update(global_step)` gives the same rate after a resume."""
-    from timm.scheduler import CosineLRScheduler
-
+def cosine_schedule(lr, min_lr, epochs, warmup_epochs, epoch, step, steps_per_epoch):
+    """The learning rate of a per-step cosine schedule down to `min_lr`, after a
+    linear warm-up from lr/100 over `warmup_epochs` (at most a fifth of the run):
+    timm's CosineLRScheduler(warmup_prefix=True, t_in_epochs=False), float for
+    float. Stateless: the same rate after a resume."""
     warmup = int(min(warmup_epochs, epochs / 5) * steps_per_epoch)
-    return CosineLRScheduler(optimizer, t_initial=epochs * steps_per_epoch - warmup, lr_min=min(min_lr, lr),
-                             warmup_t=warmup, warmup_lr_init=lr / 100, warmup_prefix=True, t_in_epochs=False)
+    start, low = lr / 100, min(min_lr, lr)
+    done = epoch * steps_per_epoch + step
+    if done < warmup:
+        return start + done * ((lr - start) / warmup)
+    decay = epochs * steps_per_epoch - warmup
+    if done - warmup >= decay:
+        return low
+    return low + 0.5 * (lr - low) * (1 + math.cos(math.pi * (done - warmup) / decay))
 
 
 def evaluates_test(epoch, epochs, every):

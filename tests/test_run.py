@@ -6,8 +6,8 @@ import re
 import pytest
 import torch
 
-from common.run import (RUN_MARKER, UserError, evaluates_test, exit_on_user_error, open_run_folder, require_positive,
-                        save_checkpoint, step_schedule)
+from common.run import (RUN_MARKER, UserError, cosine_schedule, evaluates_test, exit_on_user_error, open_run_folder,
+                        require_positive, save_checkpoint, step_schedule)
 from conftest import FakeFabric
 
 
@@ -327,3 +327,25 @@ def test_sigterm_inside_an_epoch_saves_that_step_and_resume_goes_on_exactly(tmp_
     assert metrics_without_speed(stopped / "metrics.csv") == metrics_without_speed(tmp_path / "whole" / "metrics.csv")
     assert results(stopped)["top1" if script == "deit.py" else "ensemble_top1"] == \
         results(tmp_path / "whole")["top1" if script == "deit.py" else "ensemble_top1"]
+
+
+@pytest.mark.parametrize("lr, min_lr, epochs, warmup_epochs, steps_per_epoch", [
+    (5e-3 * 64 / 512, 1e-5, 100, 5, 31),  # the DML table's setting
+    (5e-4, 1e-5, 3, 5, 7),  # a warm-up cut to a fifth of a short run
+    (1e-3, 1e-2, 10, 0, 4),  # no warm-up, and --min-lr above --lr
+])
+def test_cosine_schedule_is_timms_float_for_float(lr, min_lr, epochs, warmup_epochs, steps_per_epoch):
+    """The function of the step that replaced timm's CosineLRScheduler object gives the same
+    floats at every step (so no run's numbers changed), and past the end stays at its floor."""
+    from timm.scheduler import CosineLRScheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    warmup = int(min(warmup_epochs, epochs / 5) * steps_per_epoch)
+    timm = CosineLRScheduler(optimizer, t_initial=epochs * steps_per_epoch - warmup, lr_min=min(min_lr, lr),
+                             warmup_t=warmup, warmup_lr_init=lr / 100, warmup_prefix=True, t_in_epochs=False)
+    for epoch in range(epochs):
+        for step in range(steps_per_epoch):
+            timm.step_update(epoch * steps_per_epoch + step)
+            assert cosine_schedule(lr, min_lr, epochs, warmup_epochs, epoch, step, steps_per_epoch) == \
+                optimizer.param_groups[0]["lr"], (epoch, step)
+    assert cosine_schedule(lr, min_lr, epochs, warmup_epochs, epochs, 0, steps_per_epoch) == min(min_lr, lr)
