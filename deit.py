@@ -322,10 +322,10 @@ def main(args):
     state = {"model": model, "optimizer": optimizer, "epoch": 0, "history": [], "best_top1": -1.0, "wall_s": 0.0}
     if ema is not None:
         state["ema"] = ema
+    teacher_figures = (teacher_decisions, teacher_top1)
     if args.eval:
-        load_for_eval(fabric, args.eval, state)
-        state["history"] = []  # what follows reports the checkpoint's accuracy, not its training
-    elif args.resume:
+        return evaluate_checkpoint(fabric, args, out, state, data, test_loader, teacher_figures, pretrained)
+    if args.resume:
         load_checkpoint(fabric, out / "last.ckpt", state, args)
         fabric.print(f"resuming {out} at epoch {state['epoch']}")
     elif fabric.is_global_zero:
@@ -333,7 +333,7 @@ def main(args):
     state["args"] = vars(args)
 
     accuracy = None
-    for epoch in range(state["epoch"], args.epochs if not args.eval else 0):
+    for epoch in range(state["epoch"], args.epochs):
         seed_epoch(fabric, args.seed, epoch)
         model.train()
         terms = ["loss", "ce", "distill"] + (["teacher_disagreement"] if teacher is not None else [])
@@ -392,44 +392,66 @@ def main(args):
         end_epoch(fabric, out, state, row, score, log, CURVE_PANELS)
 
     # --- results ------------------------------------------------------------
+    results = run_results(fabric, args, state, data, test_loader, teacher_figures, pretrained, accuracy)
+    if fabric.is_global_zero:
+        save_weights(out / "model.safetensors", model, args.model, data, args.patch_size)  # for load_state_dict
+        if ema is not None:
+            save_weights(out / "ema.safetensors", ema, args.model, data, args.patch_size)
+        write_json(out / "results.json", results)
+        print_summary(args, results, out)
+    finish(fabric)
+
+
+def evaluate_checkpoint(fabric, args, out, state, data, test_loader, teacher_figures, pretrained):
+    """--eval: the checkpoint's student (and its EMA copy) on the test split, no training."""
+    load_for_eval(fabric, args.eval, state)
+    state["history"] = []  # the report is of the checkpoint's accuracy, not of its training
+    results = run_results(fabric, args, state, data, test_loader, teacher_figures, pretrained)
+    results.update(evaluated=str(args.eval), epochs_trained=state["epoch"], wall_s=None)
+    if fabric.is_global_zero:
+        write_json(out / EVAL_RESULTS, results)
+        print_summary(args, results, out)
+    finish(fabric)
+
+
+def run_results(fabric, args, state, data, test_loader, teacher_figures, pretrained, accuracy=None):
+    """results.json: the student's top-1 (of the prediction and of each head), its
+    EMA copy's, the teacher's and their agreement, and the fit of the training
+    images; `accuracy` is evaluated here when the run did not end with a test."""
+    model, ema = state["model"], state.get("ema")
+    teacher_decisions, teacher_top1 = teacher_figures
     if accuracy is None:  # resumed a finished run, or --eval
         accuracy = evaluate(model, test_loader, fabric, teacher_decisions, None if ema is None else ema.module)
     distilled = has_distillation_token(model)
     # without augmentation, on a fixed part of the training images: did the student fit them?
-    train_top1 = evaluate(model, make_loader(probe_split(data, args.split_seed), "test", per_device_batch, fabric),
-                          fabric)[0]
-    results = {
+    probe = make_loader(probe_split(data, args.split_seed), "test", test_loader.batch_size, fabric)
+    history = state["history"]
+    return {
         "method": "deit", "model": args.model, "teacher": args.teacher,
         "distillation_type": args.distillation_type, "recipe": args.recipe, "dataset": args.dataset,
         "epochs": args.epochs, "seed": args.seed, "params": count_parameters(model),
         "top1": accuracy[0], "top1_cls": accuracy[1] if distilled else None,
         "top1_dist": accuracy[2] if distilled else None, "teacher_top1": teacher_top1,
-        "teacher_agreement": accuracy[3] if teacher is not None else None, "train_top1": train_top1,
-        "teacher_disagreement": state["history"][-1].get("teacher_disagreement") if state["history"] else None,
+        "teacher_agreement": accuracy[3] if args.teacher else None, "train_top1": evaluate(model, probe, fabric)[0],
+        "teacher_disagreement": history[-1].get("teacher_disagreement") if history else None,
         "best_on": "validation" if args.val_split else "test", "best": best_epoch(state), "pretrained": pretrained,
         "ema_top1": accuracy[4],
-        "train_img_per_s": state["history"][-1]["img_per_s"] if state["history"] else None, "wall_s": state["wall_s"],
+        "train_img_per_s": history[-1]["img_per_s"] if history else None, "wall_s": state["wall_s"],
         "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
     }
-    if args.eval:
-        results.update(evaluated=str(args.eval), epochs_trained=state["epoch"], wall_s=None)
-    if fabric.is_global_zero:
-        if not args.eval:
-            save_weights(out / "model.safetensors", model, args.model, data, args.patch_size)  # for load_state_dict
-            if ema is not None:
-                save_weights(out / "ema.safetensors", ema, args.model, data, args.patch_size)
-        write_json(out / (EVAL_RESULTS if args.eval else "results.json"), results)
-        source = f" from {args.teacher}" if teacher is not None else ""
-        print(f"\n{args.model} ({args.distillation_type} distillation{source}) on {args.dataset}, {args.epochs} epochs "
-              f"-> {out}")
-        heads = (f" (class head {results['top1_cls']:.2f}, distillation head {results['top1_dist']:.2f})"
-                 if distilled else "")
-        print(f"top-1 {results['top1']:.2f}{heads}")
-        if teacher is not None:
-            print(f"teacher top-1 {teacher_top1:.2f}, agreement {results['teacher_agreement']:.2f}")
-        if results["train_img_per_s"] is not None:
-            print(f"train {results['train_img_per_s']:.0f} img/s, wall {results['wall_s']:.0f} s")
-    finish(fabric)
+
+
+def print_summary(args, results, out):
+    source = f" from {args.teacher}" if args.teacher else ""
+    print(f"\n{args.model} ({args.distillation_type} distillation{source}) on {args.dataset}, {args.epochs} epochs "
+          f"-> {out}")
+    heads = (f" (class head {results['top1_cls']:.2f}, distillation head {results['top1_dist']:.2f})"
+             if results["top1_cls"] is not None else "")
+    print(f"top-1 {results['top1']:.2f}{heads}")
+    if args.teacher:
+        print(f"teacher top-1 {results['teacher_top1']:.2f}, agreement {results['teacher_agreement']:.2f}")
+    if results["train_img_per_s"] is not None:
+        print(f"train {results['train_img_per_s']:.0f} img/s, wall {results['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":
