@@ -53,7 +53,7 @@ from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, accumu
                         check_shared_flags, clip_gradients, cosine_schedule, end_epoch, evaluates_test,
                         exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval, make_fabric,
                         make_logger, open_run_folder, parse_with_config, require_positive, resume_mid_epoch,
-                        save_mid_epoch, seed_epoch, write_json)
+                        run_fields, save_mid_epoch, seed_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -427,17 +427,14 @@ def run_results(fabric, args, state, data, test_loader, teacher_figures, pretrai
     probe = make_loader(probe_split(data, args.split_seed), "test", test_loader.batch_size, fabric)
     history = state["history"]
     return {
-        "method": "deit", "model": args.model, "teacher": args.teacher,
-        "distillation_type": args.distillation_type, "recipe": args.recipe, "dataset": args.dataset,
-        "epochs": args.epochs, "seed": args.seed, "params": count_parameters(model),
+        **run_fields(fabric, args, "deit"), "model": args.model, "teacher": args.teacher,
+        "distillation_type": args.distillation_type, "recipe": args.recipe, "params": count_parameters(model),
         "top1": accuracy[0], "top1_cls": accuracy[1] if distilled else None,
         "top1_dist": accuracy[2] if distilled else None, "teacher_top1": teacher_top1,
         "teacher_agreement": accuracy[3] if args.teacher else None, "train_top1": evaluate(model, probe, fabric)[0],
         "teacher_disagreement": history[-1].get("teacher_disagreement") if history else None,
-        "best_on": "validation" if args.val_split else "test", "best": best_epoch(state), "pretrained": pretrained,
-        "ema_top1": accuracy[4],
+        "best": best_epoch(state), "pretrained": pretrained, "ema_top1": accuracy[4],
         "train_img_per_s": history[-1]["img_per_s"] if history else None, "wall_s": state["wall_s"],
-        "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
     }
 
 

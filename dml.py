@@ -60,7 +60,7 @@ from common.models import (agreeing_pairs, count_parameters, create_model, descr
 from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, accumulate, best_epoch, check_shared_flags,
                         clip_gradients, cosine_schedule, end_epoch, evaluates_test, exit_on_user_error, finish,
                         load_checkpoint, load_for_eval, make_fabric, make_logger, no_backward_sync, open_run_folder,
-                        parse_with_config, resume_mid_epoch, save_mid_epoch, seed_epoch, write_json)
+                        parse_with_config, resume_mid_epoch, run_fields, save_mid_epoch, seed_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -337,14 +337,11 @@ def run_results(fabric, args, students, accuracy, ema_accuracy=None):
     """The results.json fields of the students' (and their averages') test accuracies."""
     K = len(students)
     results = {
-        "method": "dml", "mode": args.mode, "dml_target": args.dml_target, "dataset": args.dataset,
-        "epochs": args.epochs, "seed": args.seed,
+        **run_fields(fabric, args, "dml"), "mode": args.mode, "dml_target": args.dml_target,
         "students": [{"name": name, "params": count_parameters(student), "top1": accuracy[k][0],
                       "top5": accuracy[k][1], "distillation_token": has_distillation_token(student)}
                      for k, (name, student) in enumerate(zip(args.students, students))],
         "ensemble_top1": accuracy[K][0], "ensemble_top5": accuracy[K][1],
-        "best_on": "validation" if args.val_split else "test",
-        "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
     }
     if ema_accuracy is not None:
         for k, student in enumerate(results["students"]):

@@ -56,8 +56,8 @@ from common.models import (ABN_ALIASES, agreeing_pairs, count_parameters, create
                            import_model_modules, load_pretrained, save_weights)
 from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, check_shared_flags, end_epoch, evaluates_test,
                         exit_on_user_error, finish, load_checkpoint, load_for_eval, make_fabric, make_logger,
-                        on_rank_zero, open_run_folder, parse_with_config, require_positive, seed_epoch, step_schedule,
-                        write_csv, write_json)
+                        on_rank_zero, open_run_folder, parse_with_config, require_positive, run_fields, seed_epoch,
+                        step_schedule, write_csv, write_json)
 from common.study import open_study, search_picture, storage_failure, storage_url, trial_rows
 
 
@@ -418,14 +418,12 @@ def main(args):
 
     # --- results ------------------------------------------------------------
     results = {
-        "method": "ktg_ensemble", "graph": graph, "dataset": args.dataset, "epochs": args.epochs, "seed": args.seed,
+        **run_fields(fabric, args, "ktg_ensemble"), "graph": graph,
         "nodes": [{"name": name, "params": count_parameters(node), "top1": top1[m], "train_top1": train_top1[m]}
                   for m, (name, node) in enumerate(zip(graph["nodes"], nodes))],
         "node_mean_top1": sum(top1) / M, "ensemble_top1": tested["top1_ensemble"], "agreement": tested["agreement"],
-        "train_top1_mean": sum(train_top1) / M, "best_on": "validation" if args.val_split else "test",
-        "pretrained": state["pretrained"],
+        "train_top1_mean": sum(train_top1) / M, "pretrained": state["pretrained"],
         "train_img_per_s": state["history"][-1]["img_per_s"] if state["history"] else None, "wall_s": state["wall_s"],
-        "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
     }
     if search_summary:
         results["search"] = search_summary

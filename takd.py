@@ -63,7 +63,7 @@ from common.models import (count_parameters, create_model, describe_pretrained, 
 from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, check_shared_flags, end_epoch, evaluates_test,
                         exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval, make_fabric,
                         make_logger, on_rank_zero, open_run_folder, parse_with_config, require_positive, save_figure,
-                        seed_epoch, step_schedule, write_csv, write_json)
+                        run_fields, seed_epoch, step_schedule, write_csv, write_json)
 
 AUTO = "auto"
 # Each family's recipe (see the docstring); --lr, --weight-decay, --schedule, --warmup-epochs override it
@@ -364,15 +364,13 @@ def main(args):
     results_of_trained = [result for result in networks.values() if "train_s" in result]
     train_s = sum(result["train_s"] for result in results_of_trained)
     results = {
-        "method": "takd", "chain": chain, "requested_chain": args.chain, "dataset": args.dataset,
-        "epochs": args.epochs, "seed": args.seed, "distillation_alpha": args.distillation_alpha,
-        "distillation_tau": args.distillation_tau, "best_on": "validation" if args.val_split else "test",
+        **run_fields(fabric, args, "takd"), "chain": chain, "requested_chain": args.chain,
+        "distillation_alpha": args.distillation_alpha, "distillation_tau": args.distillation_tau,
         "steps": steps, "student_top1": steps[-1]["top1"], "student_train_top1": steps[-1]["train_top1"],
         "compare": compare, "ta_choice": (ta_choices[0] if len(ta_choices) == 1 else ta_choices) or None,
         "networks": networks,
         "train_img_per_s": sum(result["images"] for result in results_of_trained) / train_s if train_s else None,
         "wall_s": time.perf_counter() - start,
-        "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size,
     }
     if fabric.is_global_zero:
         write_json(out / "results.json", results)

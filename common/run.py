@@ -683,6 +683,13 @@ def load_checkpoint(fabric, path, state, args):
     return remainder
 
 
+def run_fields(fabric, args, method):
+    """The fields every results.json starts with: what ran, on what, and how."""
+    return {"method": method, "dataset": args.dataset, "epochs": args.epochs, "seed": args.seed,
+            "best_on": "validation" if args.val_split else "test",
+            "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size}
+
+
 def best_epoch(state):
     """results.json's record of the epoch best.ckpt holds: its number and its row's accuracies."""
     epoch = state.get("best_epoch")

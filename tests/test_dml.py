@@ -391,7 +391,8 @@ def test_identical_students_agree_on_every_image():
     loader.epoch = lambda *args: passes.append(1) or epoch(*args)
     with_emas, agreement_with_emas, ema_accuracy = dml.evaluate([model, model], loader, FakeFabric(), [other, model])
     assert len(passes) == 1 and with_emas == accuracy and agreement_with_emas == 100.0
-    assert ema_accuracy[1] == accuracy[0] and ema_accuracy[0] == dml.evaluate([other, other], loader, FakeFabric())[0][0]
+    alone, _, _ = dml.evaluate([other, other], loader, FakeFabric())
+    assert ema_accuracy[1] == accuracy[0] and ema_accuracy[0] == alone[0]
 
 
 def test_ones_own_model_by_model_module(tmp_path, monkeypatch):
