@@ -160,7 +160,11 @@ def train(script, folder, flags):
     with open(folder.parent / f"{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process ends, however it ends
         if (folder / "results.json").is_file():
-            made = json.loads((folder / "args.json").read_text())
+            try:
+                made = json.loads((folder / "args.json").read_text())
+            except (OSError, ValueError) as error:
+                raise UserError(f"{folder} has results.json but no readable args.json ({type(error).__name__}): "
+                                f"delete it or give another --out") from None
             # flags left unset (None) were filled in by the run itself, e.g. --img-size from the data
             asked = {key: value for key, value in vars(script.parse_args(argv)).items() if value is not None}
             changed = run_shaping_changes(made, asked)
@@ -582,8 +586,9 @@ def main(args):
     dataset = args.dataset or "cifar10-mini"
     out = Path(args.out or f"results/{args.table}{'' if dataset == 'cifar10-mini' else '-' + dataset}"
                            f"{'-quick' if args.quick else ''}")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
+    for above in (out, *out.parents):
+        if above.exists() and not above.is_dir():
+            raise UserError(f"--out {out}: {above} is a file, not a folder")
     flags = [*(["--dataset", args.dataset] if args.dataset else []),
              *(["--data-dir", args.data_dir] if args.data_dir else []),
              *(["--img-size", args.img_size] if args.img_size else []),

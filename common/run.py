@@ -449,9 +449,15 @@ def check_fraction(name, value, high_included=False):
 def check_shared_flags(args):
     """One line for a bad value of a flag the scripts share (those `args` has)."""
     flag = lambda name: getattr(args, name, None)
-    for name in ("seed", "split_seed", "warmup_epochs", "weight_decay", "mixup", "cutmix", "workers"):
+    for name, value in vars(args).items():  # NaN passes every comparison, and inf is no rate or weight
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    for name in ("seed", "split_seed", "warmup_epochs", "weight_decay", "mixup", "cutmix", "workers", "min_lr"):
         if flag(name) is not None and flag(name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {flag(name)}")
+    for name in ("seed", "split_seed"):
+        if flag(name) is not None and flag(name) >= 2**32:
+            raise UserError(f"--{name.replace('_', '-')} must be below 2**32, got {flag(name)}")
     for name in ("val_split", "smoothing", "drop_path", "model_ema_decay"):
         check_fraction(name, flag(name))
     check_fraction("reprob", flag("reprob"), high_included=True)
@@ -515,6 +521,9 @@ def _check_run_folder(out, args, marker):
     if not os.access(writable, os.W_OK | os.X_OK):
         return f"--out {out}: {writable} is not writable", False, False
     if getattr(args, "eval", None):  # it adds EVAL_RESULTS to whatever folder --out is, and deletes nothing
+        if (out / EVAL_RESULTS).exists() and not (out / RUN_MARKER).is_file():
+            return (f"--eval: {out / EVAL_RESULTS} exists and {out} is not a run folder of this project: give "
+                    f"another --out"), False, False
         return _make_folder(out), False, False
     if args.resume and (out / "args.json").is_file():
         changed = _resume_changes(out, args)

@@ -266,6 +266,19 @@ def test_an_out_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "table").write_text("")
     with pytest.raises(UserError, match="is a file, not a folder"):
         make_table("dml", tmp_path / "table")
+    with pytest.raises(UserError, match="table is a file, not a folder"):  # or under one
+        make_table("dml", tmp_path / "table" / "sub")
+
+
+@pytest.mark.parametrize("args_json", [None, "not json"])
+def test_a_finished_run_without_readable_arguments_is_refused_in_one_line(tmp_path, args_json):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "results.json").write_text("{}")
+    if args_json is not None:
+        (folder / "args.json").write_text(args_json)
+    with pytest.raises(UserError, match="has results.json but no readable args.json"):
+        reproduce.train(dml, folder, ["--epochs", "1"])
 
 
 def test_several_processes_are_refused_in_one_line(tmp_path):

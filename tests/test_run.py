@@ -349,3 +349,26 @@ def test_cosine_schedule_is_timms_float_for_float(lr, min_lr, epochs, warmup_epo
             assert cosine_schedule(lr, min_lr, epochs, warmup_epochs, epoch, step, steps_per_epoch) == \
                 optimizer.param_groups[0]["lr"], (epoch, step)
     assert cosine_schedule(lr, min_lr, epochs, warmup_epochs, epochs, 0, steps_per_epoch) == min(min_lr, lr)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("warmup_epochs", float("nan"), "--warmup-epochs must be a finite number, got nan"),
+    ("lr", float("inf"), "--lr must be a finite number, got inf"),
+    ("min_lr", -1.0, "--min-lr must not be negative, got -1.0"),
+    ("seed", 2**32, "--seed must be below 2\\*\\*32, got 4294967296"),
+])
+def test_shared_flags_refuse_nan_inf_and_out_of_range(flag, value, message):
+    from common.run import check_shared_flags
+
+    args = argparse.Namespace(seed=0, lr=1e-3, warmup_epochs=5.0, min_lr=1e-5)
+    setattr(args, flag, value)
+    with pytest.raises(UserError, match=message):
+        check_shared_flags(args)
+
+
+def test_eval_never_overwrites_a_file_in_a_folder_that_is_not_a_run_folder(tmp_path):
+    (tmp_path / "eval.json").write_text("mine")
+    args = argparse.Namespace(out=str(tmp_path), eval="x.ckpt", resume=False, overwrite=False)
+    with pytest.raises(UserError, match="eval.json exists and .* is not a run folder"):
+        open_run_folder(FakeFabric(), args, "dml")
+    assert (tmp_path / "eval.json").read_text() == "mine"
