@@ -343,8 +343,9 @@ def main(args):
         batches = accumulate(train_loader.epoch(epoch), args.grad_accum_steps, steps_per_epoch)
         resume_mid_epoch(fabric, state, batches, log, args.grad_accum_steps)
         for batch, step, last_of_step, images, labels in batches:
+            rate = learning_rate(args, lr, epoch, step, steps_per_epoch)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(args, lr, epoch, step, steps_per_epoch)
+                group["lr"] = rate
             targets = labels
             if erase is not None:
                 images = erase(images)

@@ -252,8 +252,9 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
             node.train()
         log = TrainLog(fabric, ["loss"], epoch, args.epochs, steps_per_epoch, args.log_every, out, logger=logger)
         for step, (images, labels) in enumerate(train_loader.epoch(epoch)):
+            rate = learning_rate(args, epoch, step, steps_per_epoch)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(args, epoch, step, steps_per_epoch)
+                group["lr"] = rate
             outputs = [node_outputs(node, images) for node in nodes]
             loss = graph_loss(graph, outputs, labels, epoch * steps_per_epoch + step + 1, total_steps,
                               args.crop_sizes)

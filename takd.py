@@ -236,8 +236,9 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
         log = TrainLog(fabric, ["loss", "ce", "distill"], epoch, args.epochs, steps_per_epoch, args.log_every, folder,
                        folder.name, logger)
         for step, (images, labels) in enumerate(train_loader.epoch(epoch)):
+            rate = learning_rate(recipe, args, epoch, step, steps_per_epoch)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(recipe, args, epoch, step, steps_per_epoch)
+                group["lr"] = rate
             logits = model(images)
             if teacher is None:
                 loss = ce = cross_entropy(logits, labels)
@@ -398,10 +399,9 @@ def evaluate_checkpoint(fabric, args, out, data, loaders):
     state = {"model": model, "epoch": 0}
     load_for_eval(fabric, args.eval, state)
     top1, top5 = evaluate(model, loaders[1], fabric)
-    results = {"method": "takd", "model": name, "evaluated": str(args.eval), "epochs_trained": state["epoch"],
-               "dataset": args.dataset, "top1": top1, "top5": top5,
-               "val_top1": evaluate(model, loaders[2], fabric)[0] if loaders[2] is not None else None,
-               "precision": str(fabric.strategy.precision.precision), "world_size": fabric.world_size}
+    results = {**run_fields(fabric, args, "takd"), "model": name, "evaluated": str(args.eval),
+               "epochs_trained": state["epoch"], "top1": top1, "top5": top5,
+               "val_top1": evaluate(model, loaders[2], fabric)[0] if loaders[2] is not None else None}
     if fabric.is_global_zero:
         write_json(out / EVAL_RESULTS, results)
         print(f"{name} from {args.eval}: top-1 {top1:.2f}, top-5 {top5:.2f}")

@@ -6,7 +6,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ import pytest
 
 import ktg_ensemble
 from common.run import UserError
-from conftest import ROOT, results, run_main, wait_for
+from conftest import ROOT, free_port, results, run_main, wait_for
 
 SEARCH = ["--nodes", "resnet8_abn", "resnet8_abn", "--epochs", "2", "--train-subset", "200", "--batch-size", "50",
           "--search", "4", "--heartbeat-grace", "3"]
@@ -31,12 +30,6 @@ def postgres_bin():
         return Path(found).resolve().parent
     folders = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
     return folders[-1] if folders else None
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:
