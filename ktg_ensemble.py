@@ -58,7 +58,8 @@ from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, check_
                         exit_on_user_error, finish, load_checkpoint, load_for_eval, make_fabric, make_logger,
                         on_rank_zero, open_run_folder, parse_with_config, require_positive, run_fields, seed_epoch,
                         step_schedule, write_csv, write_json)
-from common.study import open_study, search_picture, storage_failure, storage_url, trial_rows
+from common.study import (open_study, search_picture, storage_failure, storage_url, trial_rows,
+                          wait_for_running_trials)
 
 
 def parse_args(argv=None):
@@ -287,12 +288,11 @@ def search(nodes, data, fabric, args, out):
     """Run trials until --search of them have finished (completed or pruned) in the study; return the best graph."""
     import _thread
     import threading
-    import time
 
     import optuna
     from optuna.trial import TrialState
 
-    study = open_study(args, out)
+    study, storage = open_study(args, out)
     # one validation split for the whole study: every worker ranks its trials on the same images
     split = {"fraction": args.val_split, "seed": args.split_seed}
     if "val_split" not in study.user_attrs:
@@ -340,18 +340,8 @@ def search(nodes, data, fabric, args, out):
             study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(args.search, states=finished)],
                            catch=(UserError,))
         # Other workers' last trials may still beat the best: wait until none runs,
-        # on two reads a second apart (a worker between its count and its next trial
-        # shows on the second), so that every worker retrains the same graph. A
-        # killed worker's trial stays RUNNING until its last heartbeat is
-        # --heartbeat-grace seconds old.
-        quiet_reads = 0
-        while True:
-            optuna.storages.fail_stale_trials(study)
-            trials = study.get_trials()
-            quiet_reads = 0 if any(t.state == TrialState.RUNNING for t in trials) else quiet_reads + 1
-            if quiet_reads == 2:
-                break
-            time.sleep(1)
+        # so that every worker retrains the same graph.
+        trials = wait_for_running_trials(study, storage)
     except (Exception, KeyboardInterrupt) as error:
         failure = storage_failure(lost[0] if lost else error, url)
         if not failure:

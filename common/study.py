@@ -11,8 +11,8 @@ from common.run import UserError
 
 def open_study(args, out):
     """The Optuna study in --storage (created if new), with the authors' random
-    sampler and successive-halving pruner. Heartbeats let a later worker mark
-    the trial of a killed process as failed."""
+    sampler and successive-halving pruner, and its storage. Heartbeats let a later
+    worker mark the trial of a killed process as failed."""
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trials_log = logging.getLogger("optuna.study._optimize")
@@ -42,7 +42,36 @@ def open_study(args, out):
     # Seeded by the trials already there: one worker is reproducible, a resumed one draws new graphs.
     study.sampler = optuna.samplers.RandomSampler(seed=args.seed * 100_003 + len(study.trials))
     study.pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
-    return study
+    return study, storage
+
+
+def wait_for_running_trials(study, storage):
+    """Return every trial of the study once none is running, on two reads a second
+    apart (a worker between its count and its next trial shows on the second).
+
+    A killed worker's trial stays RUNNING until its last heartbeat is older than
+    the grace period; then it fails. Optuna never counts as stale a trial that has
+    no heartbeat at all (its worker died between creating it and its first beat):
+    each running trial gets one beat here when first seen, so that it goes stale
+    a grace period later unless its own worker keeps beating."""
+    import time
+
+    import optuna
+    from optuna.trial import TrialState
+
+    beaten, quiet_reads = set(), 0
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials()
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        for trial in running:
+            if trial._trial_id not in beaten:
+                storage.record_heartbeat(trial._trial_id)
+                beaten.add(trial._trial_id)
+        quiet_reads = 0 if running else quiet_reads + 1
+        if quiet_reads == 2:
+            return trials
+        time.sleep(1)
 
 
 class QuietInterrupt(logging.Filter):

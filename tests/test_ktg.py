@@ -246,7 +246,7 @@ def test_a_trial_stopped_by_ctrl_c_is_logged_without_a_traceback(tmp_path, caplo
     from common.study import open_study
 
     args = argparse.Namespace(storage=None, study_name="quiet", heartbeat_grace=15, seed=0)
-    study = open_study(args, tmp_path)
+    study, _ = open_study(args, tmp_path)
 
     def objective(trial):
         raise KeyboardInterrupt
@@ -278,3 +278,22 @@ def test_a_crop_larger_than_the_attention_map_gets_a_note_and_the_whole_map(tmp_
     maps = torch.rand(2, 8, 8)
     (whole, _), = attention_crops(maps, maps, [11])
     assert whole.shape == (2, 64)  # clamped to the map, never wrapped around its border
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_fails_and_the_wait_ends(tmp_path):
+    import argparse
+    import threading
+
+    from optuna.trial import TrialState
+
+    from common.study import open_study, wait_for_running_trials
+
+    args = argparse.Namespace(storage=None, study_name="orphan", heartbeat_grace=1, seed=0)
+    study, storage = open_study(args, tmp_path)
+    study.ask()  # RUNNING, and no heartbeat: Optuna alone would wait for it forever
+    waited = []
+    waiter = threading.Thread(target=lambda: waited.append(wait_for_running_trials(study, storage)), daemon=True)
+    waiter.start()
+    waiter.join(timeout=30)
+    assert waited, "still waiting for a trial nobody runs"
+    assert [t.state for t in waited[0]] == [TrialState.FAIL]
