@@ -752,7 +752,7 @@ def plot_curves(path, rows, panels):
     from matplotlib.ticker import MaxNLocator
 
     epochs = [int(row["epoch"]) for row in rows]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, layout="constrained")
     for ax, (title, lines) in zip(axes[0], panels):
         right, colours = None, {}
         for column, label, *side in lines:
@@ -773,7 +773,6 @@ def plot_curves(path, rows, panels):
         handles = [line for axis in (ax, right) if axis is not None for line in axis.get_lines()]
         if handles:
             ax.legend(handles=handles, fontsize=8)
-    fig.tight_layout()
     save_figure(fig, path)
     return fig
 
