@@ -100,7 +100,7 @@ SETTINGS = {
     # ≈ 950 s, then 3 × (45 × 23.7 + 15 tests × 2.6 + 15) ≈ 3,360 s: 72 min.
     "deit": {"full": ["--train-subset", "5000", "--eval-every", "10"],
              "quick": ["--train-subset", "100"],
-             "teacher": {"full": ["--epochs", "120", "--compile"], "quick": ["--epochs", "1"]},
+             "teacher": {"full": ["--epochs", "120", "--compile"], "quick": ["--epochs", "1", "--batch-size", "50"]},
              "students": {"full": ["--epochs", "45", "--batch-size", "64", "--lr", "5e-3", "--recipe", "deit",
                                    "--repeated-aug", "1", "--distillation-alpha", "0.5", "--distillation-tau", "1"],
                           "quick": ["--epochs", "1", "--batch-size", "50", "--lr", "5e-3", "--recipe", "deit",

@@ -133,7 +133,7 @@ def test_streamed_workers_send_uint8_and_the_device_normalises_as_torchvision(tm
 
 
 def test_default_workers_share_this_process_cores_among_the_ranks_on_the_machine(monkeypatch):
-    data = {"train": (torch.zeros(8, 3, 8, 8, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64)),
+    data = {"train": (torch.zeros(16, 3, 8, 8, dtype=torch.uint8), torch.zeros(16, dtype=torch.int64)),
             "classes": ["a", "b"], "mean": (0.5,) * 3, "std": (0.5,) * 3, "img_size": 8}
     workers = lambda fabric: make_loader(data, "train", 2, fabric, transform=T.PILToTensor()).loader.num_workers
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)))  # the cores a scheduler gave us

@@ -177,7 +177,7 @@ def test_resume_with_the_deit_recipe_is_exact(tmp_path):
 
 def bad(*flags):
     with pytest.raises(UserError) as error:
-        run_main(deit, "--model", "deit_micro", "--epochs", "1", "--train-subset", "100", *flags)
+        run_main(deit, "--model", "deit_micro", "--epochs", "1", "--train-subset", "100", "--batch-size", "50", *flags)
     return str(error.value)
 
 

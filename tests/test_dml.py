@@ -298,11 +298,12 @@ def test_bad_input_is_one_line_and_status_2(tmp_path):
     (["--eval-every", "0"], "--eval-every must be positive"),
     (["--patch-size", "5"], "--patch-size 5 does not divide the image size 32"),
     (["--train-subset", "5"], r"--train-subset must be between the number of classes \(10\)"),
+    (["--batch-size", "64"], "^--batch-size 64 exceeds the 50 training images"),  # one batch padded with black images
 ])
 def test_bad_input(tmp_path, flags, message):
     out = [] if "--resume" in flags else ["--out", tmp_path / "run"]
     with pytest.raises(UserError, match=message):
-        run_main(dml, "--students", "vit_micro", "vit_micro", "--train-subset", "50", *flags, *out)
+        run_main(dml, "--students", "vit_micro", "vit_micro", "--train-subset", "50", "--batch-size", "50", *flags, *out)
 
 
 @pytest.fixture(scope="module")

@@ -270,14 +270,15 @@ def test_bad_flags(flags, message):
 ])
 def test_bad_input(tmp_path, flags, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        run_main(takd, "--chain", "plain4", "plain2", "--train-subset", "50", *flags, "--out", tmp_path / "run")
+        run_main(takd, "--chain", "plain4", "plain2", "--train-subset", "50", "--batch-size", "50", *flags,
+                 "--out", tmp_path / "run")
 
 
 def test_teacher_checkpoint_of_another_network_is_refused(tmp_path, compared):
     out, _ = compared
     with pytest.raises(UserError, match="do not fit"):
         run_main(takd, "--chain", "plain8", "plain2", "--teacher-ckpt", out / "plain6" / "last.ckpt",
-                 "--train-subset", "50", "--out", tmp_path / "run")
+                 "--train-subset", "50", "--batch-size", "50", "--out", tmp_path / "run")
 
 
 def test_existing_run_folder_is_refused(compared):
