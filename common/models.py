@@ -9,6 +9,7 @@ distill_logits)` in training; in eval mode it returns their average, which is
 the model's prediction (DeiT, section 5).
 """
 import math
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,18 +54,33 @@ ALIASES = list(VIT_ALIASES) + [f"resnet{d}" for d in CIFAR_RESNET_DEPTHS] + list
 
 
 def import_model_modules(modules):
-    """Import `modules` (--model-module): a model registered there with timm's
-    `@register_model` can then be named like any timm model."""
+    """Import `modules` (--model-module: a module name, or the path of a .py file):
+    a model registered there with timm's `@register_model` can then be named like
+    any timm model."""
     import importlib
+    import importlib.util
+    import sys
 
     for module in modules:
         try:
-            importlib.import_module(module)
+            if module.endswith(".py") or os.path.sep in module:
+                if not os.path.isfile(module):
+                    raise UserError(f"--model-module {module}: no such file")
+                name = Path(module).stem
+                spec = importlib.util.spec_from_file_location(name, module)
+                sys.modules[name] = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(sys.modules[name])
+            else:
+                importlib.import_module(module)
         except ImportError as error:
             raise UserError(f"--model-module {module}: cannot import it ({error})") from None
         except SyntaxError as error:
             raise UserError(f"--model-module {module}: cannot import it: {error.msg} ({error.filename}, line "
                             f"{error.lineno})") from None
+        except UserError:
+            raise
+        except Exception as error:  # the module's own code failed
+            raise UserError(f"--model-module {module}: importing it raised {type(error).__name__}: {error}") from None
 
 
 def create_model(name, num_classes, img_size, patch_size=None, drop_path=0.0, device=None):

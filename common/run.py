@@ -41,29 +41,39 @@ def parse_with_config(parser, argv=None, script=None):
     args.json and every checkpoint: a run's file given to another script is refused."""
     args = parser.parse_args(argv)
     saved, source = None, None
+
+    def fail(message):  # a bad file, not a bad command line: one line, without argparse's usage block
+        parser.exit(2, f"error: {message}\n")
+
+    def require_file(path):
+        if not Path(path).is_file():
+            fail(f"{source}: {'not a file' if Path(path).exists() else 'no such file'}")
+
     if getattr(args, "config", None):
         source = f"--config {args.config}"
+        require_file(args.config)
         try:
             saved = json.loads(Path(args.config).read_text())
         except (OSError, ValueError) as error:
-            parser.error(f"{source}: cannot read it as JSON ({type(error).__name__})")
+            fail(f"{source}: cannot read it as JSON ({type(error).__name__})")
         if not isinstance(saved, dict):
-            parser.error(f"{source}: not a JSON object of flags")
+            fail(f"{source}: not a JSON object of flags")
     elif getattr(args, "eval", None):
         source = f"--eval {args.eval}"
+        require_file(args.eval)
         try:
             saved = torch.load(args.eval, map_location="cpu", weights_only=True)["args"]
         except Exception as error:
-            parser.error(f"{source}: cannot read it as a checkpoint of this project ({type(error).__name__})")
+            fail(f"{source}: cannot read it as a checkpoint of this project ({type(error).__name__})")
     if saved is not None:
-        check_script(saved.get("script"), script, source, parser.error)
+        check_script(saved.get("script"), script, source, fail)
         actions = {action.dest: action for action in parser._actions}
         unknown = sorted(set(saved) - set(actions) - {"script"})
         if unknown:
-            parser.error(f"{source}: {', '.join(unknown)} is not a flag of this script")
+            fail(f"{source}: {', '.join(unknown)} is not a flag of this script")
         if not set(saved) - {"script"}:
-            parser.error(f"{source} holds no flags: give a run's args.json")
-        parser.set_defaults(**{key: _saved_value(actions[key], value, source, parser.error)
+            fail(f"{source} holds no flags: give a run's args.json")
+        parser.set_defaults(**{key: _saved_value(actions[key], value, source, fail)
                                for key, value in saved.items()
                                if key in actions and key not in ("out", "resume", "overwrite", "config", "eval")})
         args = parser.parse_args(argv)
@@ -710,12 +720,15 @@ def load_for_eval(fabric, path, state):
     """--eval: load every module of `state` from `path` strictly: a checkpoint
     whose networks differ is refused, never evaluated half-loaded."""
     try:
-        fabric.load(path, state, strict=True, weights_only=True)
+        rest = fabric.load(path, state, strict=True, weights_only=True)
     except Exception as error:
         raise UserError(f"checkpoint {path} does not fit these networks: {type(error).__name__}: "
                         f"{str(error).splitlines()[0][:200]}") from None
     if not finite_weights(fabric, state):
         raise UserError(f"checkpoint {path} holds NaN or infinite weights: not evaluated")
+    if "mid_epoch" in rest:
+        fabric.print(f"note: {path} was saved by a run stopped at step {rest['mid_epoch']['steps']} of epoch "
+                     f"{state['epoch'] + 1}: these are its weights from inside that epoch")
 
 
 def _fail(message):

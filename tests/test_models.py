@@ -154,6 +154,22 @@ def test_a_model_module_that_does_not_import_is_one_line(tmp_path, monkeypatch):
         import_model_modules(["badmod"])
     with pytest.raises(UserError, match="--model-module nosuchmod: cannot import it"):
         import_model_modules(["nosuchmod"])
+    (tmp_path / "failing.py").write_text("raise RuntimeError('no GPU here')\n")
+    with pytest.raises(UserError, match="^--model-module failing: importing it raised RuntimeError: no GPU here$"):
+        import_model_modules(["failing"])
+    with pytest.raises(UserError, match="^--model-module .*nowhere.py: no such file$"):
+        import_model_modules([str(tmp_path / "nowhere.py")])
+
+
+def test_a_model_module_given_as_a_file_registers_its_models(tmp_path):
+    from common.models import import_model_modules
+
+    (tmp_path / "filemodels.py").write_text(
+        "import torch.nn as nn\nfrom timm.models import register_model\n\n"
+        "@register_model\ndef file_mlp(pretrained=False, num_classes=10, **kwargs):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, num_classes))\n")
+    import_model_modules([str(tmp_path / "filemodels.py")])
+    assert create_model("file_mlp", 10, 8)(torch.zeros(2, 3, 8, 8)).shape == (2, 10)
 
 
 def test_non_finite_weights_are_refused_at_load_and_a_dml_student_is_named(tmp_path, capsys):

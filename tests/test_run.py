@@ -230,7 +230,13 @@ def test_config_starts_from_a_runs_arguments_and_bad_config_is_one_line(tmp_path
         (tmp_path / "bad.json").write_text(text)
         with pytest.raises(SystemExit) as exit_:
             dml.parse_args(["--config", str(tmp_path / "bad.json")])
-        assert exit_.value.code == 2 and message in capsys.readouterr().err
+        error = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in error
+        assert error.startswith("error: --config ") and error.count("\n") == 1  # no usage block: the file is wrong
+    for path, message in [(tmp_path / "missing.json", "no such file"), (tmp_path, "not a file")]:
+        with pytest.raises(SystemExit):
+            dml.parse_args(["--config", str(path)])
+        assert capsys.readouterr().err == f"error: --config {path}: {message}\n"
 
 
 @pytest.mark.parametrize("name", ["deit", "takd", "ktg_ensemble"])
@@ -298,7 +304,7 @@ def test_curves_are_redrawn_now_and_then_and_after_the_last_epoch(tmp_path, monk
     ("dml.py", ["--students", "resnet8", "resnet8", "--grad-accum-steps", "2"]),
     ("deit.py", ["--model", "deit_micro", "--recipe", "deit", "--repeated-aug", "1"]),  # Mixup, erasing, drop-path
 ], ids=["dml", "deit"])
-def test_sigterm_inside_an_epoch_saves_that_step_and_resume_goes_on_exactly(tmp_path, script, flags):
+def test_sigterm_inside_an_epoch_saves_that_step_and_resume_goes_on_exactly(tmp_path, capsys, script, flags):
     import signal
     import subprocess
     import sys
@@ -323,6 +329,9 @@ def test_sigterm_inside_an_epoch_saves_that_step_and_resume_goes_on_exactly(tmp_
     assert said and 4 <= int(said[1]) * (2 if script == "dml.py" else 1) < 30, out  # inside the epoch
     checkpoint = torch.load(stopped / "last.ckpt", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["mid_epoch"]["steps"] == int(said[1])
+    capsys.readouterr()
+    run_main(module, "--eval", stopped / "last.ckpt", "--batch-size", "20")
+    assert f"was saved by a run stopped at step {said[1]} of epoch 2" in capsys.readouterr().out
     run_main(module, *args, "--out", stopped, "--resume")
     assert metrics_without_speed(stopped / "metrics.csv") == metrics_without_speed(tmp_path / "whole" / "metrics.csv")
     assert results(stopped)["top1" if script == "deit.py" else "ensemble_top1"] == \
