@@ -109,6 +109,9 @@ def parse_args(argv=None):
     parser.add_argument("--log-every", type=int, default=50, help="read the losses (a host sync) every N steps")
     parser.add_argument("--out", help="run folder (default: runs/deit/<date-time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.ckpt")
+    parser.add_argument("--extend", action="store_true",
+                        help="with --resume and a larger --epochs: train the run on, its learning-rate schedule "
+                             "stretched to the new length (the rate rises again)")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
     parser.add_argument("--eval", help="evaluate this checkpoint (with its run's arguments) instead of training")
     parser.add_argument("--logger", choices=["csv", "tensorboard"], default="csv",
@@ -434,7 +437,8 @@ def run_results(fabric, args, state, data, test_loader, teacher_figures, pretrai
         "top1_dist": accuracy[2] if distilled else None, "teacher_top1": teacher_top1,
         "teacher_agreement": accuracy[3] if args.teacher else None, "train_top1": evaluate(model, probe, fabric)[0],
         "teacher_disagreement": history[-1].get("teacher_disagreement") if history else None,
-        "best": best_epoch(state), "pretrained": pretrained, "ema_top1": accuracy[4],
+        "best": best_epoch(state), "extended_from": state.get("extended_from", []), "pretrained": pretrained,
+        "ema_top1": accuracy[4],
         "train_img_per_s": history[-1]["img_per_s"] if history else None, "wall_s": state["wall_s"],
     }
 

@@ -110,6 +110,9 @@ def parse_args(argv=None):
     parser.add_argument("--log-every", type=int, default=50, help="read the losses (a host sync) every N steps")
     parser.add_argument("--out", help="run folder (default: runs/dml/<date-time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.ckpt")
+    parser.add_argument("--extend", action="store_true",
+                        help="with --resume and a larger --epochs: train the run on, its learning-rate schedule "
+                             "stretched to the new length (the rate rises again)")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
     parser.add_argument("--eval", help="evaluate this checkpoint (with its run's arguments) instead of training")
     parser.add_argument("--logger", choices=["csv", "tensorboard"], default="csv",
@@ -314,8 +317,8 @@ def main(args):
                                                           per_device_batch, fabric), fabric)
     for k, student in enumerate(results["students"]):
         student["train_top1"] = train_accuracy[k][0]
-    results.update(agreement=agreement, best=best_epoch(state), pretrained=pretrained,
-                   train_img_per_s=state["history"][-1]["img_per_s"], wall_s=state["wall_s"])
+    results.update(agreement=agreement, best=best_epoch(state), extended_from=state.get("extended_from", []),
+                   pretrained=pretrained, train_img_per_s=state["history"][-1]["img_per_s"], wall_s=state["wall_s"])
     if args.landscape:
         # a fixed, class-balanced part of the training set, without augmentation
         landscape_loader = make_loader(probe_split(data, args.seed), "test", per_device_batch, fabric)

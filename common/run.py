@@ -476,6 +476,8 @@ def check_shared_flags(args):
                                                         "train_subset")})
     if flag("resume") and not flag("out"):
         raise UserError("--resume needs --out, the run folder to continue")
+    if flag("extend") and not flag("resume"):
+        raise UserError("--extend goes with --resume (and a larger --epochs): it trains an existing run on")
 
 
 def require_positive(**values):
@@ -585,6 +587,8 @@ def _resume_changes(out, args):
 
 def resume_refusal(source, made, asked):
     """None when a run `made` with these arguments may go on with those `asked`, else the line that refuses."""
+    if asked.get("extend") and not asked.get("epochs", 0) > made.get("epochs", 0):
+        return f"--extend {source}: give --epochs above the {made.get('epochs')} it was made with"
     changed = run_shaping_changes(made, asked)
     if not changed:
         return None
@@ -668,18 +672,23 @@ def same_file(source, path):
 # batch size, learning rate and schedule, seed, losses), only where it is
 # written, how it is logged and how fast it runs.
 RESUMABLE = {"out", "resume", "overwrite", "log_every", "workers", "compile", "data_dir", "logger", "config", "eval",
-             "heartbeat_grace", "script"}  # the script is checked on its own (check_script)
+             "heartbeat_grace", "extend", "script"}  # the script is checked on its own (check_script)
 
 
 def run_shaping_changes(made, asked):
     """The arguments in `asked` that differ from those a run was `made` with, leaving
     out what a resumed run may change (RESUMABLE) and flags added to the script
-    after the run was made (it ran with their default)."""
-    return [key for key, value in asked.items() if key not in RESUMABLE and key in made and made[key] != value]
+    after the run was made (it ran with their default). With --extend, --epochs may grow."""
+    extended = asked.get("extend") and asked.get("epochs", 0) > made.get("epochs", 0)
+    return [key for key, value in asked.items() if key not in RESUMABLE and key in made and made[key] != value
+            and not (extended and key == "epochs")]
 
 
 def load_checkpoint(fabric, path, state, args):
-    """Load `path` into `state` in place; refuse a checkpoint made with other run-shaping `args`."""
+    """Load `path` into `state` in place; refuse a checkpoint made with other run-shaping `args`.
+    With --extend, the run goes on to the larger --epochs on the schedule of a run
+    of that length (recorded in `state["extended_from"]`, and args.json rewritten)."""
+    path = Path(path)
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -699,6 +708,13 @@ def load_checkpoint(fabric, path, state, args):
     if target is not state:  # Fabric set the plain values (epoch, history) in the dict it was given
         state.update({key: value for key, value in target.items() if key != "loss_scale"})
     state.update(remainder)  # plain values a script does not ask for by name, such as best_epoch
+    made = raw["args"]["epochs"]
+    if getattr(args, "extend", False) and made != args.epochs:
+        state["extended_from"] = [*state.get("extended_from", []), made]
+        fabric.print(f"--extend: {path.parent} goes on from epoch {state['epoch']} to {args.epochs} (made for {made}), "
+                     f"its learning rate now on the schedule of a {args.epochs}-epoch run")
+        if fabric.is_global_zero:
+            write_json(path.parent / "args.json", vars(args))
     return remainder
 
 

@@ -444,3 +444,26 @@ def test_resume_refuses_a_change_that_shapes_the_run(tmp_path, finished_run, fla
 def test_flags_without_effect_get_a_note(capsys):
     dml.check_args(dml.parse_args(["--model-ema-decay", "0.9"]))
     assert "note: --model-ema-decay has no effect without --model-ema" in capsys.readouterr().out
+
+
+def test_extend_trains_a_finished_run_on_with_its_schedule_stretched(tmp_path, capsys):
+    common = ["--students", "vit_micro", "vit_micro", "--train-subset", "100", "--batch-size", "50",
+              "--warmup-epochs", "0"]
+    run_main(dml, *common, "--epochs", "3", "--out", tmp_path / "three")
+    run_main(dml, *common, "--epochs", "2", "--out", tmp_path / "two")
+    capsys.readouterr()
+    run_main(dml, *common, "--epochs", "3", "--out", tmp_path / "two", "--resume", "--extend")
+    assert "goes on from epoch 2 to 3 (made for 2)" in capsys.readouterr().out
+    rates = lambda run: [float(line.split(",")[1]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    extended, three = rates(tmp_path / "two"), rates(tmp_path / "three")
+    # epochs 1-2 ran on a 2-epoch cosine, epoch 3 on the 3-epoch one, where the rate rose again
+    assert len(extended) == 3 and extended[2] == three[2] and extended[1] < three[1]
+    assert results(tmp_path / "two")["extended_from"] == [2] and results(tmp_path / "two")["epochs"] == 3
+    assert results(tmp_path / "three")["extended_from"] == []
+    assert json.loads((tmp_path / "two" / "args.json").read_text())["epochs"] == 3  # a plain --resume now agrees
+    run_main(dml, *common, "--epochs", "3", "--out", tmp_path / "two", "--resume")
+    for flags, message in [(["--epochs", "3", "--resume", "--extend"], "give --epochs above the 3"),
+                           (["--epochs", "4", "--resume"], r"--epochs 3 \(now 4\)"),
+                           (["--epochs", "4", "--extend"], "--extend goes with --resume")]:
+        with pytest.raises(UserError, match=message):
+            run_main(dml, *common, *flags, "--out", tmp_path / "two")
