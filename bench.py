@@ -137,15 +137,15 @@ def method_step(method, fabric, data, compile=False):
         def teach(images):
             with torch.no_grad():
                 return teacher(images.to(dtype))
-        forward = lambda models, images, labels, teacher_logits: kd_loss(models[0](images), teacher_logits, labels,
-                                                                         0.9, 4.0)[0]
+        forward = lambda models, images, labels, teacher_logits: sum(kd_loss(models[0](images), teacher_logits,
+                                                                             labels, 0.9, 4.0).values())
         return 128, [student], forward, teach
     nodes = [create_model("resnet20_abn", classes, img_size, device=device) for _ in range(3)]
     graph = preset("dml", ["resnet20_abn"] * 3)
 
     def forward(models, images, labels):
         outputs = [ktg_ensemble.node_outputs(node, images) for node in models]
-        return ktg_ensemble.graph_loss(graph, outputs, labels, 1, 100, (3, 7, 11))
+        return sum(ktg_ensemble.graph_loss(graph, outputs, labels, 1, 100, (3, 7, 11)).values())
     return 64, nodes, forward, None
 
 

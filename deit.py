@@ -191,23 +191,25 @@ def deit_augmentation(args, data, num_classes, device):
 
 
 def student_loss(output, teacher_logits, targets, args):
-    """(total, CE, distillation) for one batch; `targets` are labels or Mixup's soft targets."""
+    """DeiT's terms on one batch, by name, weighted so that they sum to the loss:
+    `ce`, (1-λ)·CE of the class head, and `distill`, λ·the distillation head's loss
+    (soft: τ²·KL to the teacher; hard: CE with its decision). `targets` are labels
+    or Mixup's soft targets. Without a teacher, `ce` alone (over all heads)."""
     class_logits, distill_logits = split_heads(output)
     if args.distillation_type == "none":
         heads = output if isinstance(output, tuple) else (output,)
-        ce = sum(cross_entropy(head, targets, args.smoothing) for head in heads) / len(heads)
-        return ce, ce, torch.zeros_like(ce)
+        return {"ce": sum(cross_entropy(head, targets, args.smoothing) for head in heads) / len(heads)}
     ce = cross_entropy(class_logits, targets, args.smoothing)
     if args.distillation_type == "soft":
         distill = soft_distillation_loss(distill_logits, teacher_logits, args.distillation_tau)
     else:
         distill = hard_distillation_loss(distill_logits, teacher_logits)
     alpha = args.distillation_alpha
-    return (1 - alpha) * ce + alpha * distill, ce, distill
+    return {"ce": (1 - alpha) * ce, "distill": alpha * distill}
 
 
 CURVE_PANELS = [  # what curves.png draws
-    ("training loss", [("loss", "total"), ("loss_ce", "class head CE"), ("loss_distill", "distillation term")]),
+    ("training loss", [("loss", "total"), ("loss_ce", "(1-λ)·class head CE"), ("loss_distill", "λ·distillation term")]),
     ("top-1 (%)", [("top1", "prediction (both heads)"), ("top1_cls", "class head"), ("top1_dist", "distillation head"),
                    ("teacher_agreement", "agreement with the teacher"), ("val_top1", "prediction (validation)"),
                    ("ema_top1", "EMA"), ("teacher_disagreement", "teacher ≠ label on training views")]),
@@ -339,8 +341,7 @@ def main(args):
     for epoch in range(state["epoch"], args.epochs):
         seed_epoch(fabric, args.seed, epoch)
         model.train()
-        terms = ["loss", "ce", "distill"] + (["teacher_disagreement"] if teacher is not None else [])
-        log = TrainLog(fabric, terms, epoch, args.epochs, steps_per_epoch * args.grad_accum_steps, args.log_every, out,
+        log = TrainLog(fabric, epoch, args.epochs, steps_per_epoch * args.grad_accum_steps, args.log_every, out,
                        logger=logger, preemptible=True)
         optimizer.zero_grad(set_to_none=True)
         batches = accumulate(train_loader.epoch(epoch), args.grad_accum_steps, steps_per_epoch)
@@ -359,7 +360,8 @@ def main(args):
                 with torch.no_grad():
                     teacher_logits = teacher(images.to(next(teacher.parameters()).dtype))
             with fabric.no_backward_sync(model, enabled=not last_of_step):
-                loss, ce, distill = student_loss(model(images), teacher_logits, targets, args)
+                terms = student_loss(model(images), teacher_logits, targets, args)
+                loss = sum(terms.values())
                 fabric.backward(loss / args.grad_accum_steps)
             if last_of_step:
                 if args.clip_grad:
@@ -368,19 +370,17 @@ def main(args):
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
                     ema.update(model.module, step=epoch * steps_per_epoch + step)
-            terms = [loss, ce, distill]
+            diagnostics = {}
             if teacher is not None:  # on how many views the hard head learns something other than the label (%)
                 view_labels = targets.argmax(1) if targets.ndim == 2 else targets  # the larger part of a mixed view
-                terms.append(100 * (teacher_logits.argmax(1) != view_labels).float().mean())
-            log.step(batch, torch.stack(terms), len(labels))
+                diagnostics["teacher_disagreement"] = 100 * (teacher_logits.argmax(1) != view_labels).float().mean()
+            log.step(batch, loss, terms, len(labels), **diagnostics)
             if last_of_step and log.stopping:  # SIGTERM or Ctrl-C: save this step and stop
                 save_mid_epoch(fabric, out, state, step + 1, log)
         means = log.close()
 
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": means["loss"],
-               "loss_ce": means["ce"], "loss_distill": means["distill"], "top1": None, "top1_cls": None,
-               "top1_dist": None, "teacher_agreement": None, "teacher_disagreement": means.get("teacher_disagreement"),
-               "img_per_s": means["img_per_s"]}  # the test columns stay empty in epochs without a test
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **means, "top1": None, "top1_cls": None,
+               "top1_dist": None, "teacher_agreement": None}  # the test columns stay empty in epochs without a test
         if ema is not None:
             row["ema_top1"] = None
         score = None

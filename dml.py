@@ -139,29 +139,29 @@ def check_args(args):
 
 
 def student_losses(students, images, labels, args):
-    """Each student's CE and KL on one batch, as a (K, 2) tensor (KL = 0 in independent mode)."""
+    """DML's terms on one batch, by name: student k's CE (`ce_k`) and, in dml mode,
+    its KL to the peers (`kl_k`), so that L_k = ce_k + kl_k (seed 000 eq. 1-2). Their sum
+    is backpropagated: L_k reaches only student k, the peers' predictions being detached."""
     outputs = [student(images) for student in students]
     target = prediction if args.dml_target == "prediction" else (lambda output: split_heads(output)[1])
     predictions = [target(output).detach() for output in outputs]  # the peers' targets
-    terms = []
+    terms = {}
     for k, output in enumerate(outputs):
         class_logits, mimic_logits = split_heads(output)
         if args.mode == "dml":
             peers = predictions[:k] + predictions[k + 1:]
-            ce, kl = dml_loss(class_logits, mimic_logits, peers, labels, args.smoothing)
+            terms[f"ce_{k}"], terms[f"kl_{k}"] = dml_loss(class_logits, mimic_logits, peers, labels, args.smoothing)
         else:
             heads = output if isinstance(output, tuple) else (output,)
-            ce = sum(cross_entropy(head, labels, args.smoothing) for head in heads) / len(heads)
-            kl = torch.zeros_like(ce)
-        terms.append(torch.stack([ce, kl]))
-    return torch.stack(terms)
+            terms[f"ce_{k}"] = sum(cross_entropy(head, labels, args.smoothing) for head in heads) / len(heads)
+    return terms
 
 
 def curve_panels(students):
     """What curves.png draws: each student's CE and KL (DML's two terms), the accuracies, the learning rate."""
     names = [f"{k}: {name}" for k, name in enumerate(students)]
-    losses = [(f"ce_{k}", f"{name} CE") for k, name in enumerate(names)]
-    losses += [(f"kl_{k}", f"{name} KL", "right") for k, name in enumerate(names)]  # a hundredth of the CE
+    losses = [("loss", "total, all students")] + [(f"loss_ce_{k}", f"{name} CE") for k, name in enumerate(names)]
+    losses += [(f"loss_kl_{k}", f"{name} KL", "right") for k, name in enumerate(names)]  # a hundredth of the CE
     accuracy = [(f"top1_{k}", name) for k, name in enumerate(names)] + [("top1_ensemble", "ensemble")]
     accuracy += [(f"val_{column}", f"{label} (validation)") for column, label in accuracy]
     accuracy += [(f"ema_top1_{k}", f"{name} EMA") for k, name in enumerate(names)]
@@ -255,13 +255,12 @@ def main(args):
     state["args"] = vars(args)
 
     K = len(students)
-    names = [f"{term}_{k}" for k in range(K) for term in ("ce", "kl")]
     accuracy = ema_accuracy = agreement = None
     for epoch in range(state["epoch"], args.epochs):
         seed_epoch(fabric, args.seed, epoch)
         for student in students:
             student.train()
-        log = TrainLog(fabric, names, epoch, args.epochs, steps_per_epoch * args.grad_accum_steps, args.log_every, out,
+        log = TrainLog(fabric, epoch, args.epochs, steps_per_epoch * args.grad_accum_steps, args.log_every, out,
                        logger=logger, preemptible=True)
         optimizer.zero_grad(set_to_none=True)
         batches = accumulate(train_loader.epoch(epoch), args.grad_accum_steps, steps_per_epoch)
@@ -272,8 +271,8 @@ def main(args):
                 group["lr"] = rate
             with no_backward_sync(fabric, students, enabled=not last_of_step):
                 terms = student_losses(students, images, labels, args)
-                # one backward for all: L_k reaches only student k, the peers being detached
-                fabric.backward(terms.sum() / args.grad_accum_steps)
+                loss = sum(terms.values())  # one backward for all students
+                fabric.backward(loss / args.grad_accum_steps)
             if last_of_step:
                 if args.clip_grad:
                     clip_gradients(fabric, optimizer, students, args.clip_grad)
@@ -281,18 +280,15 @@ def main(args):
                 optimizer.zero_grad(set_to_none=True)
                 for ema, student in zip(emas, students):
                     ema.update(student.module, step=epoch * steps_per_epoch + step)
-            log.step(batch, terms.flatten(), len(labels))
+            log.step(batch, loss, terms, len(labels))
             if last_of_step and log.stopping:  # SIGTERM or Ctrl-C: save this step and stop
                 save_mid_epoch(fabric, out, state, step + 1, log)
         means = log.close()
 
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        for k in range(K):
-            row.update({f"loss_{k}": means[f"ce_{k}"] + means[f"kl_{k}"], f"ce_{k}": means[f"ce_{k}"],
-                        f"kl_{k}": means[f"kl_{k}"]})
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **means}
         tested = [f"top1_{k}" for k in range(K)] + ["top1_ensemble", "agreement"]
         tested += [f"ema_top1_{k}" for k in range(K)] if emas else []
-        row.update(dict.fromkeys(tested), img_per_s=means["img_per_s"])  # empty in epochs without a test
+        row.update(dict.fromkeys(tested))  # empty in epochs without a test
         score = None
         if evaluates_test(epoch, args.epochs, args.eval_every):
             accuracy, agreement, ema_accuracy = evaluate(students, test_loader, fabric, [ema.module for ema in emas])

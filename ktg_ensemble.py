@@ -161,12 +161,14 @@ def node_outputs(node, images):
 
 
 def graph_loss(graph, outputs, labels, step, total_steps, crop_sizes):
-    """Σ over the edges of eq. 6. A node's loss comes only from its incoming edges:
-    every source is detached, so the sum can go through one backward."""
+    """Eq. 6 by node: `node_m` is the sum of node m's incoming edges, gated. Every
+    source is detached, so a node's term trains that node only, and the sum of
+    the terms can go through one backward."""
     correct = [logits.argmax(1) == labels for logits, _, _ in outputs]
     # Every parameter joins the backward (zero gradient at least), as DDP needs,
     # even in a node whose edges are all cut off.
-    loss = sum(0.0 * sum(t.float().sum() for t in output if t is not None) for output in outputs)
+    terms = {f"node_{m}": 0.0 * sum(t.float().sum() for t in output if t is not None)
+             for m, output in enumerate(outputs)}
     for edge in graph["edges"]:
         if edge["gate"] == "cutoff":
             continue  # G = 0: nothing to compute
@@ -179,8 +181,9 @@ def graph_loss(graph, outputs, labels, step, total_steps, crop_sizes):
             source_logits, _, source_attention = outputs[source]
             per_sample = edge_loss(edge["loss"], (source_logits, source_attention), (logits, attention), crop_sizes)
             source_correct = correct[source]
-        loss = loss + gate(edge["gate"], per_sample, step, total_steps, source_correct.float())
-    return loss
+        terms[f"node_{target}"] = terms[f"node_{target}"] + gate(edge["gate"], per_sample, step, total_steps,
+                                                                 source_correct.float())
+    return terms
 
 
 def curve_panels(nodes):
@@ -188,7 +191,8 @@ def curve_panels(nodes):
     accuracy = [(f"top1_{m}", f"{m}: {name}") for m, name in enumerate(nodes)]
     accuracy += [("top1_ensemble", "ensemble"), ("agreement", "agreement of the nodes")]
     accuracy += [(f"val_{column}", f"{label} (validation)") for column, label in accuracy]
-    return [("training loss per node", [("loss", "graph loss / nodes")]), ("top-1, agreement (%)", accuracy),
+    losses = [("loss", "graph loss")] + [(f"loss_node_{m}", f"{m}: {name}") for m, name in enumerate(nodes)]
+    return [("training loss (per node)", losses), ("top-1, agreement (%)", accuracy),
             ("learning rate", [("lr", "lr")])]
 
 
@@ -243,7 +247,7 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
             raise UserError(f"cannot resume {out / 'last.ckpt'}: it trained another graph")
         fabric.print(f"resuming {out} at epoch {state['epoch']}")
 
-    M, steps_per_epoch = len(nodes), len(train_loader)
+    steps_per_epoch = len(train_loader)
     total_steps = args.epochs * steps_per_epoch
     row = None
     logger = make_logger(args.logger, out) if out is not None else None
@@ -251,24 +255,25 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
         seed_epoch(fabric, args.seed, epoch)
         for node in nodes:
             node.train()
-        log = TrainLog(fabric, ["loss"], epoch, args.epochs, steps_per_epoch, args.log_every, out, logger=logger)
+        log = TrainLog(fabric, epoch, args.epochs, steps_per_epoch, args.log_every, out, logger=logger)
         for step, (images, labels) in enumerate(train_loader.epoch(epoch)):
             rate = learning_rate(args, epoch, step, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = rate
             outputs = [node_outputs(node, images) for node in nodes]
-            loss = graph_loss(graph, outputs, labels, epoch * steps_per_epoch + step + 1, total_steps,
-                              args.crop_sizes)
+            terms = graph_loss(graph, outputs, labels, epoch * steps_per_epoch + step + 1, total_steps,
+                               args.crop_sizes)
+            loss = sum(terms.values())
             fabric.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            log.step(step, loss[None], len(labels))
+            log.step(step, loss, terms, len(labels))
         means = log.close()
 
         due = test_loader is not None and evaluates_test(epoch, args.epochs, args.eval_every)
         # a skipped test leaves its columns empty (None), from the first row on, which names metrics.csv's columns
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": means["loss"] / M,
-               **evaluate(nodes, test_loader if due else None, fabric), "img_per_s": means["img_per_s"]}
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **means,
+               **evaluate(nodes, test_loader if due else None, fabric)}
         if val_loader is not None:  # best.ckpt is chosen on the validation split, never on test
             row.update(evaluate(nodes, val_loader, fabric, prefix="val_"))
         score = row["val_top1_ensemble" if val_loader is not None else "top1_ensemble"]  # None: not evaluated

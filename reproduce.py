@@ -253,11 +253,19 @@ def typical_mde(claims):
     return round(statistics.median(values), 3) if values else None
 
 
-def final_train_ce(folder, columns):
-    """The last epoch's training CE (mean of `columns` in metrics.csv): how well the run fit its images."""
+def final_train_ce(folder, columns, weight=1.0):
+    """The last epoch's training CE (mean of `columns` in metrics.csv, each a loss
+    term that is `weight` × the CE): how well the run fit its images."""
     lines = (Path(folder) / "metrics.csv").read_text().splitlines()
     header, last = lines[0].split(","), lines[-1].split(",")
-    return statistics.mean(float(last[header.index(column)]) for column in columns)
+    mean = statistics.mean(float(last[header.index(column)]) for column in columns)
+    return mean / weight if weight else math.nan  # λ = 1: the CE had no weight, and is not in the log
+
+
+def class_head_weight(folder):
+    """1 - λ of a DeiT run with a teacher (its `ce` term is (1-λ)·CE), else 1."""
+    args = json.loads((Path(folder) / "args.json").read_text())
+    return 1.0 if args["distillation_type"] == "none" else 1 - args["distillation_alpha"]
 
 
 # --- the tables ---------------------------------------------------------------
@@ -294,7 +302,7 @@ def dml_table(flags, seeds, runs, quick):
             rows.append(summary(name, f"train top-1 student {k + 1} ({student})",
                                 [r["students"][k]["train_top1"] for r in results]))
         rows.append(summary(name, "agreement of the students (test, %)", [r["agreement"] for r in results]))
-        columns = [f"ce_{k}" for k in range(len(students))]
+        columns = [f"loss_ce_{k}" for k in range(len(students))]
         rows.append(summary(name, "final training CE", [final_train_ce(runs / slug(name) / f"seed{s}", columns)
                                                          for s in seeds]))
     measures = {"rise": "loss rise", "relative_rise": "loss rise / clean loss", "top1_drop": "train top-1 drop"}
@@ -362,7 +370,8 @@ def deit_table(flags, seeds, runs, quick):
                      summary(name, "teacher ≠ label on training views (%, last epoch)",
                              [r["teacher_disagreement"] for r in results])]
         rows.append(summary(name, "train top-1", [r["train_top1"] for r in results]))
-        rows.append(summary(name, "final training CE", [final_train_ce(runs / slug(name) / f"seed{s}", ["loss_ce"])
+        rows.append(summary(name, "final training CE", [final_train_ce(runs / slug(name) / f"seed{s}", ["loss_ce"],
+                                                                       class_head_weight(runs / slug(name) / f"seed{s}"))
                                                          for s in seeds]))
     none, soft, hard = configs
     claims = [claim("hard distillation > no distillation", top1[hard], top1[none]),

@@ -163,7 +163,7 @@ def learning_rate(recipe, args, epoch, step, steps_per_epoch):
 
 def curve_panels(network):
     """What each network's curves.png draws."""
-    return [("training loss", [("loss", "total"), ("loss_ce", "CE"), ("loss_distill", "τ²·KL to the teacher")]),
+    return [("training loss", [("loss", "total"), ("loss_ce", "(1-λ)·CE"), ("loss_kd", "λ·τ²·KL to the teacher")]),
             ("top-1 (%)", [("top1", network), ("val_top1", f"{network} (validation)")]),
             ("learning rate", [("lr", "lr")])]
 
@@ -233,30 +233,26 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
     for epoch in range(state["epoch"], args.epochs):
         seed_epoch(fabric, args.seed, epoch)
         model.train()
-        log = TrainLog(fabric, ["loss", "ce", "distill"], epoch, args.epochs, steps_per_epoch, args.log_every, folder,
-                       folder.name, logger)
+        log = TrainLog(fabric, epoch, args.epochs, steps_per_epoch, args.log_every, folder, folder.name, logger)
         for step, (images, labels) in enumerate(train_loader.epoch(epoch)):
             rate = learning_rate(recipe, args, epoch, step, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = rate
             logits = model(images)
             if teacher is None:
-                loss = ce = cross_entropy(logits, labels)
-                distill = torch.zeros_like(ce)
+                terms = {"ce": cross_entropy(logits, labels)}
             else:
                 with torch.no_grad():
                     teacher_logits = teacher(images.to(next(teacher.parameters()).dtype))
-                loss, ce, distill = kd_loss(logits, teacher_logits, labels, args.distillation_alpha,
-                                            args.distillation_tau)
+                terms = kd_loss(logits, teacher_logits, labels, args.distillation_alpha, args.distillation_tau)
+            loss = sum(terms.values())
             fabric.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            log.step(step, torch.stack([loss, ce, distill]), len(labels))
+            log.step(step, loss, terms, len(labels))
         means = log.close()
 
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": means["loss"],
-               "loss_ce": means["ce"], "loss_distill": means["distill"], "top1": None, "top5": None,
-               "img_per_s": means["img_per_s"]}
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **means, "top1": None, "top5": None}
         if evaluates_test(epoch, args.epochs, args.eval_every):  # else empty in metrics.csv, never best.ckpt
             row["top1"], row["top5"] = evaluate(model, test_loader, fabric)
         score = row["top1"]

@@ -57,12 +57,12 @@ def kd_loss(student_logits, teacher_logits, target, kd_lambda, tau):
         L = (1-λ)·CE(ψ(Z_s), y) + λ·τ²·KL(ψ(Z_t/τ) ‖ ψ(Z_s/τ))
 
     with the KL `batchmean` (TAKD's code uses 'mean', a factor of the class count
-    smaller) and the teacher detached. λ = 0 is plain CE. Returns (L, CE, τ²·KL)
-    so that both terms can be logged.
+    smaller) and the teacher detached. λ = 0 is plain CE. Returns L's two terms by
+    name, weighted, so that L is their sum: {"ce": (1-λ)·CE, "kd": λ·τ²·KL}.
     """
     ce = cross_entropy(student_logits, target)
     distill = soft_distillation_loss(student_logits, teacher_logits, tau)
-    return (1 - kd_lambda) * ce + kd_lambda * distill, ce, distill
+    return {"ce": (1 - kd_lambda) * ce, "kd": kd_lambda * distill}
 
 
 # --- Knowledge Transfer Graph edges (Minami et al. 2020; Okamoto et al., seed 002) ---

@@ -285,14 +285,13 @@ class TrainLog:
     inside the epoch prints one line instead.
     """
 
-    def __init__(self, fabric, names, epoch, epochs, steps, log_every, out, desc="", logger=None,
-                 preemptible=False):
-        self.fabric, self.names, self.epoch, self.steps, self.log_every = fabric, names, epoch, steps, log_every
+    def __init__(self, fabric, epoch, epochs, steps, log_every, out, desc="", logger=None, preemptible=False):
+        self.fabric, self.epoch, self.steps, self.log_every = fabric, epoch, steps, log_every
         self.logger = logger
         self.out, self.desc = out, f"{desc} epoch {epoch + 1}/{epochs}".strip()
-        self.sums = torch.zeros(len(names), device=fabric.device)
+        self.names = self.sums = None  # the columns, known from the first step
         self.first_bad_step = torch.full((), -1, device=fabric.device)
-        self.images, self.means = 0, {}
+        self.images, self.done, self.means = 0, 0, {}
         self.terminal = sys.stdout.isatty()
         self.bar = tqdm(total=steps, desc=self.desc, leave=False, disable=not (fabric.is_global_zero and self.terminal))
         self.start = time.perf_counter()
@@ -308,11 +307,17 @@ class TrainLog:
             raise KeyboardInterrupt
         self.stop_asked = True
 
-    def step(self, step, terms, batch_size):
-        """Add one step's loss terms (a tensor of len(names) values) for `batch_size` images on this rank."""
-        terms = terms.detach().float()
-        self.sums += terms
-        bad = ~torch.isfinite(terms).all()
+    def step(self, step, loss, terms, batch_size, **diagnostics):
+        """Add one step of `batch_size` images on this rank: the `loss` that was
+        backpropagated (column `loss`), its named `terms` (`loss_<name>`, which sum
+        to it) and other per-step figures (`diagnostics`, by their names)."""
+        columns = {"loss": loss, **{f"loss_{name}": term for name, term in terms.items()}, **diagnostics}
+        if self.names is None:
+            self.names = list(columns)
+            self.sums = torch.zeros(len(columns), device=self.fabric.device)
+        values = torch.stack([value.detach().float() for value in columns.values()])
+        self.sums += values
+        bad = ~torch.isfinite(values).all()
         self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
         self.images += batch_size * self.fabric.world_size
         self.bar.update()
@@ -333,7 +338,7 @@ class TrainLog:
             last = Path(self.out or "") / "last.ckpt"
             kept = f"; the last good checkpoint is {last}" if self.out is not None and last.is_file() else ""
             raise UserError(f"the loss became NaN or infinite at epoch {self.epoch + 1}, {where}: stopped{kept}")
-        self.means = dict(zip(self.names, packed[:-2]))
+        self.means, self.done = dict(zip(self.names, packed[:-2])), done
         self.seconds = time.perf_counter() - self.start
         if self.logger is not None:
             self.logger.log_metrics({f"train/{name}": value for name, value in self.means.items()}
@@ -350,7 +355,9 @@ class TrainLog:
         return self.images / max(self.seconds, 1e-9)
 
     def close(self):
-        """End of the epoch: the mean of every term over the epoch, and img/s."""
+        """End of the epoch: the mean of every column over the epoch, and img/s."""
+        if not self.means and self.names is not None:  # resumed after the epoch's last step: nothing read since
+            self.read(self.done)
         self.bar.close()
         for sig, handler in self.handlers.items():
             signal.signal(sig, handler)
@@ -361,11 +368,11 @@ class TrainLog:
     def state(self):
         """What a mid-epoch checkpoint keeps of the log: this process's sums so far (tensors), and the counts."""
         return ({"log_sums": self.sums, "log_first_bad_step": self.first_bad_step},
-                {"images": self.images, "seconds": time.perf_counter() - self.start})
+                {"images": self.images, "seconds": time.perf_counter() - self.start, "log_names": self.names})
 
     def load(self, tensors, counts, done):
         """Continue from what state() returned, after `done` steps of the epoch."""
-        self.sums.copy_(tensors["log_sums"])
+        self.names, self.sums, self.done = counts["log_names"], tensors["log_sums"].clone(), done
         self.first_bad_step.copy_(tensors["log_first_bad_step"])
         self.images, self.start = counts["images"], time.perf_counter() - counts["seconds"]
         self.bar.update(done)
@@ -774,12 +781,17 @@ def plot_curves(path, rows, panels):
     ensemble is drawn thicker. A line given as `(column, label, "right")` gets
     the panel's right axis (DML's KL, ≈ 0.01 beside a CE of ≈ 2). Columns a run
     lacks are left out; a column's empty values (epochs that did not evaluate,
-    `--eval-every`) are skipped. Returns the figure."""
+    `--eval-every`) are skipped. A loss column (`loss`, `loss_<term>`) no panel
+    names joins the first panel: a term added to a method's loss is drawn too.
+    Returns the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    named = {column for _, lines in panels for column, *_ in lines}
+    unnamed = [(column, column) for column in rows[-1] if column.startswith("loss") and column not in named]
+    panels = [(panels[0][0], [*panels[0][1], *unnamed]), *panels[1:]]
     epochs = [int(row["epoch"]) for row in rows]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, layout="constrained")
     for ax, (title, lines) in zip(axes[0], panels):

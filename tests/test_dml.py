@@ -1,6 +1,7 @@
 """dml.py end to end on the embedded data: run folder, modes, DeiT students, resume, DDP and bad input."""
 import csv
 import json
+import re
 import shutil
 
 import pytest
@@ -30,10 +31,9 @@ def test_dml_run_folder(tmp_path, capsys):
     assert res["ensemble_top1"] > 20
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
-    for row in rows:  # each student's loss is its CE plus its KL
-        for k in (0, 1):
-            assert float(row[f"loss_{k}"]) == pytest.approx(float(row[f"ce_{k}"]) + float(row[f"kl_{k}"]))
-            assert float(row[f"kl_{k}"]) > 0
+    for row in rows:  # the backpropagated loss is the sum of each student's CE and KL
+        terms = [float(row[f"loss_{term}_{k}"]) for k in (0, 1) for term in ("ce", "kl")]
+        assert float(row["loss"]) == pytest.approx(sum(terms), rel=1e-5) and all(term > 0 for term in terms)
     assert float(rows[-1]["top1_ensemble"]) == res["ensemble_top1"]
     # best.ckpt is the epoch best on the 250 held-out training images, not on the test split
     assert res["best_on"] == "validation" and res["dml_target"] == "prediction"
@@ -42,16 +42,18 @@ def test_dml_run_folder(tmp_path, capsys):
     assert "ensemble" in capsys.readouterr().out  # the summary table
     # the default CSV logger: losses at every log point and each epoch's record
     logged = list(csv.DictReader(open(out / "logs" / "version_0" / "metrics.csv")))
-    assert any(row.get("train/ce_0") for row in logged) and any(row.get("epoch/top1_ensemble") for row in logged)
+    assert any(row.get("train/loss_ce_0") for row in logged) and any(row.get("epoch/top1_ensemble") for row in logged)
     # the curves: each student's CE and KL, every accuracy (validation dashed), the learning rate
     assert png_size(out / "curves.png") == (1500, 400)
     fig = plot_curves(tmp_path / "again.png", rows, dml.curve_panels(res_names(res)))
     losses, accuracies, rate, kl_axis = fig.axes  # the KL (≈ 0.01) on its own axis, right of the CE (≈ 2)
-    assert [line.get_label() for line in losses.get_lines()] == ["0: vit_micro CE", "1: resnet8 CE"]
+    assert [line.get_label() for line in losses.get_lines()] == ["total, all students", "0: vit_micro CE",
+                                                                 "1: resnet8 CE"]
     assert [line.get_label() for line in kl_axis.get_lines()] == ["0: vit_micro KL (right axis)",
                                                                 "1: resnet8 KL (right axis)"]
     assert [text.get_text() for text in losses.get_legend().get_texts()] == [
-        "0: vit_micro CE", "1: resnet8 CE", "0: vit_micro KL (right axis)", "1: resnet8 KL (right axis)"]
+        "total, all students", "0: vit_micro CE", "1: resnet8 CE", "0: vit_micro KL (right axis)",
+        "1: resnet8 KL (right axis)"]
     assert [line.get_label() for line in accuracies.get_lines()] == [
         "0: vit_micro", "1: resnet8", "ensemble",
         "0: vit_micro (validation)", "1: resnet8 (validation)", "ensemble (validation)", "agreement of the students"]
@@ -81,9 +83,9 @@ def test_modes_share_initial_weights_and_kl_only_in_dml(tmp_path):
     for key in dml_run["student0"]:
         assert torch.allclose(dml_run["student0"][key], independent["student0"][key], atol=1e-8), key
     assert not torch.equal(dml_run["student0"]["cls_token"], dml_run["student1"]["cls_token"])  # two students
-    assert dml_run["history"][0]["kl_0"] > 0 and independent["history"][0]["kl_0"] == 0
+    assert dml_run["history"][0]["loss_kl_0"] > 0 and "loss_kl_0" not in independent["history"][0]
     # same data, same initial weights: the same CE at the start
-    assert dml_run["history"][0]["ce_0"] == pytest.approx(independent["history"][0]["ce_0"], rel=1e-3)
+    assert dml_run["history"][0]["loss_ce_0"] == pytest.approx(independent["history"][0]["loss_ce_0"], rel=1e-3)
     landscape = list(csv.DictReader(open(tmp_path / "dml" / "landscape.csv")))
     assert len(landscape) == 2 * 9 and {row["student"] for row in landscape} == {"0:vit_micro", "1:vit_micro"}
     clean, noisiest = landscape[0], landscape[8]
@@ -127,8 +129,8 @@ def test_dml_target_of_a_deit_head(target):
     deit_out, vit_out = (student(images) for student in students)
     peer_of_vit = prediction(deit_out) if target == "prediction" else split_heads(deit_out)[1]
     # the DeiT's distillation head mimics the ViT's only output either way; the ViT mimics the chosen DeiT output
-    assert terms[0, 1].item() == pytest.approx(kl_divergence(vit_out, deit_out[1]).item(), rel=1e-4)
-    assert terms[1, 1].item() == pytest.approx(kl_divergence(peer_of_vit, vit_out).item(), rel=1e-4)
+    assert terms["kl_0"].item() == pytest.approx(kl_divergence(vit_out, deit_out[1]).item(), rel=1e-4)
+    assert terms["kl_1"].item() == pytest.approx(kl_divergence(peer_of_vit, vit_out).item(), rel=1e-4)
 
 
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
@@ -353,7 +355,7 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     def poisoned(*args):  # the third step, the first of epoch 2, goes NaN
         calls.append(1)
         terms = real(*args)
-        return terms * float("nan") if len(calls) == 3 else terms
+        return {name: term * float("nan") for name, term in terms.items()} if len(calls) == 3 else terms
 
     monkeypatch.setattr(dml, "student_losses", poisoned)
     out = tmp_path / "run"
@@ -467,3 +469,23 @@ def test_extend_trains_a_finished_run_on_with_its_schedule_stretched(tmp_path, c
                            (["--epochs", "4", "--extend"], "--extend goes with --resume")]:
         with pytest.raises(UserError, match=message):
             run_main(dml, *common, *flags, "--out", tmp_path / "two")
+
+
+def test_a_term_added_to_the_loss_function_reaches_metrics_the_epoch_line_and_the_curves(tmp_path, monkeypatch,
+                                                                                         capsys):
+    plain = dml.student_losses
+
+    def with_a_term(students, images, labels, args):  # the one function a user edits
+        terms = plain(students, images, labels, args)
+        return {**terms, "confidence": 0.1 * terms["ce_0"]}
+
+    monkeypatch.setattr(dml, "student_losses", with_a_term)
+    run_main(dml, "--students", "vit_micro", "vit_micro", "--epochs", "1", "--train-subset", "100",
+             "--batch-size", "50", "--out", tmp_path / "run")
+    row, = csv.DictReader(open(tmp_path / "run" / "metrics.csv"))
+    assert float(row["loss_confidence"]) == pytest.approx(0.1 * float(row["loss_ce_0"]), rel=1e-5)
+    terms = [float(value) for column, value in row.items() if column.startswith("loss_")]
+    assert float(row["loss"]) == pytest.approx(sum(terms), rel=1e-5)  # the logged loss is the backpropagated sum
+    assert re.search(r"epoch 1/1: .*loss_confidence=\d\.\d{3}", capsys.readouterr().out)
+    losses = plot_curves(tmp_path / "again.png", [row], dml.curve_panels(["vit_micro", "vit_micro"])).axes[0]
+    assert "loss_confidence" in [line.get_label() for line in losses.get_lines()]

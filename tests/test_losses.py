@@ -95,24 +95,23 @@ def test_kd_loss_by_hand():
     # τ = 1: KL(p_t ‖ p_s) summed over classes, averaged over the 2 samples (batchmean)
     kl = (0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75) + 0.9 * math.log(0.9 / 0.5)
           + 0.1 * math.log(0.1 / 0.5)) / 2
-    assert kd_loss(student, teacher, labels, 0.0, 1.0)[0].item() == pytest.approx(ce, rel=1e-6)  # λ = 0: CE
-    assert kd_loss(student, teacher, labels, 1.0, 1.0)[0].item() == pytest.approx(kl, rel=1e-5)
-    loss, ce_term, kl_term = kd_loss(student, teacher, labels, 0.3, 1.0)
-    assert loss.item() == pytest.approx(0.7 * ce + 0.3 * kl, rel=1e-5)
-    assert (ce_term.item(), kl_term.item()) == (pytest.approx(ce, rel=1e-6), pytest.approx(kl, rel=1e-5))
+    loss = lambda *weights: sum(kd_loss(student, teacher, labels, *weights).values()).item()
+    assert loss(0.0, 1.0) == pytest.approx(ce, rel=1e-6)  # λ = 0: CE
+    assert loss(1.0, 1.0) == pytest.approx(kl, rel=1e-5)
+    terms = kd_loss(student, teacher, labels, 0.3, 1.0)
+    assert (terms["ce"].item(), terms["kd"].item()) == (pytest.approx(0.7 * ce, rel=1e-6), pytest.approx(0.3 * kl, rel=1e-5))
     # τ = 3: both softened, the KL term scaled by τ² = 9
     soft_s, soft_t = torch.softmax(student / 3, -1), torch.softmax(teacher / 3, -1)
     kl3 = (soft_t * (soft_t / soft_s).log()).sum(1).mean().item()
-    loss, _, kl_term = kd_loss(student, teacher, labels, 0.5, 3.0)
-    assert loss.item() == pytest.approx(0.5 * ce + 0.5 * 9 * kl3, rel=1e-5)
-    assert kl_term.item() == pytest.approx(9 * kl3, rel=1e-5)
+    assert loss(0.5, 3.0) == pytest.approx(0.5 * ce + 0.5 * 9 * kl3, rel=1e-5)
+    assert kd_loss(student, teacher, labels, 0.5, 3.0)["kd"].item() == pytest.approx(0.5 * 9 * kl3, rel=1e-5)
 
 
 def test_kd_loss_reaches_the_student_only():
     from common.losses import kd_loss
     student, teacher = torch.nn.Linear(3, 4), torch.nn.Linear(3, 4)
     x = torch.randn(8, 3)
-    kd_loss(student(x), teacher(x), torch.randint(0, 4, (8,)), 0.9, 4.0)[0].backward()
+    sum(kd_loss(student(x), teacher(x), torch.randint(0, 4, (8,)), 0.9, 4.0).values()).backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad.abs().sum() > 0 for p in student.parameters())
 
