@@ -49,11 +49,11 @@ from common.losses import cross_entropy, hard_distillation_loss, soft_distillati
 from common.models import (both_heads, count_parameters, create_model, describe_pretrained, freeze,
                            has_distillation_token, import_model_modules, load_pretrained, load_teacher, model_name_in,
                            save_weights, split_heads, weight_decay_groups)
-from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, accumulate, best_epoch, check_fraction,
-                        check_shared_flags, clip_gradients, cosine_schedule, end_epoch, evaluates_test,
+from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, accumulate, add_run_flags, best_epoch,
+                        check_fraction, check_shared_flags, clip_gradients, cosine_schedule, end_epoch, evaluates_test,
                         exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval, make_fabric,
-                        make_logger, open_run_folder, parse_with_config, require_positive, resume_mid_epoch,
-                        run_fields, save_mid_epoch, seed_epoch, write_json)
+                        make_logger, open_run_folder, parse_with_config, require_positive, resume_mid_epoch, run_fields,
+                        save_mid_epoch, seed_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -102,23 +102,10 @@ def parse_args(argv=None):
                         help="import these modules first: models they register with timm's @register_model "
                              "can then be named (e.g. mypkg.models)")
     parser.add_argument("--pretrained", help="start the student from this local weights file, loaded as timm does")
-    parser.add_argument("--compile", action="store_true", help="wrap the student and the teacher in torch.compile")
     parser.add_argument("--eval-every", type=int, default=1,
                         help="evaluate the test split every N epochs and at the last (validation: every epoch)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
-    parser.add_argument("--log-every", type=int, default=50, help="read the losses (a host sync) every N steps")
-    parser.add_argument("--out", help="run folder (default: runs/deit/<date-time>)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.ckpt")
-    parser.add_argument("--extend", action="store_true",
-                        help="with --resume and a larger --epochs: train the run on, its learning-rate schedule "
-                             "stretched to the new length (the rate rises again)")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
-    parser.add_argument("--eval", help="evaluate this checkpoint (with its run's arguments) instead of training")
-    parser.add_argument("--logger", choices=["csv", "tensorboard"], default="csv",
-                        help="also log steps and epochs to logs/version_<n>/metrics.csv or tensorboard/")
-    parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
-    parser.add_argument("--workers", type=int, help="DataLoader workers (recipe deit, streamed data; default: this "
-                             "process's cores shared by the ranks on the machine, at most 8)")
+    add_run_flags(parser, "deit", "the student and the teacher", extend=True)
     args = parse_with_config(parser, argv, script="deit")
     changed = [f"--{name.replace('_', '-')}" for name in ("randaugment", "mixup", "cutmix", "reprob", "repeated_aug")
                if getattr(args, name) != parser.get_default(name)]
@@ -209,7 +196,8 @@ def student_loss(output, teacher_logits, targets, args):
 
 
 CURVE_PANELS = [  # what curves.png draws
-    ("training loss", [("loss", "total"), ("loss_ce", "(1-λ)·class head CE"), ("loss_distill", "λ·distillation term")]),
+    ("training loss", [("loss", "total"), ("loss_ce", "(1-λ)·class head CE"),
+                       ("loss_distill", "λ·distillation term")]),
     ("top-1 (%)", [("top1", "prediction (both heads)"), ("top1_cls", "class head"), ("top1_dist", "distillation head"),
                    ("teacher_agreement", "agreement with the teacher"), ("val_top1", "prediction (validation)"),
                    ("ema_top1", "EMA"), ("teacher_disagreement", "teacher ≠ label on training views")]),

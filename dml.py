@@ -57,10 +57,11 @@ from common.losses import cross_entropy, dml_loss
 from common.models import (agreeing_pairs, count_parameters, create_model, describe_pretrained, has_distillation_token,
                            import_model_modules, load_pretrained, prediction, save_weights, split_heads,
                            weight_decay_groups)
-from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, accumulate, best_epoch, check_shared_flags,
-                        clip_gradients, cosine_schedule, end_epoch, evaluates_test, exit_on_user_error, finish,
-                        load_checkpoint, load_for_eval, make_fabric, make_logger, no_backward_sync, open_run_folder,
-                        parse_with_config, resume_mid_epoch, run_fields, save_mid_epoch, seed_epoch, write_json)
+from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, accumulate, add_run_flags, best_epoch,
+                        check_shared_flags, clip_gradients, cosine_schedule, end_epoch, evaluates_test,
+                        exit_on_user_error, finish, load_checkpoint, load_for_eval, make_fabric, make_logger,
+                        no_backward_sync, open_run_folder, parse_with_config, resume_mid_epoch, run_fields,
+                        save_mid_epoch, seed_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -102,24 +103,11 @@ def parse_args(argv=None):
                              "can then be named (e.g. mypkg.models)")
     parser.add_argument("--pretrained", nargs="+",
                         help="local weights file(s), one for all students or one each, loaded as timm does")
-    parser.add_argument("--compile", action="store_true", help="wrap the students in torch.compile")
     parser.add_argument("--landscape", action="store_true", help="after training, write each student's loss landscape")
     parser.add_argument("--eval-every", type=int, default=1,
                         help="evaluate the test split every N epochs and at the last (validation: every epoch)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
-    parser.add_argument("--log-every", type=int, default=50, help="read the losses (a host sync) every N steps")
-    parser.add_argument("--out", help="run folder (default: runs/dml/<date-time>)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.ckpt")
-    parser.add_argument("--extend", action="store_true",
-                        help="with --resume and a larger --epochs: train the run on, its learning-rate schedule "
-                             "stretched to the new length (the rate rises again)")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
-    parser.add_argument("--eval", help="evaluate this checkpoint (with its run's arguments) instead of training")
-    parser.add_argument("--logger", choices=["csv", "tensorboard"], default="csv",
-                        help="also log steps and epochs to logs/version_<n>/metrics.csv or tensorboard/")
-    parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
-    parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data (default: this process's "
-                             "cores shared by the ranks on the machine, at most 8)")
+    add_run_flags(parser, "dml", "the students", extend=True)
     return parse_with_config(parser, argv, script="dml")
 
 

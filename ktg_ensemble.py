@@ -54,10 +54,10 @@ from common.graph import (LABEL, LOSSES, check_graph, draw_attention, draw_graph
 from common.losses import edge_loss, gate, label_loss
 from common.models import (ABN_ALIASES, agreeing_pairs, count_parameters, create_model, describe_pretrained,
                            import_model_modules, load_pretrained, save_weights)
-from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, check_shared_flags, end_epoch, evaluates_test,
-                        exit_on_user_error, finish, load_checkpoint, load_for_eval, make_fabric, make_logger,
-                        on_rank_zero, open_run_folder, parse_with_config, require_positive, run_fields, seed_epoch,
-                        step_schedule, write_csv, write_json)
+from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, add_run_flags, check_shared_flags, end_epoch,
+                        evaluates_test, exit_on_user_error, finish, load_checkpoint, load_for_eval, make_fabric,
+                        make_logger, on_rank_zero, open_run_folder, parse_with_config, require_positive, run_fields,
+                        seed_epoch, step_schedule, write_csv, write_json)
 from common.study import (open_study, search_picture, storage_failure, storage_url, trial_rows,
                           wait_for_running_trials)
 
@@ -90,26 +90,15 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate for batch 64 (scaled by batch/64)")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     parser.add_argument("--warmup-epochs", type=float, default=1, help="linear warm-up of the learning rate")
-    parser.add_argument("--compile", action="store_true", help="wrap the nodes in torch.compile")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order, augmentation and "
                                                             "sampler (give each search worker its own)")
-    parser.add_argument("--log-every", type=int, default=50, help="read the losses (a host sync) every N steps")
     parser.add_argument("--eval-every", type=int, default=1, help="test every N epochs and at the last")
-    parser.add_argument("--out", help="run folder (default: runs/ktg/<date-time>)")
-    parser.add_argument("--resume", action="store_true", help="continue the run (or the search) in --out")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
     parser.add_argument("--model-module", nargs="+", default=[],
                         help="import these modules first: models they register with timm's @register_model "
                              "can then be named (e.g. mypkg.models)")
     parser.add_argument("--pretrained", nargs="+",
                         help="local weights file(s), one for all nodes or one each, loaded as timm does")
-    parser.add_argument("--eval", help="evaluate this checkpoint (its graph, with its run's arguments) instead of "
-                                       "training")
-    parser.add_argument("--logger", choices=["csv", "tensorboard"], default="csv",
-                        help="also log steps and epochs to logs/version_<n>/metrics.csv or tensorboard/")
-    parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
-    parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data (default: this process's "
-                             "cores shared by the ranks on the machine, at most 8)")
+    add_run_flags(parser, "ktg", "the nodes")
     return parse_with_config(parser, argv, script="ktg_ensemble")
 
 

@@ -370,9 +370,9 @@ def deit_table(flags, seeds, runs, quick):
                      summary(name, "teacher ≠ label on training views (%, last epoch)",
                              [r["teacher_disagreement"] for r in results])]
         rows.append(summary(name, "train top-1", [r["train_top1"] for r in results]))
-        rows.append(summary(name, "final training CE", [final_train_ce(runs / slug(name) / f"seed{s}", ["loss_ce"],
-                                                                       class_head_weight(runs / slug(name) / f"seed{s}"))
-                                                         for s in seeds]))
+        folders = [runs / slug(name) / f"seed{s}" for s in seeds]
+        rows.append(summary(name, "final training CE", [final_train_ce(folder, ["loss_ce"], class_head_weight(folder))
+                                                         for folder in folders]))
     none, soft, hard = configs
     claims = [claim("hard distillation > no distillation", top1[hard], top1[none]),
               claim("soft distillation > no distillation", top1[soft], top1[none]),

@@ -60,10 +60,10 @@ from common.data import DATASETS, PADDING, hold_out, load_dataset, make_loader, 
 from common.losses import cross_entropy, kd_loss
 from common.models import (count_parameters, create_model, describe_pretrained, freeze, import_model_modules,
                            load_pretrained, load_teacher, model_name_in, save_weights)
-from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, check_shared_flags, end_epoch, evaluates_test,
-                        exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval, make_fabric,
-                        make_logger, on_rank_zero, open_run_folder, parse_with_config, require_positive, save_figure,
-                        run_fields, seed_epoch, step_schedule, write_csv, write_json)
+from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, add_run_flags, check_shared_flags, end_epoch,
+                        evaluates_test, exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval,
+                        make_fabric, make_logger, on_rank_zero, open_run_folder, parse_with_config, require_positive,
+                        run_fields, save_figure, seed_epoch, step_schedule, write_csv, write_json)
 
 AUTO = "auto"
 # Each family's recipe (see the docstring); --lr, --weight-decay, --schedule, --warmup-epochs override it
@@ -104,21 +104,10 @@ def parse_args(argv=None):
                              "can then be named (e.g. mypkg.models)")
     parser.add_argument("--pretrained", help="start the student (the chain's last network, in every lineage) from "
                                              "this local weights file, loaded as timm does")
-    parser.add_argument("--compile", action="store_true", help="wrap the trained networks in torch.compile")
     parser.add_argument("--eval-every", type=int, default=1,
                         help="evaluate the test split every N epochs and at the last (validation: every epoch)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
-    parser.add_argument("--log-every", type=int, default=50, help="read the losses (a host sync) every N steps")
-    parser.add_argument("--out", help="run folder (default: runs/takd/<date-time>)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
-    parser.add_argument("--eval", help="evaluate this network checkpoint (a sub-folder's .ckpt, with its run's "
-                                       "arguments) instead of training")
-    parser.add_argument("--logger", choices=["csv", "tensorboard"], default="csv",
-                        help="also log steps and epochs to logs/ or tensorboard/ of each network")
-    parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
-    parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data (default: this process's "
-                             "cores shared by the ranks on the machine, at most 8)")
+    add_run_flags(parser, "takd", "the trained networks")
     return parse_with_config(parser, argv, script="takd")
 
 
@@ -163,7 +152,8 @@ def learning_rate(recipe, args, epoch, step, steps_per_epoch):
 
 def curve_panels(network):
     """What each network's curves.png draws."""
-    return [("training loss", [("loss", "total"), ("loss_ce", "(1-λ)·CE"), ("loss_kd", "λ·τ²·KL to the teacher")]),
+    losses = [("loss", "total"), ("loss_ce", "(1-λ)·CE"), ("loss_kd", "λ·τ²·KL to the teacher")]
+    return [("training loss", losses),
             ("top-1 (%)", [("top1", network), ("val_top1", f"{network} (validation)")]),
             ("learning rate", [("lr", "lr")])]
 

@@ -499,8 +499,8 @@ def make_loader(data, split, batch_size, fabric, seed=0, transform=None, repeats
     train = split == "train"
     if train and batch_size * fabric.world_size > len(data[split][1]):
         # one short batch filled up with black images would be all it trained on
-        raise UserError(f"--batch-size {batch_size * fabric.world_size} exceeds the {len(data[split][1])} training images: "
-                        f"give a smaller --batch-size or more images")
+        raise UserError(f"--batch-size {batch_size * fabric.world_size} exceeds the {len(data[split][1])} training "
+                        f"images: give a smaller --batch-size or more images")
     if data.get("streamed") or transform is not None:
         transform = transform or default_transform(data, train and augment)
         workers = default_workers(fabric) if workers is None else workers

@@ -675,6 +675,30 @@ def same_file(source, path):
     os.replace(tmp, path)
 
 
+def add_run_flags(parser, folder, compiled, extend=False):
+    """The flags of a run's plumbing, the same in every script: where it is
+    written, how it is resumed, logged and evaluated, how fast it runs (all of
+    them but --overwrite and --eval may change on --resume: RESUMABLE). `folder`
+    names the default run folder, `compiled` what --compile wraps; `extend` adds
+    --extend (a run trained on to a larger --epochs)."""
+    parser.add_argument("--out", help=f"run folder (default: runs/{folder}/<date-time>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    if extend:
+        parser.add_argument("--extend", action="store_true",
+                            help="with --resume and a larger --epochs: train the run on, its learning-rate schedule "
+                                 "stretched to the new length (the rate rises again)")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing --out (a run folder) first")
+    parser.add_argument("--eval", help="evaluate this checkpoint (with its run's arguments) instead of training")
+    parser.add_argument("--config", help="start from a run's args.json; flags given here override it")
+    parser.add_argument("--logger", choices=["csv", "tensorboard"], default="csv",
+                        help="also log steps and epochs to logs/version_<n>/metrics.csv or tensorboard/")
+    parser.add_argument("--log-every", type=int, default=50, help="read the losses (a host sync) every N steps")
+    parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data and per-image transforms "
+                                                    "(default: this process's cores shared by the ranks on the "
+                                                    "machine, at most 8)")
+    parser.add_argument("--compile", action="store_true", help=f"wrap {compiled} in torch.compile")
+
+
 # What --resume may change: nothing that shapes the run (models, data, epochs,
 # batch size, learning rate and schedule, seed, losses), only where it is
 # written, how it is logged and how fast it runs.

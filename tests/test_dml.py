@@ -305,7 +305,8 @@ def test_bad_input_is_one_line_and_status_2(tmp_path):
 def test_bad_input(tmp_path, flags, message):
     out = [] if "--resume" in flags else ["--out", tmp_path / "run"]
     with pytest.raises(UserError, match=message):
-        run_main(dml, "--students", "vit_micro", "vit_micro", "--train-subset", "50", "--batch-size", "50", *flags, *out)
+        run_main(dml, "--students", "vit_micro", "vit_micro", "--train-subset", "50", "--batch-size", "50", *flags,
+                 *out)
 
 
 @pytest.fixture(scope="module")
