@@ -58,8 +58,7 @@ from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, add_ru
                         evaluates_test, exit_on_user_error, finish, load_checkpoint, load_for_eval, make_fabric,
                         make_logger, on_rank_zero, open_run_folder, parse_with_config, require_positive, run_fields,
                         seed_epoch, step_schedule, write_csv, write_json)
-from common.study import (open_study, search_picture, storage_failure, storage_url, trial_rows,
-                          wait_for_running_trials)
+from common.study import best_trial, open_study, run_trials, search_picture, storage_url, trial_rows
 
 
 def parse_args(argv=None):
@@ -280,24 +279,11 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
 
 def search(nodes, data, fabric, args, out):
     """Run trials until --search of them have finished (completed or pruned) in the study; return the best graph."""
-    import _thread
-    import threading
-
     import optuna
-    from optuna.trial import TrialState
 
     study, storage = open_study(args, out)
-    # one validation split for the whole study: every worker ranks its trials on the same images
-    split = {"fraction": args.val_split, "seed": args.split_seed}
-    if "val_split" not in study.user_attrs:
-        study.set_user_attr("val_split", split)
-    elif study.user_attrs["val_split"] != split:
-        first = study.user_attrs["val_split"]
-        raise UserError(f"study {args.study_name!r} scores on --val-split {first['fraction']} --split-seed "
-                        f"{first['seed']}: give this worker the same, not {args.val_split} and {args.split_seed}")
     # attention losses only if every node has an attention branch
     losses = [loss for loss in LOSSES if loss.startswith("prob") or all(name in ABN_ALIASES for name in nodes)]
-    finished = (TrialState.COMPLETE, TrialState.PRUNED)
 
     def objective(trial):
         graph = sample_graph(trial, nodes, losses)
@@ -314,45 +300,9 @@ def search(nodes, data, fabric, args, out):
         fabric.print(f"trial {trial.number}")
         return 100 - train_graph(graph, data, fabric, args, report=report)[1]["val_top1_ensemble"]
 
-    # A lost server stops the worker with one line, not Optuna's and SQLAlchemy's
-    # tracebacks. The heartbeat thread, which usually meets it first, interrupts
-    # the training instead of dying alone. The trial left RUNNING fails once the
-    # server is back and its heartbeat is stale.
-    url, lost, default_hook = storage_url(args, out), [], threading.excepthook
-
-    def on_thread_error(hook_args):
-        if storage_failure(hook_args.exc_value, url):
-            lost.append(hook_args.exc_value)
-            _thread.interrupt_main()
-        else:
-            default_hook(hook_args)
-
-    threading.excepthook = on_thread_error
-    try:
-        if len(study.get_trials(deepcopy=False, states=finished)) < args.search:
-            # a trial whose loss turns NaN fails alone; the search goes on
-            study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(args.search, states=finished)],
-                           catch=(UserError,))
-        # Other workers' last trials may still beat the best: wait until none runs,
-        # so that every worker retrains the same graph.
-        trials = wait_for_running_trials(study, storage)
-    except (Exception, KeyboardInterrupt) as error:
-        failure = storage_failure(lost[0] if lost else error, url)
-        if not failure:
-            raise
-        raise UserError(f"lost the study storage at {failure}; rerun with --resume once it is back") from None
-    finally:
-        threading.excepthook = default_hook
-    completed = [t for t in trials if t.state == TrialState.COMPLETE]
-    if not completed:
-        raise UserError(f"no trial of study {args.study_name!r} completed")
+    trials = run_trials(study, storage, objective, args.search, storage_url(args, out))
+    best, summary = best_trial(trials, args)
     write_csv(out / "trials.csv", trial_rows(trials))
-    best = min(completed, key=lambda t: t.value)  # as study.best_trial, without asking the server again
-    summary = {"study_name": args.study_name, "trials": len(trials), "completed": len(completed),
-               "pruned": sum(t.state == TrialState.PRUNED for t in trials),
-               "failed": sum(t.state == TrialState.FAIL for t in trials),
-               "best_trial": best.number, "best_val_error": best.value, "best_graph": best.user_attrs["graph"],
-               "val_split": args.val_split, "val_split_seed": args.split_seed}
     write_json(out / "best_graph.json", best.user_attrs["graph"])
     search_picture(out / "search.png", study)
     return best.user_attrs["graph"], summary

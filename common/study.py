@@ -1,6 +1,8 @@
-"""The Optuna study a Knowledge Transfer Graph search keeps its trials in: opened
-on SQLite or a shared PostgreSQL server with heartbeats, its connection failures
-turned into one line, and what a worker writes of it (trials.csv, search.png)."""
+"""The Optuna study a Knowledge Transfer Graph search (ktg_ensemble.py) keeps its
+trials in: opened on SQLite or a shared PostgreSQL server with heartbeats, its
+trials run until the study has enough (a lost server in one line, the wait for
+other workers' trials), its best trial, and what a worker writes of it
+(trials.csv, search.png)."""
 import fcntl
 import logging
 import os
@@ -39,10 +41,78 @@ def open_study(args, out):
             raise UserError(f"cannot reach the study storage at {failure}") from None
         raise UserError(f"cannot open study {args.study_name!r} in {masked(url)}: {type(error).__name__}: "
                         f"{str(error).splitlines()[0]}") from None
+    # one validation split for the whole study: every worker ranks its trials on the same images
+    split = {"fraction": args.val_split, "seed": args.split_seed}
+    if "val_split" not in study.user_attrs:
+        study.set_user_attr("val_split", split)
+    elif study.user_attrs["val_split"] != split:
+        first = study.user_attrs["val_split"]
+        raise UserError(f"study {args.study_name!r} scores on --val-split {first['fraction']} --split-seed "
+                        f"{first['seed']}: give this worker the same, not {args.val_split} and {args.split_seed}")
     # Seeded by the trials already there: one worker is reproducible, a resumed one draws new graphs.
     study.sampler = optuna.samplers.RandomSampler(seed=args.seed * 100_003 + len(study.trials))
     study.pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
     return study, storage
+
+
+def run_trials(study, storage, objective, count, url):
+    """Run `objective` in trials until `count` trials of the study have finished
+    (completed or pruned, by any worker), wait for the other workers' running
+    trials, and return all trials. A trial whose loss turns NaN (a UserError)
+    fails alone and the search goes on.
+
+    A lost server stops the worker with one line, not Optuna's and SQLAlchemy's
+    tracebacks. The heartbeat thread, which usually meets it first, interrupts
+    the training instead of dying alone. The trial left RUNNING fails once the
+    server is back and its heartbeat is stale."""
+    import _thread
+    import threading
+
+    import optuna
+    from optuna.trial import TrialState
+
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    lost, default_hook = [], threading.excepthook
+
+    def on_thread_error(hook_args):
+        if storage_failure(hook_args.exc_value, url):
+            lost.append(hook_args.exc_value)
+            _thread.interrupt_main()
+        else:
+            default_hook(hook_args)
+
+    threading.excepthook = on_thread_error
+    try:
+        if len(study.get_trials(deepcopy=False, states=finished)) < count:
+            study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(count, states=finished)],
+                           catch=(UserError,))
+        # Other workers' last trials may still beat the best: wait until none runs,
+        # so that every worker retrains the same graph.
+        return wait_for_running_trials(study, storage)
+    except (Exception, KeyboardInterrupt) as error:
+        failure = storage_failure(lost[0] if lost else error, url)
+        if not failure:
+            raise
+        raise UserError(f"lost the study storage at {failure}; rerun with --resume once it is back") from None
+    finally:
+        threading.excepthook = default_hook
+
+
+def best_trial(trials, args):
+    """The completed trial of least validation error (as study.best_trial, without
+    asking the server again), and the search's summary for results.json."""
+    from optuna.trial import TrialState
+
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not completed:
+        raise UserError(f"no trial of study {args.study_name!r} completed")
+    best = min(completed, key=lambda t: t.value)
+    summary = {"study_name": args.study_name, "trials": len(trials), "completed": len(completed),
+               "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+               "failed": sum(t.state == TrialState.FAIL for t in trials),
+               "best_trial": best.number, "best_val_error": best.value, "best_graph": best.user_attrs["graph"],
+               "val_split": args.val_split, "val_split_seed": args.split_seed}
+    return best, summary
 
 
 def wait_for_running_trials(study, storage):

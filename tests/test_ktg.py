@@ -245,7 +245,7 @@ def test_a_trial_stopped_by_ctrl_c_is_logged_without_a_traceback(tmp_path, caplo
 
     from common.study import open_study
 
-    args = argparse.Namespace(storage=None, study_name="quiet", heartbeat_grace=15, seed=0)
+    args = argparse.Namespace(storage=None, study_name="quiet", heartbeat_grace=15, seed=0, val_split=0.2, split_seed=0)
     study, _ = open_study(args, tmp_path)
 
     def objective(trial):
@@ -288,7 +288,7 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_fails_and_the_wait
 
     from common.study import open_study, wait_for_running_trials
 
-    args = argparse.Namespace(storage=None, study_name="orphan", heartbeat_grace=1, seed=0)
+    args = argparse.Namespace(storage=None, study_name="orphan", heartbeat_grace=1, seed=0, val_split=0.2, split_seed=0)
     study, storage = open_study(args, tmp_path)
     study.ask()  # RUNNING, and no heartbeat: Optuna alone would wait for it forever
     waited = []
