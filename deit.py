@@ -38,7 +38,6 @@ Expect (the paper, ImageNet top-1, no distillation -> hard): Ti 72.2 -> 74.5,
 S 79.9 -> 81.2, B 81.8 -> 83.4; hard > soft > none.
 """
 import argparse
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -51,9 +50,9 @@ from common.models import (both_heads, count_parameters, create_model, describe_
                            save_weights, split_heads, weight_decay_groups)
 from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, accumulate, add_run_flags, best_epoch,
                         check_fraction, check_shared_flags, clip_gradients, cosine_schedule, end_epoch, evaluates_test,
-                        exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval, make_fabric,
-                        make_logger, open_run_folder, parse_with_config, require_positive, resume_mid_epoch, run_fields,
-                        save_mid_epoch, seed_epoch, write_json)
+                        exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval, make_logger,
+                        parse_with_config, require_positive, resume_mid_epoch, run_fields, save_mid_epoch, seed_epoch,
+                        start_run, write_json)
 
 
 def parse_args(argv=None):
@@ -259,10 +258,7 @@ def learning_rate(args, lr, epoch, step, steps_per_epoch):
 def main(args):
     import_model_modules(args.model_module)
     check_args(args)
-    fabric = make_fabric()
-    fabric.seed_everything(args.seed)
-    args.out = args.out or fabric.broadcast(f"runs/deit/{datetime.now():%Y%m%d-%H%M%S}")
-    out = open_run_folder(fabric, args, "deit")
+    fabric, out = start_run(args, "deit")
     logger = make_logger(args.logger, out)
 
     with fabric.rank_zero_first(local=True):  # a download happens once per machine

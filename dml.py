@@ -45,7 +45,6 @@ cifar10-mini, vit_micro × 2, 30 epochs, batch 128, seed 0, DML gave 49.6/49.0
 (ensemble 49.9) and Independent 50.7/48.5 (ensemble 51.4).
 """
 import argparse
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -59,9 +58,9 @@ from common.models import (agreeing_pairs, count_parameters, create_model, descr
                            weight_decay_groups)
 from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, accumulate, add_run_flags, best_epoch,
                         check_shared_flags, clip_gradients, cosine_schedule, end_epoch, evaluates_test,
-                        exit_on_user_error, finish, load_checkpoint, load_for_eval, make_fabric, make_logger,
-                        no_backward_sync, open_run_folder, parse_with_config, resume_mid_epoch, run_fields,
-                        save_mid_epoch, seed_epoch, write_json)
+                        exit_on_user_error, finish, load_checkpoint, load_for_eval, make_logger, no_backward_sync,
+                        parse_with_config, resume_mid_epoch, run_fields, save_mid_epoch, seed_epoch, start_run,
+                        write_json)
 
 
 def parse_args(argv=None):
@@ -191,10 +190,7 @@ def learning_rate(args, lr, epoch, step, steps_per_epoch):
 def main(args):
     import_model_modules(args.model_module)
     check_args(args)
-    fabric = make_fabric()
-    fabric.seed_everything(args.seed)
-    args.out = args.out or fabric.broadcast(f"runs/dml/{datetime.now():%Y%m%d-%H%M%S}")
-    out = open_run_folder(fabric, args, "dml")
+    fabric, out = start_run(args, "dml")
     logger = make_logger(args.logger, out)
 
     with fabric.rank_zero_first(local=True):  # a download happens once per machine

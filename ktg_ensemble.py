@@ -44,7 +44,6 @@ DML 72.08, the searched graph 73.41.
 """
 import argparse
 import os
-from datetime import datetime
 
 import torch
 
@@ -55,9 +54,9 @@ from common.losses import edge_loss, gate, label_loss
 from common.models import (ABN_ALIASES, agreeing_pairs, count_parameters, create_model, describe_pretrained,
                            import_model_modules, load_pretrained, save_weights)
 from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, add_run_flags, check_shared_flags, end_epoch,
-                        evaluates_test, exit_on_user_error, finish, load_checkpoint, load_for_eval, make_fabric,
-                        make_logger, on_rank_zero, open_run_folder, parse_with_config, require_positive, run_fields,
-                        seed_epoch, step_schedule, write_csv, write_json)
+                        evaluates_test, exit_on_user_error, finish, load_checkpoint, load_for_eval, make_logger,
+                        on_rank_zero, parse_with_config, require_positive, run_fields, seed_epoch, start_run,
+                        step_schedule, write_csv, write_json)
 from common.study import best_trial, open_study, run_trials, search_picture, storage_url, trial_rows
 
 
@@ -314,12 +313,9 @@ def search(nodes, data, fabric, args, out):
 def main(args):
     import_model_modules(args.model_module)
     graph = check_args(args)
-    fabric = make_fabric()
+    fabric, out = start_run(args, "ktg_ensemble", marker="args.json")
     if args.search and fabric.world_size > 1:
         raise UserError("--search runs one worker per process: start several, sharing --storage")
-    fabric.seed_everything(args.seed)
-    args.out = args.out or fabric.broadcast(f"runs/ktg/{datetime.now():%Y%m%d-%H%M%S}")
-    out = open_run_folder(fabric, args, "ktg_ensemble", marker="args.json")
     with fabric.rank_zero_first(local=True):  # a download happens once per machine
         data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.split_seed)
     args.img_size = data["img_size"]

@@ -52,7 +52,6 @@ overfitting.
 """
 import argparse
 import time
-from datetime import datetime
 
 import torch
 
@@ -62,8 +61,8 @@ from common.models import (count_parameters, create_model, describe_pretrained, 
                            load_pretrained, load_teacher, model_name_in, save_weights)
 from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, add_run_flags, check_shared_flags, end_epoch,
                         evaluates_test, exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval,
-                        make_fabric, make_logger, on_rank_zero, open_run_folder, parse_with_config, require_positive,
-                        run_fields, save_figure, seed_epoch, step_schedule, write_csv, write_json)
+                        make_logger, on_rank_zero, parse_with_config, require_positive, run_fields, save_figure,
+                        seed_epoch, start_run, step_schedule, write_csv, write_json)
 
 AUTO = "auto"
 # Each family's recipe (see the docstring); --lr, --weight-decay, --schedule, --warmup-epochs override it
@@ -266,10 +265,7 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
 def main(args):
     import_model_modules(args.model_module)
     check_args(args)
-    fabric = make_fabric()
-    fabric.seed_everything(args.seed)
-    args.out = args.out or fabric.broadcast(f"runs/takd/{datetime.now():%Y%m%d-%H%M%S}")
-    out = open_run_folder(fabric, args, "takd", marker="args.json")
+    fabric, out = start_run(args, "takd", marker="args.json")
     start = time.perf_counter()
 
     with fabric.rank_zero_first(local=True):  # a download happens once per machine

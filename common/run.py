@@ -497,6 +497,19 @@ RUN_MARKER = ".kd_run"  # in every run folder: only such a folder is ever replac
 EVAL_RESULTS = "eval.json"  # what --eval writes into --out: a run's results.json is never replaced by it
 
 
+def start_run(args, script, marker="last.ckpt"):
+    """A run's start, the same in every script once its flags are checked: Fabric
+    launched and seeded, and the run folder opened (open_run_folder; by default
+    runs/<script>/<date-time>, the same on every process). Returns (fabric, out)."""
+    from datetime import datetime
+
+    fabric = make_fabric()
+    fabric.seed_everything(args.seed)
+    folder = script.removesuffix("_ensemble")
+    args.out = args.out or fabric.broadcast(f"runs/{folder}/{datetime.now():%Y%m%d-%H%M%S}")
+    return fabric, open_run_folder(fabric, args, script, marker)
+
+
 def open_run_folder(fabric, args, script, marker="last.ckpt"):
     """Check `args.out` and return it as a Path, made and marked as a run folder
     of `script` (`RUN_MARKER`). A non-empty folder is refused unless resuming

@@ -23,6 +23,7 @@ import deit
 import dml
 import ktg_ensemble
 import takd
+import common.run
 from common.graph import preset
 from common import models
 from common.models import create_model, freeze, load_teacher, read_state_dict
@@ -430,7 +431,7 @@ def test_clipping_in_16_mixed_unscales_once_and_skips_an_overflow(tmp_path, monk
     # next ones update at 2^10. A clip threshold no gradient reaches must leave every
     # weight as without clipping: unscaled twice, the updates were 2^10 times too small;
     # clipping that raised on an inf gradient stopped the run at its first step.
-    monkeypatch.setattr(script, "make_fabric", lambda: fp16_fabric(2.0 ** 30, backoff_factor=2.0 ** -20))
+    monkeypatch.setattr(common.run, "make_fabric", lambda: fp16_fabric(2.0 ** 30, backoff_factor=2.0 ** -20))
     with_small_test_split(monkeypatch, script)
     for name, clip in (("plain", []), ("clipped", ["--clip-grad", "1e9"])):
         run_main(script, *flags, "--epochs", "1", "--train-subset", "100", "--batch-size", "50", *clip,
@@ -443,7 +444,7 @@ def test_clipping_in_16_mixed_unscales_once_and_skips_an_overflow(tmp_path, monk
 
 
 def test_resume_keeps_the_loss_scale(tmp_path, monkeypatch):
-    monkeypatch.setattr(dml, "make_fabric", lambda: fp16_fabric(2.0 ** 30, backoff_factor=2.0 ** -20))
+    monkeypatch.setattr(common.run, "make_fabric", lambda: fp16_fabric(2.0 ** 30, backoff_factor=2.0 ** -20))
     with_small_test_split(monkeypatch, dml)
     flags = ["--students", "plain2", "plain2", "--train-subset", "100", "--batch-size", "50", "--epochs", "2"]
     run_main(dml, *flags, "--out", tmp_path / "whole")
