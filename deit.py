@@ -43,16 +43,16 @@ from pathlib import Path
 import torch
 from timm.utils import ModelEmaV3
 
-from common.data import DATASETS, PADDING, SMALL_SIDE, hold_out, load_dataset, make_loader, probe_split
+from common.data import DATASETS, PADDING, SMALL_SIDE, load_run_data, make_loader, probe_split
 from common.losses import cross_entropy, hard_distillation_loss, soft_distillation_loss
 from common.models import (both_heads, count_parameters, create_model, describe_pretrained, freeze,
                            has_distillation_token, import_model_modules, load_pretrained, load_teacher, model_name_in,
                            save_weights, split_heads, weight_decay_groups)
 from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, accumulate, add_run_flags, best_epoch,
                         check_fraction, check_shared_flags, clip_gradients, cosine_schedule, end_epoch, evaluates_test,
-                        exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval, make_logger,
-                        parse_with_config, require_positive, resume_mid_epoch, run_fields, save_mid_epoch, seed_epoch,
-                        start_run, write_json)
+                        exit_on_user_error, finish, inference_dtype, load_for_eval, make_logger, optimizer_steps,
+                        parse_with_config, require_positive, resume_mid_epoch, resume_or_record, run_fields,
+                        save_mid_epoch, seed_epoch, start_run, write_json)
 
 
 def parse_args(argv=None):
@@ -261,11 +261,7 @@ def main(args):
     fabric, out = start_run(args, "deit")
     logger = make_logger(args.logger, out)
 
-    with fabric.rank_zero_first(local=True):  # a download happens once per machine
-        data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.split_seed)
-    args.img_size = data["img_size"]
-    if args.val_split:
-        data = hold_out(data, args.val_split, args.split_seed)
+    data = load_run_data(fabric, args)
     num_classes = len(data["classes"])
     per_device_batch = max(1, args.batch_size // fabric.world_size)
     if args.recipe == "deit" and (args.mixup > 0 or args.cutmix > 0) and per_device_batch % 2:
@@ -303,10 +299,7 @@ def main(args):
     # norms, biases, position embeddings and tokens get no weight decay, as in timm and DeiT
     optimizer = torch.optim.AdamW(weight_decay_groups(model, args.weight_decay), lr=lr)
     model, optimizer = fabric.setup(torch.compile(model) if args.compile else model, optimizer)
-    steps_per_epoch = len(train_loader) // args.grad_accum_steps  # optimizer steps
-    if steps_per_epoch == 0:
-        raise UserError(f"--grad-accum-steps {args.grad_accum_steps} is more than the {len(train_loader)} batches "
-                        f"of an epoch")
+    steps_per_epoch = optimizer_steps(train_loader, args.grad_accum_steps)
 
     state = {"model": model, "optimizer": optimizer, "epoch": 0, "history": [], "best_top1": -1.0, "wall_s": 0.0}
     if ema is not None:
@@ -314,12 +307,7 @@ def main(args):
     teacher_figures = (teacher_decisions, teacher_top1)
     if args.eval:
         return evaluate_checkpoint(fabric, args, out, state, data, test_loader, teacher_figures, pretrained)
-    if args.resume:
-        load_checkpoint(fabric, out / "last.ckpt", state, args)
-        fabric.print(f"resuming {out} at epoch {state['epoch']}")
-    elif fabric.is_global_zero:
-        write_json(out / "args.json", vars(args))
-    state["args"] = vars(args)
+    resume_or_record(fabric, out, state, args)
 
     accuracy = None
     for epoch in range(state["epoch"], args.epochs):

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from timm.utils import ModelEmaV3
 
-from common.data import DATASETS, PADDING, hold_out, load_dataset, make_loader, probe_split
+from common.data import DATASETS, PADDING, load_run_data, make_loader, probe_split
 from common.landscape import loss_curve, plot as plot_landscape, write_csv as write_landscape_csv
 from common.losses import cross_entropy, dml_loss
 from common.models import (agreeing_pairs, count_parameters, create_model, describe_pretrained, has_distillation_token,
@@ -58,9 +58,9 @@ from common.models import (agreeing_pairs, count_parameters, create_model, descr
                            weight_decay_groups)
 from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, accumulate, add_run_flags, best_epoch,
                         check_shared_flags, clip_gradients, cosine_schedule, end_epoch, evaluates_test,
-                        exit_on_user_error, finish, load_checkpoint, load_for_eval, make_logger, no_backward_sync,
-                        parse_with_config, resume_mid_epoch, run_fields, save_mid_epoch, seed_epoch, start_run,
-                        write_json)
+                        exit_on_user_error, finish, load_for_eval, make_logger, no_backward_sync, optimizer_steps,
+                        parse_with_config, resume_mid_epoch, resume_or_record, run_fields, save_mid_epoch, seed_epoch,
+                        start_run, write_json)
 
 
 def parse_args(argv=None):
@@ -193,11 +193,7 @@ def main(args):
     fabric, out = start_run(args, "dml")
     logger = make_logger(args.logger, out)
 
-    with fabric.rank_zero_first(local=True):  # a download happens once per machine
-        data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.split_seed)
-    args.img_size = data["img_size"]
-    if args.val_split:
-        data = hold_out(data, args.val_split, args.split_seed)
+    data = load_run_data(fabric, args)
     per_device_batch = max(1, args.batch_size // fabric.world_size)
     train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed, workers=args.workers)
     test_loader = make_loader(data, "test", per_device_batch, fabric, workers=args.workers)
@@ -221,22 +217,14 @@ def main(args):
     optimizer = torch.optim.AdamW(groups, lr=lr)
     students = [fabric.setup_module(torch.compile(model) if args.compile else model) for model in models]
     optimizer = fabric.setup_optimizers(optimizer)
-    steps_per_epoch = len(train_loader) // args.grad_accum_steps  # optimizer steps
-    if steps_per_epoch == 0:
-        raise UserError(f"--grad-accum-steps {args.grad_accum_steps} is more than the {len(train_loader)} batches "
-                        f"of an epoch")
+    steps_per_epoch = optimizer_steps(train_loader, args.grad_accum_steps)
 
     state = {f"student{k}": s for k, s in enumerate(students)}
     state.update({f"ema{k}": ema for k, ema in enumerate(emas)})
-    state.update(optimizer=optimizer, epoch=0, history=[], best_top1=-1.0, wall_s=0.0, args=vars(args))
+    state.update(optimizer=optimizer, epoch=0, history=[], best_top1=-1.0, wall_s=0.0)
     if args.eval:
         return evaluate_checkpoint(fabric, args, out, state, students, emas, test_loader, val_loader)
-    if args.resume:
-        load_checkpoint(fabric, out / "last.ckpt", state, args)
-        fabric.print(f"resuming {out} at epoch {state['epoch']}")
-    elif fabric.is_global_zero:
-        write_json(out / "args.json", vars(args))
-    state["args"] = vars(args)
+    resume_or_record(fabric, out, state, args)
 
     K = len(students)
     accuracy = ema_accuracy = agreement = None

@@ -47,7 +47,7 @@ import os
 
 import torch
 
-from common.data import DATASETS, PADDING, DeviceLoader, hold_out, load_dataset, make_loader, probe_split
+from common.data import DATASETS, PADDING, DeviceLoader, load_run_data, make_loader, probe_split
 from common.graph import (LABEL, LOSSES, check_graph, draw_attention, draw_graph, load_graph, preset, sample_graph,
                           untrained_nodes)
 from common.losses import edge_loss, gate, label_loss
@@ -316,11 +316,7 @@ def main(args):
     fabric, out = start_run(args, "ktg_ensemble", marker="args.json")
     if args.search and fabric.world_size > 1:
         raise UserError("--search runs one worker per process: start several, sharing --storage")
-    with fabric.rank_zero_first(local=True):  # a download happens once per machine
-        data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.split_seed)
-    args.img_size = data["img_size"]
-    if args.val_split:  # held out by --split-seed: the same images in every worker of a search
-        data = hold_out(data, args.val_split, args.split_seed)
+    data = load_run_data(fabric, args)  # held out by --split-seed: the same images in every worker of a search
     for name in sorted(set(graph["nodes"])):
         model = create_model(name, len(data["classes"]), args.img_size)  # an unknown name stops the run here
         if name in ABN_ALIASES:

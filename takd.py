@@ -55,7 +55,7 @@ import time
 
 import torch
 
-from common.data import DATASETS, PADDING, hold_out, load_dataset, make_loader, probe_split
+from common.data import DATASETS, PADDING, load_run_data, make_loader, probe_split
 from common.losses import cross_entropy, kd_loss
 from common.models import (count_parameters, create_model, describe_pretrained, freeze, import_model_modules,
                            load_pretrained, load_teacher, model_name_in, save_weights)
@@ -268,11 +268,7 @@ def main(args):
     fabric, out = start_run(args, "takd", marker="args.json")
     start = time.perf_counter()
 
-    with fabric.rank_zero_first(local=True):  # a download happens once per machine
-        data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.split_seed)
-    args.img_size = data["img_size"]
-    if args.val_split:
-        data = hold_out(data, args.val_split, args.split_seed)
+    data = load_run_data(fabric, args)
     for name in set(args.chain + args.ta_candidates) - {AUTO}:
         create_model(name, len(data["classes"]), args.img_size)  # an unknown name stops the run before training
     if fabric.is_global_zero and not args.eval:

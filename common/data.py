@@ -68,6 +68,16 @@ def load_dataset(name, data_dir=None, img_size=None, train_subset=None, seed=0):
     return subset(data, train_subset, seed) if train_subset is not None else data
 
 
+def load_run_data(fabric, args):
+    """The data of a run from its flags (--dataset, --data-dir, --img-size,
+    --train-subset, --val-split, --split-seed): downloaded once per machine, the
+    held-out split the same on every process; sets `args.img_size` to the size used."""
+    with fabric.rank_zero_first(local=True):  # a download happens once per machine
+        data = load_dataset(args.dataset, args.data_dir, args.img_size, args.train_subset, args.split_seed)
+    args.img_size = data["img_size"]
+    return hold_out(data, args.val_split, args.split_seed) if args.val_split else data
+
+
 def subset(data, size, seed):
     """The data set with `size` training images, spread over the classes as evenly as possible, chosen by `seed`."""
     images, labels = data["train"]

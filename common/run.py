@@ -191,6 +191,14 @@ def accumulate(batches, accum_steps, steps):
         yield batch, step, position == accum_steps - 1, images, labels
 
 
+def optimizer_steps(train_loader, accum_steps):
+    """The optimizer steps of an epoch: its batches ÷ --grad-accum-steps, one at least."""
+    steps = len(train_loader) // accum_steps
+    if steps == 0:
+        raise UserError(f"--grad-accum-steps {accum_steps} is more than the {len(train_loader)} batches of an epoch")
+    return steps
+
+
 def no_backward_sync(fabric, modules, enabled):
     """Fabric's no_backward_sync for several modules: skip DDP's gradient
     all-reduce in the backward of a batch that only accumulates."""
@@ -726,6 +734,17 @@ def run_shaping_changes(made, asked):
     extended = asked.get("extend") and asked.get("epochs", 0) > made.get("epochs", 0)
     return [key for key, value in asked.items() if key not in RESUMABLE and key in made and made[key] != value
             and not (extended and key == "epochs")]
+
+
+def resume_or_record(fabric, out, state, args):
+    """--resume: load `out`/last.ckpt into `state` (load_checkpoint); a new run:
+    write args.json. Then `state["args"]` (saved in every checkpoint) holds these arguments."""
+    if args.resume:
+        load_checkpoint(fabric, out / "last.ckpt", state, args)
+        fabric.print(f"resuming {out} at epoch {state['epoch']}")
+    elif fabric.is_global_zero:
+        write_json(out / "args.json", vars(args))
+    state["args"] = vars(args)
 
 
 def load_checkpoint(fabric, path, state, args):

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import common.data
 import deit
 from common.models import create_model
 from common.run import UserError, plot_curves
@@ -79,7 +80,7 @@ def test_teacher_disagreement_counts_views_where_the_teacher_is_not_the_label(tm
     images = (20 * labels).to(torch.uint8)[:, None, None, None].expand(-1, 3, 32, 32).contiguous()
     data = {"train": (images, labels), "test": (images, labels), "classes": [str(c) for c in range(10)],
             "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "img_size": 32}
-    monkeypatch.setattr(deit, "load_dataset", lambda *args: data)
+    monkeypatch.setattr(common.data, "load_dataset", lambda *args: data)
     monkeypatch.setattr(deit, "load_teacher", lambda *args, **kwargs: ColourTeacher(answer))
     out = tmp_path / "run"
     run_main(deit, "--model", "vit_micro", "--teacher", "resnet8", "--teacher-ckpt", "any", "--distillation-type",

@@ -301,6 +301,7 @@ def test_bad_input_is_one_line_and_status_2(tmp_path):
     (["--patch-size", "5"], "--patch-size 5 does not divide the image size 32"),
     (["--train-subset", "5"], r"--train-subset must be between the number of classes \(10\)"),
     (["--batch-size", "64"], "^--batch-size 64 exceeds the 50 training images"),  # one batch padded with black images
+    (["--grad-accum-steps", "2"], "^--grad-accum-steps 2 is more than the 1 batches of an epoch"),
 ])
 def test_bad_input(tmp_path, flags, message):
     out = [] if "--resume" in flags else ["--out", tmp_path / "run"]

@@ -19,11 +19,12 @@ import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.overrides import TorchFunctionMode
 
+import common.data
+import common.run
 import deit
 import dml
 import ktg_ensemble
 import takd
-import common.run
 from common.graph import preset
 from common import models
 from common.models import create_model, freeze, load_teacher, read_state_dict
@@ -320,8 +321,6 @@ class RecordedFabric:
 
 
 def test_plain_python_uses_one_gpu_and_fast_float32(monkeypatch):
-    import common.run
-
     monkeypatch.setattr(common.run, "Fabric", RecordedFabric)
     monkeypatch.setattr(common.run, "_is_using_cli", lambda: False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
@@ -383,9 +382,9 @@ def test_data_is_loaded_on_local_rank_zero_first(tmp_path, monkeypatch, script, 
         yield
         inside.clear()
 
-    loaded_inside, load_dataset = [], script.load_dataset
+    loaded_inside, load_dataset = [], common.data.load_dataset
     monkeypatch.setattr(lightning_fabric.Fabric, "rank_zero_first", rank_zero_first)
-    monkeypatch.setattr(script, "load_dataset",
+    monkeypatch.setattr(common.data, "load_dataset",
                         lambda *args, **kwargs: loaded_inside.append(list(inside)) or load_dataset(*args, **kwargs))
     run_main(script, *flags, "--epochs", "1", "--train-subset", "100", "--batch-size", "50", "--out", tmp_path / "run")
     assert loaded_inside == [[True]]  # loaded once, inside rank_zero_first(local=True)
@@ -409,14 +408,14 @@ def fp16_fabric(init_scale, backoff_factor=0.5):
 def with_small_test_split(monkeypatch, script, size=100):
     """`script` loads its data with only the first `size` test images: a float16
     evaluation of all 1,000 would take most of a test's time on a CPU."""
-    load = script.load_dataset
+    load = common.data.load_dataset
 
     def load_small(*args, **kwargs):
         data = load(*args, **kwargs)
         images, labels = data["test"]
         return {**data, "test": (images[:size], labels[:size])}
 
-    monkeypatch.setattr(script, "load_dataset", load_small)
+    monkeypatch.setattr(common.data, "load_dataset", load_small)
 
 
 def weights(path):

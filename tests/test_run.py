@@ -266,15 +266,17 @@ def test_split_seed_not_seed_picks_the_subset_and_the_held_out_images(name, tmp_
     held out follow `--split-seed` alone, so that seeds of a table share them."""
     import importlib
 
+    import common.data
     from common.data import load_dataset
     script = importlib.import_module(name)
     seeds = []
-    monkeypatch.setattr(script, "load_dataset", lambda *args: seeds.append(("subset", args[-1])) or load_dataset(*args))
+    monkeypatch.setattr(common.data, "load_dataset",
+                        lambda *args: seeds.append(("subset", args[-1])) or load_dataset(*args))
 
     def held_out(data, fraction, seed):
         seeds.append(("held out", seed))
         raise Stop  # the images are chosen: no need to train
-    monkeypatch.setattr(script, "hold_out", held_out)
+    monkeypatch.setattr(common.data, "hold_out", held_out)
     with pytest.raises(Stop):
         script.main(script.parse_args(["--seed", "3", "--split-seed", "7", "--train-subset", "100", "--val-split",
                                        "0.2", "--epochs", "1", "--out", str(tmp_path / "run")]))
