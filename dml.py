@@ -223,11 +223,11 @@ def main(args):
     state.update({f"ema{k}": ema for k, ema in enumerate(emas)})
     state.update(optimizer=optimizer, epoch=0, history=[], best_top1=-1.0, wall_s=0.0)
     if args.eval:
-        return evaluate_checkpoint(fabric, args, out, state, students, emas, test_loader, val_loader)
+        return evaluate_checkpoint(fabric, args, out, state, students, emas, data, test_loader, val_loader)
     resume_or_record(fabric, out, state, args)
 
     K = len(students)
-    accuracy = ema_accuracy = agreement = None
+    figures = None  # of the last test: the students' (and EMA copies') accuracy and their agreement
     for epoch in range(state["epoch"], args.epochs):
         seed_epoch(fabric, args.seed, epoch)
         for student in students:
@@ -263,7 +263,8 @@ def main(args):
         row.update(dict.fromkeys(tested))  # empty in epochs without a test
         score = None
         if evaluates_test(epoch, args.epochs, args.eval_every):
-            accuracy, agreement, ema_accuracy = evaluate(students, test_loader, fabric, [ema.module for ema in emas])
+            figures = evaluate(students, test_loader, fabric, [ema.module for ema in emas])
+            accuracy, agreement, ema_accuracy = figures
             row.update({f"top1_{k}": accuracy[k][0] for k in range(K)})
             row.update(top1_ensemble=accuracy[K][0], agreement=agreement)
             if emas:
@@ -277,24 +278,9 @@ def main(args):
         end_epoch(fabric, out, state, row, score, log, curve_panels(args.students))
 
     # --- results ------------------------------------------------------------
-    if accuracy is None:  # resumed a finished run
-        accuracy, agreement, ema_accuracy = evaluate(students, test_loader, fabric, [ema.module for ema in emas])
-    results = run_results(fabric, args, students, accuracy, ema_accuracy)
-    # without augmentation, on a fixed part of the training images: did the students fit them?
-    train_accuracy, _, _ = evaluate(students, make_loader(probe_split(data, args.split_seed), "test",
-                                                          per_device_batch, fabric), fabric)
-    for k, student in enumerate(results["students"]):
-        student["train_top1"] = train_accuracy[k][0]
-    results.update(agreement=agreement, best=best_epoch(state), extended_from=state.get("extended_from", []),
-                   pretrained=pretrained, train_img_per_s=state["history"][-1]["img_per_s"], wall_s=state["wall_s"])
+    results = run_results(fabric, args, state, students, emas, data, test_loader, pretrained, figures)
     if args.landscape:
-        # a fixed, class-balanced part of the training set, without augmentation
-        landscape_loader = make_loader(probe_split(data, args.seed), "test", per_device_batch, fabric)
-        curves = {f"{k}:{name}": loss_curve(student, landscape_loader, fabric, seed=args.seed)
-                  for k, (name, student) in enumerate(zip(args.students, students))}
-        if fabric.is_global_zero:
-            write_landscape_csv(out / "landscape.csv", curves)
-            plot_landscape(out / "landscape.png", {args.mode: curves})
+        write_landscapes(fabric, args, out, students, data, test_loader.batch_size)
     if fabric.is_global_zero:
         for k, (name, student) in enumerate(zip(args.students, students)):  # for plain load_state_dict
             save_weights(out / f"student{k}.safetensors", student, name, data, args.patch_size)
@@ -305,35 +291,53 @@ def main(args):
     finish(fabric)
 
 
-def run_results(fabric, args, students, accuracy, ema_accuracy=None):
-    """The results.json fields of the students' (and their averages') test accuracies."""
-    K = len(students)
-    results = {
-        **run_fields(fabric, args, "dml"), "mode": args.mode, "dml_target": args.dml_target,
-        "students": [{"name": name, "params": count_parameters(student), "top1": accuracy[k][0],
-                      "top5": accuracy[k][1], "distillation_token": has_distillation_token(student)}
-                     for k, (name, student) in enumerate(zip(args.students, students))],
-        "ensemble_top1": accuracy[K][0], "ensemble_top5": accuracy[K][1],
-    }
-    if ema_accuracy is not None:
-        for k, student in enumerate(results["students"]):
-            student["ema_top1"] = ema_accuracy[k][0]
-    return results
-
-
-def evaluate_checkpoint(fabric, args, out, state, students, emas, test_loader, val_loader):
+def evaluate_checkpoint(fabric, args, out, state, students, emas, data, test_loader, val_loader):
     """--eval: the checkpoint's students (and averages) on the test split, no training."""
     load_for_eval(fabric, args.eval, state)
-    accuracy, agreement, ema_accuracy = evaluate(students, test_loader, fabric, [ema.module for ema in emas])
-    results = run_results(fabric, args, students, accuracy, ema_accuracy)
-    results.update(agreement=agreement, evaluated=str(args.eval), epochs_trained=state["epoch"],
-                   train_img_per_s=None, wall_s=None)
+    state["history"] = []  # the report is of the checkpoint's accuracy, not of its training
+    results = run_results(fabric, args, state, students, emas, data, test_loader, [])
+    results.update(evaluated=str(args.eval), epochs_trained=state["epoch"], wall_s=None)
     if val_loader is not None:
         results["val_ensemble_top1"] = evaluate(students, val_loader, fabric)[0][len(students)][0]
     if fabric.is_global_zero:
         write_json(Path(out) / EVAL_RESULTS, results)
         print_summary(results, out)
     finish(fabric)
+
+
+def run_results(fabric, args, state, students, emas, data, test_loader, pretrained, figures=None):
+    """results.json: each student's top-1 and top-5 (and its EMA copy's), the
+    ensemble's, their agreement, and the fit of the training images; `figures`
+    (accuracy, agreement, EMA accuracy of the last test) are evaluated here when
+    the run did not end with a test."""
+    K = len(students)
+    accuracy, agreement, ema_accuracy = figures or evaluate(students, test_loader, fabric, [e.module for e in emas])
+    # without augmentation, on a fixed part of the training images: did the students fit them?
+    probe = make_loader(probe_split(data, args.split_seed), "test", test_loader.batch_size, fabric)
+    fit, _, _ = evaluate(students, probe, fabric)
+    history = state["history"]
+    return {
+        **run_fields(fabric, args, "dml"), "mode": args.mode, "dml_target": args.dml_target,
+        "students": [{"name": name, "params": count_parameters(student), "top1": accuracy[k][0],
+                      "top5": accuracy[k][1], "train_top1": fit[k][0],
+                      "distillation_token": has_distillation_token(student),
+                      **({"ema_top1": ema_accuracy[k][0]} if emas else {})}
+                     for k, (name, student) in enumerate(zip(args.students, students))],
+        "ensemble_top1": accuracy[K][0], "ensemble_top5": accuracy[K][1], "agreement": agreement,
+        "best": best_epoch(state), "extended_from": state.get("extended_from", []), "pretrained": pretrained,
+        "train_img_per_s": history[-1]["img_per_s"] if history else None, "wall_s": state["wall_s"],
+    }
+
+
+def write_landscapes(fabric, args, out, students, data, batch_size):
+    """landscape.csv and .png: each student's loss under Gaussian weight noise, on
+    a fixed, class-balanced part of the training set without augmentation."""
+    loader = make_loader(probe_split(data, args.seed), "test", batch_size, fabric)
+    curves = {f"{k}:{name}": loss_curve(student, loader, fabric, seed=args.seed)
+              for k, (name, student) in enumerate(zip(args.students, students))}
+    if fabric.is_global_zero:
+        write_landscape_csv(out / "landscape.csv", curves)
+        plot_landscape(out / "landscape.png", {args.mode: curves})
 
 
 def print_summary(results, out):
