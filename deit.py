@@ -173,7 +173,36 @@ def deit_augmentation(args, data, num_classes, device):
     return transform, erase, mixup
 
 
+def training_batches(args, data, fabric, batch_size):
+    """The training loader of --recipe (deit: RandAugment per image in DataLoader
+    workers, with --repeated-aug; cifar: crop + flip on the device; none: only
+    resized), and deit's batch-level Random Erasing and Mixup/CutMix (else None)."""
+    if args.recipe != "deit":
+        return make_loader(data, "train", batch_size, fabric, args.seed, augment=args.recipe == "cifar",
+                           workers=args.workers), None, None
+    if (args.mixup > 0 or args.cutmix > 0) and batch_size % 2:  # timm's Mixup pairs each image with its mirror
+        raise UserError(f"Mixup/CutMix need an even batch per device, got {batch_size} (--batch-size "
+                        f"{args.batch_size} over {fabric.world_size} devices); change --batch-size or set "
+                        f"--mixup 0 --cutmix 0")
+    transform, erase, mixup = deit_augmentation(args, data, len(data["classes"]), fabric.device)
+    return make_loader(data, "train", batch_size, fabric, args.seed, transform, args.repeated_aug,
+                       workers=args.workers), erase, mixup
+
+
 # --- training and evaluation -------------------------------------------------
+
+
+def frozen_teacher(args, fabric, num_classes, test_loader):
+    """--teacher from --teacher-ckpt, frozen for inference on the device (not set
+    up by Fabric: it has nothing to train), and its figures on the test split:
+    (decisions, top-1). (None, (None, None)) without a teacher."""
+    if not args.teacher:
+        return None, (None, None)
+    teacher = load_teacher(args.teacher, args.teacher_ckpt, num_classes, args.img_size, device=fabric.device)
+    teacher = freeze(teacher, inference_dtype(fabric), args.compile)
+    decisions, top1 = teacher_predictions(teacher, test_loader, fabric)
+    fabric.print(f"teacher {args.teacher}: top-1 {top1.item():.2f} % on the test split")
+    return teacher, (decisions, top1.item())
 
 
 def student_loss(output, teacher_logits, targets, args):
@@ -264,29 +293,11 @@ def main(args):
     data = load_run_data(fabric, args)
     num_classes = len(data["classes"])
     per_device_batch = max(1, args.batch_size // fabric.world_size)
-    if args.recipe == "deit" and (args.mixup > 0 or args.cutmix > 0) and per_device_batch % 2:
-        # timm's Mixup pairs each image with the batch's mirror image
-        raise UserError(f"Mixup/CutMix need an even batch per device, got {per_device_batch} (--batch-size "
-                        f"{args.batch_size} over {fabric.world_size} devices); change --batch-size or set "
-                        f"--mixup 0 --cutmix 0")
-    erase = mixup = None
-    if args.recipe == "deit":
-        transform, erase, mixup = deit_augmentation(args, data, num_classes, fabric.device)
-        train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed, transform, args.repeated_aug,
-                                   workers=args.workers)
-    else:  # cifar: crop + flip on the device; none: only resized
-        train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed, augment=args.recipe == "cifar",
-                                   workers=args.workers)
+    train_loader, erase, mixup = training_batches(args, data, fabric, per_device_batch)
     test_loader = make_loader(data, "test", per_device_batch, fabric, workers=args.workers)
     val_loader = make_loader(data, "val", per_device_batch, fabric, workers=args.workers) if args.val_split else None
 
-    teacher, teacher_decisions, teacher_top1 = None, None, None
-    if args.teacher:  # not set up by Fabric: it has nothing to train
-        teacher = load_teacher(args.teacher, args.teacher_ckpt, num_classes, args.img_size, device=fabric.device)
-        teacher = freeze(teacher, inference_dtype(fabric), args.compile)
-        teacher_decisions, teacher_top1 = teacher_predictions(teacher, test_loader, fabric)
-        teacher_top1 = teacher_top1.item()
-        fabric.print(f"teacher {args.teacher}: top-1 {teacher_top1:.2f} % on the test split")
+    teacher, teacher_figures = frozen_teacher(args, fabric, num_classes, test_loader)  # (decisions, top-1)
 
     model = create_model(args.model, num_classes, args.img_size, args.patch_size, args.drop_path,
                          device=fabric.device)
@@ -304,7 +315,6 @@ def main(args):
     state = {"model": model, "optimizer": optimizer, "epoch": 0, "history": [], "best_top1": -1.0, "wall_s": 0.0}
     if ema is not None:
         state["ema"] = ema
-    teacher_figures = (teacher_decisions, teacher_top1)
     if args.eval:
         return evaluate_checkpoint(fabric, args, out, state, data, test_loader, teacher_figures, pretrained)
     resume_or_record(fabric, out, state, args)
@@ -357,7 +367,7 @@ def main(args):
             row["ema_top1"] = None
         score = None
         if evaluates_test(epoch, args.epochs, args.eval_every):
-            accuracy = evaluate(model, test_loader, fabric, teacher_decisions, None if ema is None else ema.module)
+            accuracy = evaluate(model, test_loader, fabric, teacher_figures[0], None if ema is None else ema.module)
             row.update(top1=accuracy[0], top1_cls=accuracy[1], top1_dist=accuracy[2],
                        teacher_agreement=accuracy[3] if teacher is not None else None)
             if ema is not None:
