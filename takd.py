@@ -195,7 +195,7 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
     """Train `name` alone (teacher None) or by KD from the frozen `teacher`, in
     `folder`; continue from its last checkpoint if it has one. Returns the trained
     network, frozen for use as the next teacher, and its results."""
-    train_loader, test_loader, val_loader, probe_loader = loaders
+    train_loader, test_loader, val_loader = loaders["train"], loaders["test"], loaders["val"]
     if args.compile:  # the plain CNNs share one forward: past dynamo's recompile limit (8) it would run eager
         torch._dynamo.reset()
     torch.manual_seed(args.seed)  # the same initial weights alone and distilled
@@ -253,7 +253,7 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
     last = state["history"][-1]
     result = {"model": name, "teacher": folder.name.rpartition("_to_")[0] or None, "folder": folder.name,
               "params": count_parameters(model), "top1": last["top1"], "top5": last["top5"],
-              "val_top1": last.get("val_top1"), "train_top1": evaluate(model, probe_loader, fabric)[0], **recipe,
+              "val_top1": last.get("val_top1"), "train_top1": evaluate(model, loaders["probe"], fabric)[0], **recipe,
               "train_img_per_s": state["images"] / state["train_s"], "images": state["images"],
               "train_s": state["train_s"], "wall_s": state["wall_s"], "pretrained": pretrained}
     if fabric.is_global_zero:
@@ -273,11 +273,12 @@ def main(args):
         create_model(name, len(data["classes"]), args.img_size)  # an unknown name stops the run before training
     if fabric.is_global_zero and not args.eval:
         write_json(out / "args.json", vars(args))
-    per_device_batch = max(1, args.batch_size // fabric.world_size)
-    loaders = (make_loader(data, "train", per_device_batch, fabric, args.seed, workers=args.workers),
-               make_loader(data, "test", per_device_batch, fabric, workers=args.workers),
-               make_loader(data, "val", per_device_batch, fabric, workers=args.workers) if args.val_split else None,
-               make_loader(probe_split(data, args.split_seed), "test", per_device_batch, fabric, workers=args.workers))
+    batch, workers = max(1, args.batch_size // fabric.world_size), args.workers
+    loaders = {"train": make_loader(data, "train", batch, fabric, args.seed, workers=workers),
+               "test": make_loader(data, "test", batch, fabric, workers=workers),
+               "val": make_loader(data, "val", batch, fabric, workers=workers) if args.val_split else None,
+               # a fixed part of the training images, without augmentation: how well a network fit them
+               "probe": make_loader(probe_split(data, args.split_seed), "test", batch, fabric, workers=workers)}
     if args.eval:
         return evaluate_checkpoint(fabric, args, out, data, loaders)
 
@@ -287,10 +288,11 @@ def main(args):
         teacher = freeze(load_teacher(teacher_name, args.teacher_ckpt, len(data["classes"]), args.img_size,
                                       device=fabric.device), inference_dtype(fabric), args.compile)
         teacher_top1, val_top1, train_top1 = (None if loader is None else evaluate(teacher, loader, fabric)[0]
-                                              for loader in loaders[1:])  # test, validation, training images
+                                              for loader in (loaders["test"], loaders["val"], loaders["probe"]))
         loaded_teacher = (teacher, {"model": teacher_name, "teacher": None, "folder": None, "top1": teacher_top1,
                                     "val_top1": val_top1, "train_top1": train_top1,
-                                    "checkpoint": args.teacher_ckpt, "params": count_parameters(teacher)})
+                                    "checkpoint": args.teacher_ckpt, "params": count_parameters(teacher),
+                                    "loaded": True})
         fabric.print(f"teacher {teacher_name} from {args.teacher_ckpt}: top1={teacher_top1:.2f}")
 
     networks = {}  # sub-folder -> results, for every network this run has trained or reused
@@ -340,7 +342,7 @@ def main(args):
                     for key in ("top1", "train_top1")}
 
     # --- results ------------------------------------------------------------
-    results_of_trained = [result for result in networks.values() if "train_s" in result]
+    results_of_trained = [result for result in networks.values() if not result.get("loaded")]
     train_s = sum(result["train_s"] for result in results_of_trained)
     results = {
         **run_fields(fabric, args, "takd"), "chain": chain, "requested_chain": args.chain,
@@ -376,10 +378,10 @@ def evaluate_checkpoint(fabric, args, out, data, loaders):
     model = fabric.setup_module(create_model(name, len(data["classes"]), args.img_size, device=fabric.device))
     state = {"model": model, "epoch": 0}
     load_for_eval(fabric, args.eval, state)
-    top1, top5 = evaluate(model, loaders[1], fabric)
+    top1, top5 = evaluate(model, loaders["test"], fabric)
     results = {**run_fields(fabric, args, "takd"), "model": name, "evaluated": str(args.eval),
                "epochs_trained": state["epoch"], "top1": top1, "top5": top5,
-               "val_top1": evaluate(model, loaders[2], fabric)[0] if loaders[2] is not None else None}
+               "val_top1": evaluate(model, loaders["val"], fabric)[0] if loaders["val"] is not None else None}
     if fabric.is_global_zero:
         write_json(out / EVAL_RESULTS, results)
         print(f"{name} from {args.eval}: top-1 {top1:.2f}, top-5 {top5:.2f}")
