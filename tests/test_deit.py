@@ -148,7 +148,8 @@ def test_a_step_leaves_the_teacher_alone():
 
 def test_resume_after_sigkill(teacher, tmp_path):
     args = ["--model", "deit_micro", "--teacher", "resnet8", "--teacher-ckpt", teacher / "last.ckpt",
-            "--distillation-type", "hard", "--epochs", "3", "--train-subset", "600", "--batch-size", "30"]
+            "--distillation-type", "hard", "--epochs", "3", "--train-subset", "300", "--batch-size", "30",
+            "--eval-every", "3"]
     run_main(deit, *args, "--out", tmp_path / "whole")
     killed = tmp_path / "killed"
     kill_when("deit.py", *args, out=killed, marker=killed / "metrics.csv")
