@@ -120,7 +120,8 @@ def check_args(args):
         args.teacher = model_name_in(args.teacher_ckpt)  # a checkpoint of this project knows its model
     if distilling and args.teacher_ckpt and not args.teacher:
         if not Path(args.teacher_ckpt).is_file():
-            raise UserError(f"--teacher-ckpt {args.teacher_ckpt} does not exist")
+            what = "is a folder, not a file" if Path(args.teacher_ckpt).is_dir() else "does not exist"
+            raise UserError(f"--teacher-ckpt {args.teacher_ckpt} {what}")
         raise UserError(f"--teacher-ckpt {args.teacher_ckpt} is not a readable checkpoint of this project: if it is a "
                         f"weights file, name its model with --teacher")
     if distilling and not (args.teacher and args.teacher_ckpt):

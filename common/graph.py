@@ -49,7 +49,7 @@ def check_graph(graph, nodes=None):
         if target == LABEL:
             raise UserError(f"edge {edge}: no edge can go into the label")
         for end in (source, target):
-            if end != LABEL and not (isinstance(end, int) and 0 <= end < count):
+            if end != LABEL and not (isinstance(end, int) and not isinstance(end, bool) and 0 <= end < count):
                 raise UserError(f"edge {edge}: node {end!r} is not the label or a node index 0..{count - 1}")
         if source == target:
             raise UserError(f"edge {edge}: a node cannot teach itself")

@@ -75,7 +75,8 @@ def parse_with_config(parser, argv=None, script=None):
             fail(f"{source} holds no flags: give a run's args.json")
         parser.set_defaults(**{key: _saved_value(actions[key], value, source, fail)
                                for key, value in saved.items()
-                               if key in actions and key not in ("out", "resume", "overwrite", "config", "eval")})
+                               if key in actions and key not in ("out", "resume", "extend", "overwrite", "config",
+                                                                 "eval")})
         args = parser.parse_args(argv)
     if script is not None:
         args.script = script
@@ -144,6 +145,8 @@ def exit_on_user_error(main, args):
         out = getattr(args, "out", None)
         done = "its finished trials" if getattr(args, "search", None) else "its last checkpoint"
         kept = f": --resume --out {out} continues from {done}" if out else ""
+        if not hasattr(args, "resume"):  # reproduce.py: its finished runs are kept, the killed one resumes
+            kept = ": the same command again continues it"
         print(f"interrupted{kept}", file=sys.stderr)
         sys.exit(130)
 
@@ -489,6 +492,11 @@ def check_shared_flags(args):
     require_positive(**{name: flag(name) for name in ("epochs", "batch_size", "lr", "img_size", "patch_size",
                                                         "log_every", "eval_every", "grad_accum_steps", "clip_grad",
                                                         "train_subset")})
+    for name in ("teacher_ckpt", "pretrained"):  # before any training: a late typo would cost the run before it
+        for path in (flag(name) if isinstance(flag(name), list) else [flag(name)] if flag(name) else []):
+            if not Path(path).is_file():
+                what = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
+                raise UserError(f"--{name.replace('_', '-')} {path} {what}")
     if flag("resume") and not flag("out"):
         raise UserError("--resume needs --out, the run folder to continue")
     if flag("extend") and not flag("resume"):
@@ -589,6 +597,10 @@ def _check_run_folder(out, args, marker):
         if not (out / RUN_MARKER).is_file():
             return (f"--overwrite: {out} is not a run folder of this project (it has no {RUN_MARKER}), so nothing "
                     f"was deleted: give another --out"), False, False
+        made_by, script = _made_by(out), getattr(args, "script", None)
+        if made_by and script and made_by != script:
+            return (f"--overwrite: {out} is a run of {made_by}.py, and {script}.py replaces only its own runs: "
+                    f"nothing was deleted; give another --out"), False, False
     return _make_folder(out), exists and args.overwrite, False
 
 
@@ -610,7 +622,17 @@ def _resume_changes(out, args):
     if not isinstance(made, dict):
         return f"--resume: {out / 'args.json'} is not a JSON object of flags"
     asked = {key: value for key, value in vars(args).items() if value is not None}  # None: filled in by the run
-    return resume_refusal(out, made, asked)
+    wrong_script = []
+    check_script(made.get("script"), asked.get("script"), f"run folder {out}", wrong_script.append)
+    return wrong_script[0] if wrong_script else resume_refusal(out, made, asked)
+
+
+def _made_by(out):
+    """The script whose run folder `out` is (its RUN_MARKER says), or None."""
+    try:
+        return json.loads((out / RUN_MARKER).read_text()).get("script")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def resume_refusal(source, made, asked):
@@ -767,6 +789,8 @@ def load_checkpoint(fabric, path, state, args):
         remainder = fabric.load(path, target, weights_only=True)
     except Exception as error:
         raise UserError(f"checkpoint {path} does not fit this run: {type(error).__name__}: {error}") from None
+    if not finite_weights(fabric, state):
+        raise UserError(f"checkpoint {path} holds NaN or infinite weights: not resumed")
     remainder.pop("loss_scale", None)  # of a 16-mixed run resumed in another precision
     if target is not state:  # Fabric set the plain values (epoch, history) in the dict it was given
         state.update({key: value for key, value in target.items() if key != "loss_scale"})

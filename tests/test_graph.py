@@ -39,6 +39,7 @@ def edge(source, target, loss="prob_attract", gate="through"):
     ([edge("label", 0, loss="prob_attract")], "unknown loss 'prob_attract'"),  # label edges are CE
     ([edge(3, 0)], "node 3 is not the label or a node index"),
     ([edge(0, -1)], "node -1 is not"),
+    ([edge(0, True)], "node True is not"),  # JSON's true is no node index (Python's bool is an int)
     ([edge(0, "label")], "no edge can go into the label"),
     ([edge(1, 0), edge(1, 0, gate="linear")], "a second edge from 1 to 0"),
     ([edge(1, 1)], "cannot teach itself"),

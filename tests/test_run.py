@@ -173,12 +173,15 @@ def test_ctrl_c_and_sigterm_are_one_line_and_status_130(capsys):
         os.kill(os.getpid(), signal.SIGTERM)  # a cluster's preemption
 
     with pytest.raises(SystemExit) as exit_:
-        exit_on_user_error(main, argparse.Namespace(out="runs/x"))
+        exit_on_user_error(main, argparse.Namespace(out="runs/x", resume=False))
     assert exit_.value.code == 130
     assert capsys.readouterr().err == "interrupted: --resume --out runs/x continues from its last checkpoint\n"
     with pytest.raises(SystemExit):
-        exit_on_user_error(main, argparse.Namespace(out="runs/x", search=2))
+        exit_on_user_error(main, argparse.Namespace(out="runs/x", resume=False, search=2))
     assert capsys.readouterr().err == "interrupted: --resume --out runs/x continues from its finished trials\n"
+    with pytest.raises(SystemExit):  # reproduce.py has no --resume: its command again goes on
+        exit_on_user_error(main, argparse.Namespace(out="results/dml"))
+    assert capsys.readouterr().err == "interrupted: the same command again continues it\n"
 
 
 def test_require_positive():
@@ -383,3 +386,38 @@ def test_eval_never_overwrites_a_file_in_a_folder_that_is_not_a_run_folder(tmp_p
     with pytest.raises(UserError, match="eval.json exists and .* is not a run folder"):
         open_run_folder(FakeFabric(), args, "dml")
     assert (tmp_path / "eval.json").read_text() == "mine"
+
+
+def test_another_scripts_run_folder_is_never_resumed_overwritten_and_extend_is_not_inherited(tmp_path):
+    import shutil
+
+    import deit
+    import dml
+    import takd
+    from conftest import run_main, snapshot
+
+    run = tmp_path / "dml_run"
+    common = ["--students", "vit_micro", "vit_micro", "--train-subset", "100", "--batch-size", "50"]
+    run_main(dml, *common, "--epochs", "1", "--out", run)
+    before = snapshot(run)
+    with pytest.raises(UserError, match="was made by dml.py, not takd.py: give it to dml.py"):
+        run_main(takd, "--chain", "plain4", "plain2", "--epochs", "1", "--train-subset", "100", "--batch-size", "50",
+                 "--out", run, "--resume")
+    with pytest.raises(UserError, match="is a run of dml.py, and deit.py replaces only its own runs"):
+        run_main(deit, "--model", "deit_micro", "--epochs", "1", "--train-subset", "100", "--batch-size", "50",
+                 "--out", run, "--overwrite")
+    assert snapshot(run) == before  # nothing trained into it, nothing deleted
+    # an extended run's files do not carry --extend into --config or --eval
+    run_main(dml, *common, "--epochs", "2", "--out", run, "--resume", "--extend")
+    assert not dml.parse_args(["--config", str(run / "args.json")]).extend
+    assert not dml.parse_args(["--eval", str(run / "last.ckpt")]).extend
+    # a last.ckpt with a NaN weight is not resumed (nor its results overwritten)
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(run, poisoned)
+    checkpoint = torch.load(poisoned / "last.ckpt", weights_only=True)
+    next(iter(checkpoint["student0"].values())).view(-1)[0] = float("nan")
+    torch.save(checkpoint, poisoned / "last.ckpt")
+    results_before = (poisoned / "results.json").read_bytes()
+    with pytest.raises(UserError, match="holds NaN or infinite weights: not resumed"):
+        run_main(dml, *common, "--epochs", "2", "--out", poisoned, "--resume")
+    assert (poisoned / "results.json").read_bytes() == results_before

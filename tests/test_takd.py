@@ -260,6 +260,8 @@ def test_resume_after_sigkill_in_the_second_step(tmp_path, capsys):
     (["--eval-every", "0"], "--eval-every must be positive"),
     (["--weight-decay", "-1"], "--weight-decay must not be negative"),  # None (the family's) is no error
     (["--resume"], "--resume needs --out"),
+    (["--pretrained", "/nonexistent/plain2.pth"], "--pretrained /nonexistent/plain2.pth does not exist"),  # not late
+    (["--teacher-ckpt", "/"], "--teacher-ckpt / is a folder, not a file"),
 ])
 def test_bad_flags(flags, message):
     with pytest.raises(UserError, match=re.escape(message)):
