@@ -598,6 +598,10 @@ def main(args):
     for above in (out, *out.parents):
         if above.exists() and not above.is_dir():
             raise UserError(f"--out {out}: {above} is a file, not a folder")
+    # a table folder holds its table's files and runs/: never write into a user's folder
+    if out.is_dir() and any(out.iterdir()) and not (out / "runs").is_dir():
+        raise UserError(f"--out {out} exists, is not empty and is not a table folder of this project (it has no "
+                        f"runs/): give another --out")
     flags = [*(["--dataset", args.dataset] if args.dataset else []),
              *(["--data-dir", args.data_dir] if args.data_dir else []),
              *(["--img-size", args.img_size] if args.img_size else []),

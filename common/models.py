@@ -125,16 +125,34 @@ def _build(name, num_classes, img_size, patch_size, drop_path):
         blocks, hidden = PLAIN_CNNS[name][10 if num_classes <= 10 else 100]
         model = PlainCNN(blocks, hidden, num_classes, img_size)
     elif timm.is_model(name):
-        try:
-            model = timm.create_model(name, num_classes=num_classes, img_size=img_size, drop_path_rate=drop_path)
-        except TypeError:  # CNNs take no img_size
-            model = timm.create_model(name, num_classes=num_classes, drop_path_rate=drop_path)
+        model = _timm_model(name, num_classes, img_size, drop_path)
     else:
         import difflib
 
         close = difflib.get_close_matches(name, ALIASES + timm.list_models(), n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         raise UserError(f"unknown model {name!r}: {hint}use one of {', '.join(ALIASES)} or a timm model name")
+    return model
+
+
+def _timm_model(name, num_classes, img_size, drop_path):
+    """A timm model, or one registered with --model-module, checked on one blank
+    image: one line, not a traceback mid-training, when it cannot be built, cannot
+    take `img_size` inputs, or does not answer with `num_classes` classes."""
+    try:
+        try:
+            model = timm.create_model(name, num_classes=num_classes, img_size=img_size, drop_path_rate=drop_path)
+        except TypeError:  # CNNs take no img_size
+            model = timm.create_model(name, num_classes=num_classes, drop_path_rate=drop_path)
+        with torch.no_grad():
+            output = model.eval()(torch.zeros(1, 3, img_size, img_size))
+        model.train()
+    except Exception as error:
+        raise UserError(f"model {name!r} fails at {img_size} px with {num_classes} classes: {type(error).__name__}: "
+                        f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}") from None
+    classes = (output[0] if isinstance(output, tuple) else output).shape[-1]
+    if classes != num_classes:
+        raise UserError(f"model {name!r} answers with {classes} classes, and the data set has {num_classes}")
     return model
 
 

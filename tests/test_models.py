@@ -186,3 +186,21 @@ def test_non_finite_weights_are_refused_at_load_and_a_dml_student_is_named(tmp_p
         load_pretrained(create_model("resnet8", 10, 32), tmp_path / "nan.pth")
     with pytest.raises(UserError, match="nan.pth are NaN or infinite"):
         load_teacher("resnet8", tmp_path / "nan.pth", 10, 32)
+
+
+def test_a_model_that_cannot_be_built_or_answers_with_other_classes_is_one_line(tmp_path):
+    from common.models import import_model_modules
+
+    (tmp_path / "brokenmodels.py").write_text(
+        "import torch.nn as nn\nfrom timm.models import register_model\n\n"
+        "@register_model\ndef raising_net(pretrained=False, num_classes=10, **kwargs):\n"
+        "    raise ValueError('constructor failed')\n\n"
+        "@register_model\ndef five_class_net(pretrained=False, num_classes=10, **kwargs):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))\n")
+    import_model_modules([str(tmp_path / "brokenmodels.py")])
+    with pytest.raises(UserError, match="^model 'raising_net' fails at 8 px with 10 classes: ValueError: constructor"):
+        create_model("raising_net", 10, 8)
+    with pytest.raises(UserError, match="^model 'five_class_net' answers with 5 classes, and the data set has 10$"):
+        create_model("five_class_net", 10, 8)
+    with pytest.raises(UserError, match="^model 'vit_tiny_patch16_224' fails at 8 px"):  # a 16-pixel patch
+        create_model("vit_tiny_patch16_224", 10, 8)

@@ -268,6 +268,11 @@ def test_an_out_that_is_a_file_is_refused(tmp_path):
         make_table("dml", tmp_path / "table")
     with pytest.raises(UserError, match="table is a file, not a folder"):  # or under one
         make_table("dml", tmp_path / "table" / "sub")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "table.md").write_text("my notes")
+    with pytest.raises(UserError, match="is not a table folder of this project"):  # a user's folder
+        make_table("dml", tmp_path / "mine")
+    assert [path.name for path in (tmp_path / "mine").iterdir()] == ["table.md"]
 
 
 @pytest.mark.parametrize("args_json", [None, "not json"])
