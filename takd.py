@@ -51,7 +51,6 @@ of a CPU the effect need not show (RESULTS.md). Each network's `train_top1`, on
 overfitting.
 """
 import argparse
-import time
 
 import torch
 
@@ -266,7 +265,6 @@ def main(args):
     import_model_modules(args.model_module)
     check_args(args)
     fabric, out = start_run(args, "takd", marker="args.json")
-    start = time.perf_counter()
 
     data = load_run_data(fabric, args)
     for name in set(args.chain + args.ta_candidates) - {AUTO}:
@@ -351,7 +349,8 @@ def main(args):
         "compare": compare, "ta_choice": (ta_choices[0] if len(ta_choices) == 1 else ta_choices) or None,
         "networks": networks,
         "train_img_per_s": sum(result["images"] for result in results_of_trained) / train_s if train_s else None,
-        "wall_s": time.perf_counter() - start,
+        # each network's own time over every session: a resumed run counts the networks it reused
+        "wall_s": sum(result["wall_s"] for result in results_of_trained),
     }
     if fabric.is_global_zero:
         write_json(out / "results.json", results)

@@ -239,6 +239,10 @@ def test_resume_after_sigkill_in_the_second_step(tmp_path, capsys):
     whole, resumed = results(tmp_path / "whole"), results(killed)
     figures = lambda run: [(step["top1"], step["train_top1"]) for step in run["steps"]]
     assert figures(resumed) == figures(whole)
+    # the run's time counts the network finished before the kill (and reused), not only this session's
+    networks = resumed["networks"]
+    assert resumed["wall_s"] == pytest.approx(sum(networks[name]["wall_s"] for name in networks))
+    assert networks["plain4"]["wall_s"] > 0 and resumed["wall_s"] > networks["plain4"]["wall_s"]
     for folder in ("plain4", "plain4_to_plain10", "plain4_to_plain10_to_plain2"):
         assert metrics_without_speed(killed / folder / "metrics.csv") == \
             metrics_without_speed(tmp_path / "whole" / folder / "metrics.csv"), folder
