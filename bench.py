@@ -50,7 +50,7 @@ from common.data import (IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, SMALL_SIDE
 from common.graph import preset
 from common.losses import kd_loss, label_loss
 from common.models import create_model, freeze
-from common.run import inference_dtype, make_fabric
+from common.run import UserError, exit_on_user_error, inference_dtype, make_fabric, require_positive
 from deit import student_loss
 
 METHODS = ("dml", "deit", "takd", "ktg")
@@ -304,7 +304,17 @@ def write_jpegs(root, photos):
     return root / "train"
 
 
+def check_args(args):
+    require_positive(steps=args.steps, batch_size=args.batch_size, img_size=args.img_size)
+    if args.data_dir and not (Path(args.data_dir) / "train").is_dir():
+        raise UserError(f"--data-dir {args.data_dir}: no train/ folder of class folders in it")
+    if args.json and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):
+        raise UserError(f"--json {args.json}: {'a folder' if Path(args.json).is_dir() else 'its folder does not exist'}"
+                        f"; give a file to write")
+
+
 def main(args):
+    check_args(args)
     fabric = make_fabric()
     torch.manual_seed(0)
     data = load_dataset("cifar10-mini", img_size=args.img_size)
@@ -355,4 +365,4 @@ def print_table(report):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    exit_on_user_error(main, parse_args())

@@ -145,7 +145,7 @@ def exit_on_user_error(main, args):
         out = getattr(args, "out", None)
         done = "its finished trials" if getattr(args, "search", None) else "its last checkpoint"
         kept = f": --resume --out {out} continues from {done}" if out else ""
-        if not hasattr(args, "resume"):  # reproduce.py: its finished runs are kept, the killed one resumes
+        if out and not hasattr(args, "resume"):  # reproduce.py: its finished runs are kept, the killed one resumes
             kept = ": the same command again continues it"
         print(f"interrupted{kept}", file=sys.stderr)
         sys.exit(130)

@@ -53,3 +53,17 @@ def test_bench_dml_baseline_runs_on_the_device_dml_py_trains_on():
     assert bench_dml.dml_device() == make_fabric().device
     # the meta device computes only shapes: a model or a batch left on the CPU would fail
     assert bench_dml.baseline_img_per_s(["vit_micro", "vit_micro"], 30, 10, 0, torch.device("meta")) > 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps must be positive, got 0"),  # a KeyError traceback before
+    (["--batch-size", "-4"], "--batch-size must be positive, got -4"),  # hung before
+    (["--img-size", "0"], "--img-size must be positive, got 0"),  # measured on and reported 0 px before
+    (["--data-dir", "/nonexistent"], "--data-dir /nonexistent: no train/ folder"),
+    (["--json", "/"], "--json /: a folder"),  # refused before the measurement, not after it
+])
+def test_bad_input_is_one_line_before_any_measurement(flags, message):
+    from common.run import UserError
+
+    with pytest.raises(UserError, match=message):
+        bench.check_args(bench.parse_args(flags))
