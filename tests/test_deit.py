@@ -82,8 +82,9 @@ def test_teacher_disagreement_counts_views_where_the_teacher_is_not_the_label(tm
             "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "img_size": 32}
     monkeypatch.setattr(common.data, "load_dataset", lambda *args: data)
     monkeypatch.setattr(deit, "load_teacher", lambda *args, **kwargs: ColourTeacher(answer))
-    out = tmp_path / "run"
-    run_main(deit, "--model", "vit_micro", "--teacher", "resnet8", "--teacher-ckpt", "any", "--distillation-type",
+    out, stand_in = tmp_path / "run", tmp_path / "teacher.pth"
+    stand_in.touch()  # the file the stand-in teacher is "loaded" from
+    run_main(deit, "--model", "vit_micro", "--teacher", "resnet8", "--teacher-ckpt", stand_in, "--distillation-type",
              "hard", "--recipe", "none", "--epochs", "2", "--batch-size", "20", "--eval-every", "2", "--out", out)
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [float(row["teacher_disagreement"]) for row in rows] == [disagreement] * 2
