@@ -142,6 +142,13 @@ def check_args(args):
                             f"(such as rand-m9-mstd0.5-inc1)") from None
     require_positive(distillation_tau=args.distillation_tau, repeated_aug=args.repeated_aug)
     check_shared_flags(args)
+    defaults = parse_args([])
+    unused = [flag for flag, name, used in (("--distillation-alpha", "distillation_alpha", distilling),
+                                            ("--distillation-tau", "distillation_tau", args.distillation_type == "soft"))
+              if not used and getattr(args, name) != getattr(defaults, name)]
+    if unused:
+        print(f"note: {' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with "
+              f"--distillation-type {args.distillation_type}")
 
 
 # --- augmentation --------------------------------------------------------------

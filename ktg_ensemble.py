@@ -111,8 +111,8 @@ def check_args(args):
         raise UserError("--search scores its trials on held-out training images: --val-split must be above 0")
     if args.search and args.graph != "dml":
         print(f"note: --graph {args.graph} has no effect with --search (the search samples the graphs)")
-    unused = [flag for flag, given in (("--storage", args.storage), ("--study-name", args.study_name != "ktg"))
-              if given]
+    unused = [flag for flag, given in (("--storage", args.storage), ("--study-name", args.study_name != "ktg"),
+                                       ("--heartbeat-grace", args.heartbeat_grace != 15)) if given]
     if unused and not args.search:
         print(f"note: {' '.join(unused)} take{'s' if len(unused) == 1 else ''} effect only with --search")
     if any(size < 1 for size in args.crop_sizes):

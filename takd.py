@@ -130,6 +130,13 @@ def check_args(args):
     if not 0 <= args.distillation_alpha <= 1:
         raise UserError(f"--distillation-alpha must lie in [0, 1], got {args.distillation_alpha}")
     require_positive(distillation_tau=args.distillation_tau)
+    defaults = parse_args([])
+    unused = [flag for flag, name in (("--distillation-alpha", "distillation_alpha"),
+                                      ("--distillation-tau", "distillation_tau"))
+              if getattr(args, name) != getattr(defaults, name)]
+    if len(chain) == 1 and unused:
+        print(f"note: {' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect on a chain of one "
+              f"network (it trains alone)")
 
 
 def recipe_of(name, args):

@@ -78,6 +78,15 @@ def parse_with_config(parser, argv=None, script=None):
                                if key in actions and key not in ("out", "resume", "extend", "overwrite", "config",
                                                                  "eval")})
         args = parser.parse_args(argv)
+        if source.startswith("--eval"):  # the checkpoint is evaluated as it was trained
+            ignored = [key for key, value in saved.items() if key in actions and key not in EVAL_MAY_CHANGE
+                       and getattr(args, key) != value]
+            for key in ignored:
+                setattr(args, key, saved[key])
+            if ignored:
+                print(f"note: --eval evaluates {args.eval} as it was trained: "
+                      f"{' '.join('--' + key.replace('_', '-') for key in ignored)} "
+                      f"{'has' if len(ignored) == 1 else 'have'} no effect")
     if script is not None:
         args.script = script
     return args
@@ -741,6 +750,11 @@ def add_run_flags(parser, folder, compiled, extend=False):
                                                     "machine, at most 8)")
     parser.add_argument("--compile", action="store_true", help=f"wrap {compiled} in torch.compile")
 
+
+# What --eval may change besides: the data it is evaluated on and how fast.
+EVAL_MAY_CHANGE = {"out", "resume", "overwrite", "log_every", "workers", "compile", "data_dir", "logger", "config",
+                   "eval", "extend", "script", "dataset", "img_size", "batch_size", "train_subset", "split_seed",
+                   "val_split", "model_module"}
 
 # What --resume may change: nothing that shapes the run (models, data, epochs,
 # batch size, learning rate and schedule, seed, losses), only where it is

@@ -244,3 +244,14 @@ def test_the_student_and_its_ema_copy_are_evaluated_in_one_pass():
     with_ema = deit.evaluate(model, loader, FakeFabric(), ema=other)
     assert len(passes) == 1 and with_ema[:4] == alone[:4]
     assert with_ema[4] == deit.evaluate(other, loader, FakeFabric())[0] != alone[0]  # the copy's own prediction
+
+
+@pytest.mark.parametrize("flags, note", [
+    (["--distillation-alpha", "0.9", "--distillation-tau", "3"],
+     "--distillation-alpha and --distillation-tau have no effect with --distillation-type none"),
+    (["--distillation-type", "hard", "--teacher", "resnet8", "--teacher-ckpt", __file__, "--distillation-tau", "3"],
+     "--distillation-tau has no effect with --distillation-type hard"),  # τ softens only soft distillation
+])
+def test_distillation_flags_without_effect_get_a_note(flags, note, capsys):
+    deit.check_args(deit.parse_args(flags))
+    assert f"note: {note}\n" in capsys.readouterr().out

@@ -491,3 +491,10 @@ def test_a_term_added_to_the_loss_function_reaches_metrics_the_epoch_line_and_th
     assert re.search(r"epoch 1/1: .*loss_confidence=\d\.\d{3}", capsys.readouterr().out)
     losses = plot_curves(tmp_path / "again.png", [row], dml.curve_panels(["vit_micro", "vit_micro"])).axes[0]
     assert "loss_confidence" in [line.get_label() for line in losses.get_lines()]
+
+
+def test_eval_says_which_training_flags_have_no_effect_and_reports_the_checkpoints(finished_run, tmp_path, capsys):
+    run_main(dml, "--eval", finished_run / "last.ckpt", "--epochs", "50", "--landscape", "--out", tmp_path / "eval")
+    assert "--epochs --landscape have no effect" in capsys.readouterr().out
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert evaluated["epochs"] == 1 and not (tmp_path / "eval" / "landscape.csv").exists()  # not 50, nor drawn

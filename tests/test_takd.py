@@ -313,3 +313,8 @@ def test_learning_rate_schedule_of_the_resnets():
     assert rates[6] == pytest.approx(0.2) and rates[7] == pytest.approx(0.02) and rates[11] == pytest.approx(0.002)
     args = takd.parse_args(["--epochs", "1"])  # no decay inside a one-epoch run
     assert takd.learning_rate(recipe, args, 0, 9, 10) == pytest.approx(0.1)
+
+
+def test_distillation_flags_on_a_chain_of_one_network_get_a_note(capsys):
+    takd.check_args(takd.parse_args(["--chain", "plain2", "--distillation-alpha", "0.3"]))
+    assert "note: --distillation-alpha has no effect on a chain of one network" in capsys.readouterr().out
