@@ -185,10 +185,11 @@ def train(script, folder, flags):
 
 
 def summary(method, metric, values):
-    """A table row: the per-seed values, their mean and sample standard deviation."""
+    """A table row: the per-seed values, their mean and sample standard deviation
+    (None for a single value, which has none)."""
     values = [round(v, 3) for v in values]
     return {"method": method, "metric": metric, "values": values, "mean": round(statistics.mean(values), 3),
-            "std": round(statistics.stdev(values), 3) if len(values) > 1 else 0.0}
+            "std": round(statistics.stdev(values), 3) if len(values) > 1 else None}
 
 
 def claim(text, better, worse, unit="points"):
@@ -498,7 +499,8 @@ def write_markdown(path, table):
              "| method | metric | mean ± std | n | per seed |", "|---|---|---:|---:|---|"]
     for r in table["rows"]:
         digits = 2 if "top-1" in r["metric"] or "agreement" in r["metric"] else 3  # accuracies in points, else losses
-        lines.append(f"| {r['method']} | {r['metric']} | {r['mean']:.{digits}f} ± {r['std']:.{digits}f} | "
+        spread = f" ± {r['std']:.{digits}f}" if r["std"] is not None else ""
+        lines.append(f"| {r['method']} | {r['metric']} | {r['mean']:.{digits}f}{spread} | "
                      f"{len(r['values'])} | {', '.join(f'{v:.{digits}f}' for v in r['values'])} |")
     lines += ["", "Claims, on the paired per-seed differences (in points of top-1 unless marked): *holds* when "
                   "the 95 % interval lies above 0, *contradicted* when below, else *inconclusive*; MDE: the "
@@ -532,7 +534,8 @@ def plot_table(path, table, chance=10.0):
     labels = [f"{r['method']}: {r['metric']}" for r in rows]
     fig, ax = plt.subplots(figsize=(9, 0.4 * len(rows) + 1.2))
     y = range(len(rows))
-    ax.errorbar([r["mean"] for r in rows], y, xerr=[r["std"] for r in rows], fmt="o", color="tab:blue", capsize=3)
+    ax.errorbar([r["mean"] for r in rows], y, xerr=[r["std"] or 0.0 for r in rows], fmt="o", color="tab:blue",
+                capsize=3)
     for i, r in enumerate(rows):
         ax.plot(r["values"], [i] * len(r["values"]), "k.", markersize=4)
     if chance is not None:

@@ -65,6 +65,14 @@ def parse_with_config(parser, argv=None, script=None):
             saved = torch.load(args.eval, map_location="cpu", weights_only=True)["args"]
         except Exception as error:
             fail(f"{source}: cannot read it as a checkpoint of this project ({type(error).__name__})")
+    if getattr(args, "config", None) and getattr(args, "eval", None):  # the checkpoint's script too
+        if not Path(args.eval).is_file():
+            fail(f"--eval {args.eval}: no such file")
+        try:
+            made_by = torch.load(args.eval, map_location="cpu", weights_only=True)["args"].get("script")
+        except Exception as error:
+            fail(f"--eval {args.eval}: cannot read it as a checkpoint of this project ({type(error).__name__})")
+        check_script(made_by, script, f"--eval {args.eval}", fail)
     if saved is not None:
         check_script(saved.get("script"), script, source, fail)
         actions = {action.dest: action for action in parser._actions}
@@ -840,7 +848,7 @@ def load_for_eval(fabric, path, state):
         rest = fabric.load(path, state, strict=True, weights_only=True)
     except Exception as error:
         raise UserError(f"checkpoint {path} does not fit these networks: {type(error).__name__}: "
-                        f"{str(error).splitlines()[0][:200]}") from None
+                        f"{' '.join(str(error).split())[:200]}") from None
     if not finite_weights(fabric, state):
         raise UserError(f"checkpoint {path} holds NaN or infinite weights: not evaluated")
     if "mid_epoch" in rest:

@@ -421,3 +421,15 @@ def test_another_scripts_run_folder_is_never_resumed_overwritten_and_extend_is_n
     with pytest.raises(UserError, match="holds NaN or infinite weights: not resumed"):
         run_main(dml, *common, "--epochs", "2", "--out", poisoned, "--resume")
     assert (poisoned / "results.json").read_bytes() == results_before
+
+
+def test_config_with_eval_still_checks_the_checkpoints_script(tmp_path, capsys):
+    import deit
+    import dml
+
+    dml_args = vars(dml.parse_args(["--students", "resnet8", "resnet8"]))
+    torch.save({"args": dml_args}, tmp_path / "dml.ckpt")
+    (tmp_path / "args.json").write_text(json.dumps(vars(deit.parse_args([]))))
+    with pytest.raises(SystemExit):
+        deit.parse_args(["--config", str(tmp_path / "args.json"), "--eval", str(tmp_path / "dml.ckpt")])
+    assert "--eval " in (err := capsys.readouterr().err) and "was made by dml.py, not deit.py" in err
