@@ -51,7 +51,7 @@ from common.models import (both_heads, count_parameters, create_model, describe_
 from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, accumulate, add_run_flags, best_epoch,
                         check_fraction, check_shared_flags, clip_gradients, cosine_schedule, end_epoch, evaluates_test,
                         exit_on_user_error, finish, inference_dtype, load_for_eval, make_logger, optimizer_steps,
-                        parse_with_config, require_positive, resume_mid_epoch, resume_or_record, run_fields,
+                        parse_with_config, peak_lr, require_positive, resume_mid_epoch, resume_or_record, run_fields,
                         save_mid_epoch, seed_epoch, start_run, write_json)
 
 
@@ -314,7 +314,7 @@ def main(args):
         pretrained.append(load_pretrained(model, args.pretrained))
         fabric.print(describe_pretrained(pretrained[-1]))
     ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=True) if args.model_ema else None
-    lr = args.lr * args.batch_size * args.grad_accum_steps / 512
+    lr = peak_lr(args)  # --lr is for a batch of 512
     # norms, biases, position embeddings and tokens get no weight decay, as in timm and DeiT
     optimizer = torch.optim.AdamW(weight_decay_groups(model, args.weight_decay), lr=lr)
     model, optimizer = fabric.setup(torch.compile(model) if args.compile else model, optimizer)

@@ -59,8 +59,8 @@ from common.models import (agreeing_pairs, count_parameters, create_model, descr
 from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, accumulate, add_run_flags, best_epoch,
                         check_shared_flags, clip_gradients, cosine_schedule, end_epoch, evaluates_test,
                         exit_on_user_error, finish, load_for_eval, make_logger, no_backward_sync, optimizer_steps,
-                        parse_with_config, resume_mid_epoch, resume_or_record, run_fields, save_mid_epoch, seed_epoch,
-                        start_run, write_json)
+                        parse_with_config, peak_lr, resume_mid_epoch, resume_or_record, run_fields, save_mid_epoch,
+                        seed_epoch, start_run, write_json)
 
 
 def parse_args(argv=None):
@@ -118,6 +118,8 @@ def check_args(args):
         raise UserError(f"--pretrained takes one file or one per student ({len(args.students)})")
     if args.mode == "independent" and args.dml_target != "prediction":
         print(f"note: --dml-target {args.dml_target} has no effect in independent mode (no peer to mimic)")
+    if args.patch_size and not any(name.startswith(("vit", "deit")) for name in args.students):
+        print("note: --patch-size has no effect: no student is a ViT")
     if not args.model_ema and args.model_ema_decay != 0.99996:
         print("note: --model-ema-decay has no effect without --model-ema")
 
@@ -210,7 +212,7 @@ def main(args):
         models.append(model)
     if args.mode == "dml" and args.dml_target == "distillation" and not any(map(has_distillation_token, models)):
         fabric.print("note: --dml-target distillation acts as prediction here: no student has a distillation token")
-    lr = args.lr * args.batch_size * args.grad_accum_steps / 512
+    lr = peak_lr(args)  # --lr is for a batch of 512
     # one optimizer, a parameter group per student and decay kind: norms, biases, position
     # embeddings and tokens get no weight decay, as in timm and DeiT
     groups = [group for model in models for group in weight_decay_groups(model, args.weight_decay)]

@@ -121,6 +121,9 @@ def check_args(args):
         graph = check_graph(preset(args.graph, args.nodes or ["resnet20_abn"] * 3))
     else:
         graph = load_graph(args.graph, args.nodes)  # checked as it loads
+    attention = [edge for edge in graph["edges"] if edge["loss"].startswith(("att", "both"))]
+    if not args.search and not attention and args.crop_sizes != parse_args([]).crop_sizes:
+        print("note: --crop-sizes has no effect: no edge of the graph has an attention loss")
     for edge in graph["edges"]:
         if edge["loss"].startswith(("att", "both")):
             for end in (edge["source"], edge["target"]):

@@ -270,6 +270,17 @@ def step_schedule(lr, epoch, step, steps_per_epoch, milestones, warmup_epochs):
     return lr * 0.1 ** sum(epoch >= m for m in milestones) * warmup
 
 
+def peak_lr(args, batch=512):
+    """--lr, given for a batch of `batch`, scaled linearly to the effective batch
+    (--batch-size × --grad-accum-steps); a note when --min-lr lies above it (the
+    cosine would then stay at the peak)."""
+    lr = args.lr * args.batch_size * args.grad_accum_steps / batch
+    if args.min_lr > lr:
+        print(f"note: --min-lr {args.min_lr:g} is above the peak rate {lr:.3g} (--lr {args.lr:g} at batch {batch}, "
+              f"scaled to {args.batch_size * args.grad_accum_steps}): after the warm-up the rate stays at the peak")
+    return lr
+
+
 def cosine_schedule(lr, min_lr, epochs, warmup_epochs, epoch, step, steps_per_epoch):
     """The learning rate of a per-step cosine schedule down to `min_lr`, after a
     linear warm-up from lr/100 over `warmup_epochs` (at most a fifth of the run):
@@ -509,6 +520,8 @@ def check_shared_flags(args):
     require_positive(**{name: flag(name) for name in ("epochs", "batch_size", "lr", "img_size", "patch_size",
                                                         "log_every", "eval_every", "grad_accum_steps", "clip_grad",
                                                         "train_subset")})
+    if flag("out") == "":
+        raise UserError("--out is empty: give a folder, or leave --out out for runs/<script>/<date-time>")
     for name in ("teacher_ckpt", "pretrained"):  # before any training: a late typo would cost the run before it
         for path in (flag(name) if isinstance(flag(name), list) else [flag(name)] if flag(name) else []):
             if not Path(path).is_file():

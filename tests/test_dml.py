@@ -498,3 +498,12 @@ def test_eval_says_which_training_flags_have_no_effect_and_reports_the_checkpoin
     assert "--epochs --landscape have no effect" in capsys.readouterr().out
     evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert evaluated["epochs"] == 1 and not (tmp_path / "eval" / "landscape.csv").exists()  # not 50, nor drawn
+
+
+def test_flags_without_effect_get_a_note_and_an_empty_out_is_refused(capsys):
+    dml.check_args(dml.parse_args(["--students", "resnet8", "resnet8", "--patch-size", "8"]))
+    assert "note: --patch-size has no effect: no student is a ViT" in capsys.readouterr().out
+    dml.peak_lr(dml.parse_args(["--batch-size", "64", "--min-lr", "0.1"]))  # the peak: 5e-3 × 64 / 512
+    assert "note: --min-lr 0.1 is above the peak rate 0.000625" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--out is empty"):
+        dml.check_args(dml.parse_args(["--out", ""]))

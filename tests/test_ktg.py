@@ -299,3 +299,8 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_fails_and_the_wait
     waiter.join(timeout=30)
     assert waited, "still waiting for a trial nobody runs"
     assert [t.state for t in waited[0]] == [TrialState.FAIL]
+
+
+def test_crop_sizes_without_an_attention_edge_get_a_note(capsys):
+    ktg_ensemble.check_args(ktg_ensemble.parse_args(["--nodes", "resnet8", "resnet8", "--crop-sizes", "3"]))
+    assert "note: --crop-sizes has no effect: no edge of the graph has an attention loss" in capsys.readouterr().out
