@@ -153,6 +153,13 @@ def test_two_process_ddp(tmp_path):
                "--batch-size", "100", "--out", out)
     res = results(out)
     assert res["world_size"] == 2 and len(res["students"]) == 2
+    # the two processes' test counts add up to one pass over the test split: one process evaluating
+    # the saved students finds the same accuracies (up to bf16 batches of another size)
+    run_main(dml, "--eval", out / "last.ckpt", "--out", tmp_path / "eval")
+    alone = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert alone["ensemble_top1"] == pytest.approx(res["ensemble_top1"], abs=0.3)
+    for together, single in zip(res["students"], alone["students"]):
+        assert single["top1"] == pytest.approx(together["top1"], abs=0.3)
     assert sorted(p.name for p in out.iterdir()) == [".kd_run", "args.json", "best.ckpt", "curves.png", "last.ckpt",
                                                      "logs", "metrics.csv", "results.json", "student0.safetensors",
                                                      "student1.safetensors"]
