@@ -121,6 +121,8 @@ def check_args(args):
         graph = check_graph(preset(args.graph, args.nodes or ["resnet20_abn"] * 3))
     else:
         graph = load_graph(args.graph, args.nodes)  # checked as it loads
+    if not args.search and not any(edge["source"] == LABEL and edge["gate"] != "cutoff" for edge in graph["edges"]):
+        print("note: no edge of the graph comes from the label: the nodes learn only from each other")
     attention = [edge for edge in graph["edges"] if edge["loss"].startswith(("att", "both"))]
     if not args.search and not attention and args.crop_sizes != parse_args([]).crop_sizes:
         print("note: --crop-sizes has no effect: no edge of the graph has an attention loss")

@@ -605,6 +605,12 @@ def main(args):
     if out.is_dir() and any(out.iterdir()) and not (out / "runs").is_dir():
         raise UserError(f"--out {out} exists, is not empty and is not a table folder of this project (it has no "
                         f"runs/): give another --out")
+    try:
+        made = json.loads((out / "table.json").read_text()).get("table")
+    except (OSError, ValueError, AttributeError):
+        made = None
+    if made not in (None, args.table):
+        raise UserError(f"--out {out} holds the {made} table: give the {args.table} table another --out")
     flags = [*(["--dataset", args.dataset] if args.dataset else []),
              *(["--data-dir", args.data_dir] if args.data_dir else []),
              *(["--img-size", args.img_size] if args.img_size else []),

@@ -105,6 +105,8 @@ def _saved_value(action, value, source, fail):
     the command line: `fail` with one line naming the file and the flag otherwise."""
     flag = f"{source}: {action.option_strings[0] if action.option_strings else action.dest}"
     if value is None:
+        if action.default is not None:  # null only where the flag may be left out (its default is None)
+            fail(f"{flag} cannot be null: give a value or leave the key out")
         return None
     if action.nargs == 0:  # store_true
         if not isinstance(value, bool):

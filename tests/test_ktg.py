@@ -304,3 +304,12 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_fails_and_the_wait
 def test_crop_sizes_without_an_attention_edge_get_a_note(capsys):
     ktg_ensemble.check_args(ktg_ensemble.parse_args(["--nodes", "resnet8", "resnet8", "--crop-sizes", "3"]))
     assert "note: --crop-sizes has no effect: no edge of the graph has an attention loss" in capsys.readouterr().out
+
+
+def test_a_graph_without_a_label_edge_gets_a_note(tmp_path, capsys):
+    edges = [{"source": 0, "target": 1, "loss": "prob_attract", "gate": "through"},
+             {"source": 1, "target": 0, "loss": "prob_attract", "gate": "through"}]
+    (tmp_path / "graph.json").write_text(json.dumps({"nodes": ["resnet8", "resnet8"], "edges": edges}))
+    ktg_ensemble.check_args(ktg_ensemble.parse_args(["--nodes", "resnet8", "resnet8", "--graph",
+                                                      str(tmp_path / "graph.json")]))
+    assert "note: no edge of the graph comes from the label" in capsys.readouterr().out

@@ -275,6 +275,10 @@ def test_an_out_that_is_a_file_is_refused(tmp_path):
     with pytest.raises(UserError, match="is not a table folder of this project"):  # a user's folder
         make_table("dml", tmp_path / "mine")
     assert [path.name for path in (tmp_path / "mine").iterdir()] == ["table.md"]
+    (tmp_path / "other" / "runs").mkdir(parents=True)
+    (tmp_path / "other" / "table.json").write_text('{"table": "takd"}')
+    with pytest.raises(UserError, match="holds the takd table: give the dml table another --out"):
+        make_table("dml", tmp_path / "other")
 
 
 @pytest.mark.parametrize("args_json", [None, "not json"])

@@ -229,6 +229,7 @@ def test_config_starts_from_a_runs_arguments_and_bad_config_is_one_line(tmp_path
                           ('{"mode": "bogus"}', "bad.json: --mode: invalid choice 'bogus'"),
                           ('{"students": "vit_micro"}', "bad.json: --students must be a list"),
                           ('{"model_ema": "yes"}', "bad.json: --model-ema must be true or false"),
+                          ('{"seed": null}', "bad.json: --seed cannot be null"),  # a traceback before
                           ("{}", "bad.json holds no flags"), ('{"script": "dml"}', "bad.json holds no flags")]:
         (tmp_path / "bad.json").write_text(text)
         with pytest.raises(SystemExit) as exit_:
