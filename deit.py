@@ -143,8 +143,9 @@ def check_args(args):
     require_positive(distillation_tau=args.distillation_tau, repeated_aug=args.repeated_aug)
     check_shared_flags(args)
     defaults = parse_args([])
+    soft = args.distillation_type == "soft"
     unused = [flag for flag, name, used in (("--distillation-alpha", "distillation_alpha", distilling),
-                                            ("--distillation-tau", "distillation_tau", args.distillation_type == "soft"))
+                                            ("--distillation-tau", "distillation_tau", soft))
               if not used and getattr(args, name) != getattr(defaults, name)]
     if unused:
         print(f"note: {' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with "
