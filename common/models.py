@@ -149,7 +149,7 @@ def _timm_model(name, num_classes, img_size, drop_path):
         model.train()
     except Exception as error:
         raise UserError(f"model {name!r} fails at {img_size} px with {num_classes} classes: {type(error).__name__}: "
-                        f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}") from None
+                        f"{' '.join(str(error).split())[:200]}") from None
     classes = (output[0] if isinstance(output, tuple) else output).shape[-1]
     if classes != num_classes:
         raise UserError(f"model {name!r} answers with {classes} classes, and the data set has {num_classes}")

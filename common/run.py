@@ -45,34 +45,27 @@ def parse_with_config(parser, argv=None, script=None):
     def fail(message):  # a bad file, not a bad command line: one line, without argparse's usage block
         parser.exit(2, f"error: {message}\n")
 
-    def require_file(path):
+    def require_file(source, path):
         if not Path(path).is_file():
             fail(f"{source}: {'not a file' if Path(path).exists() else 'no such file'}")
 
-    if getattr(args, "config", None):
+    if getattr(args, "eval", None):  # read, and its script checked, under --config too
+        source = f"--eval {args.eval}"
+        require_file(source, args.eval)
+        try:
+            saved = torch.load(args.eval, map_location="cpu", weights_only=True)["args"]
+        except Exception as error:
+            fail(f"{source}: cannot read it as a checkpoint of this project ({type(error).__name__})")
+        check_script(saved.get("script"), script, source, fail)
+    if getattr(args, "config", None):  # its arguments, rather than the checkpoint's
         source = f"--config {args.config}"
-        require_file(args.config)
+        require_file(source, args.config)
         try:
             saved = json.loads(Path(args.config).read_text())
         except (OSError, ValueError) as error:
             fail(f"{source}: cannot read it as JSON ({type(error).__name__})")
         if not isinstance(saved, dict):
             fail(f"{source}: not a JSON object of flags")
-    elif getattr(args, "eval", None):
-        source = f"--eval {args.eval}"
-        require_file(args.eval)
-        try:
-            saved = torch.load(args.eval, map_location="cpu", weights_only=True)["args"]
-        except Exception as error:
-            fail(f"{source}: cannot read it as a checkpoint of this project ({type(error).__name__})")
-    if getattr(args, "config", None) and getattr(args, "eval", None):  # the checkpoint's script too
-        if not Path(args.eval).is_file():
-            fail(f"--eval {args.eval}: no such file")
-        try:
-            made_by = torch.load(args.eval, map_location="cpu", weights_only=True)["args"].get("script")
-        except Exception as error:
-            fail(f"--eval {args.eval}: cannot read it as a checkpoint of this project ({type(error).__name__})")
-        check_script(made_by, script, f"--eval {args.eval}", fail)
     if saved is not None:
         check_script(saved.get("script"), script, source, fail)
         actions = {action.dest: action for action in parser._actions}
