@@ -48,9 +48,9 @@ import ktg_ensemble
 from common.data import (IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, SMALL_SIDE, default_workers, load_dataset,
                          make_loader, native_img_size)
 from common.graph import preset
+from common.launch import UserError, exit_on_user_error, inference_dtype, make_fabric, require_positive
 from common.losses import kd_loss, label_loss
 from common.models import create_model, freeze
-from common.run import UserError, exit_on_user_error, inference_dtype, make_fabric, require_positive
 from deit import student_loss
 
 METHODS = ("dml", "deit", "takd", "ktg")

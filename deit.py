@@ -44,15 +44,16 @@ import torch
 from timm.utils import ModelEmaV3
 
 from common.data import DATASETS, PADDING, SMALL_SIDE, load_run_data, make_loader, probe_split
+from common.folder import (EVAL_RESULTS, best_epoch, end_epoch, load_for_eval, resume_or_record, run_fields, start_run,
+                           write_json)
+from common.launch import (HelpFormatter, UserError, add_run_flags, check_fraction, check_shared_flags,
+                           exit_on_user_error, finish, inference_dtype, parse_with_config, require_positive)
+from common.loop import (TrainLog, accumulate, clip_gradients, cosine_schedule, evaluates_test, make_logger,
+                         optimizer_steps, peak_lr, resume_mid_epoch, save_mid_epoch, seed_epoch)
 from common.losses import cross_entropy, hard_distillation_loss, soft_distillation_loss
 from common.models import (both_heads, count_parameters, create_model, describe_pretrained, freeze,
                            has_distillation_token, import_model_modules, load_pretrained, load_teacher, model_name_in,
                            save_weights, split_heads, weight_decay_groups)
-from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, accumulate, add_run_flags, best_epoch,
-                        check_fraction, check_shared_flags, clip_gradients, cosine_schedule, end_epoch, evaluates_test,
-                        exit_on_user_error, finish, inference_dtype, load_for_eval, make_logger, optimizer_steps,
-                        parse_with_config, peak_lr, require_positive, resume_mid_epoch, resume_or_record, run_fields,
-                        save_mid_epoch, seed_epoch, start_run, write_json)
 
 
 def parse_args(argv=None):

@@ -45,22 +45,24 @@ cifar10-mini, vit_micro × 2, 30 epochs, batch 128, seed 0, DML gave 49.6/49.0
 (ensemble 49.9) and Independent 50.7/48.5 (ensemble 51.4).
 """
 import argparse
+import contextlib
 from pathlib import Path
 
 import torch
 from timm.utils import ModelEmaV3
 
 from common.data import DATASETS, PADDING, load_run_data, make_loader, probe_split
+from common.folder import (EVAL_RESULTS, best_epoch, end_epoch, load_for_eval, resume_or_record, run_fields, start_run,
+                           write_json)
 from common.landscape import loss_curve, plot as plot_landscape, write_csv as write_landscape_csv
+from common.launch import (HelpFormatter, UserError, add_run_flags, check_shared_flags, exit_on_user_error, finish,
+                           parse_with_config)
+from common.loop import (TrainLog, accumulate, clip_gradients, cosine_schedule, evaluates_test, make_logger,
+                         optimizer_steps, peak_lr, resume_mid_epoch, save_mid_epoch, seed_epoch)
 from common.losses import cross_entropy, dml_loss
 from common.models import (agreeing_pairs, count_parameters, create_model, describe_pretrained, has_distillation_token,
                            import_model_modules, load_pretrained, prediction, save_weights, split_heads,
                            weight_decay_groups)
-from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, accumulate, add_run_flags, best_epoch,
-                        check_shared_flags, clip_gradients, cosine_schedule, end_epoch, evaluates_test,
-                        exit_on_user_error, finish, load_for_eval, make_logger, no_backward_sync, optimizer_steps,
-                        parse_with_config, peak_lr, resume_mid_epoch, resume_or_record, run_fields, save_mid_epoch,
-                        seed_epoch, start_run, write_json)
 
 
 def parse_args(argv=None):
@@ -144,6 +146,15 @@ def student_losses(students, images, labels, args):
             heads = output if isinstance(output, tuple) else (output,)
             terms[f"ce_{k}"] = sum(cross_entropy(head, labels, args.smoothing) for head in heads) / len(heads)
     return terms
+
+
+def no_backward_sync(fabric, modules, enabled):
+    """Fabric's no_backward_sync for several modules: skip DDP's gradient
+    all-reduce in the backward of a batch that only accumulates."""
+    stack = contextlib.ExitStack()
+    for module in modules:
+        stack.enter_context(fabric.no_backward_sync(module, enabled=enabled))
+    return stack
 
 
 def curve_panels(students):

@@ -48,15 +48,16 @@ import os
 import torch
 
 from common.data import DATASETS, PADDING, DeviceLoader, load_run_data, make_loader, probe_split
+from common.folder import (EVAL_RESULTS, end_epoch, load_checkpoint, load_for_eval, run_fields, start_run, write_csv,
+                           write_json)
 from common.graph import (LABEL, LOSSES, check_graph, draw_attention, draw_graph, load_graph, preset, sample_graph,
                           untrained_nodes)
+from common.launch import (HelpFormatter, UserError, add_run_flags, check_shared_flags, exit_on_user_error, finish,
+                           on_rank_zero, parse_with_config, require_positive)
+from common.loop import TrainLog, evaluates_test, make_logger, seed_epoch, step_schedule
 from common.losses import edge_loss, gate, label_loss
 from common.models import (ABN_ALIASES, agreeing_pairs, count_parameters, create_model, describe_pretrained,
                            import_model_modules, load_pretrained, save_weights)
-from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, add_run_flags, check_shared_flags, end_epoch,
-                        evaluates_test, exit_on_user_error, finish, load_checkpoint, load_for_eval, make_logger,
-                        on_rank_zero, parse_with_config, require_positive, run_fields, seed_epoch, start_run,
-                        step_schedule, write_csv, write_json)
 from common.study import best_trial, open_study, run_trials, search_picture, storage_url, trial_rows
 
 

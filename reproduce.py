@@ -64,7 +64,8 @@ import dml
 import ktg_ensemble
 import takd
 from common.data import DATASETS
-from common.run import HelpFormatter, UserError, exit_on_user_error, run_shaping_changes, save_figure, write_json
+from common.folder import save_figure, write_json
+from common.launch import HelpFormatter, UserError, exit_on_user_error, run_shaping_changes
 
 SEEDS = [0, 1, 2]
 QUICK_SEEDS = [0, 1]

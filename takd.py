@@ -55,13 +55,14 @@ import argparse
 import torch
 
 from common.data import DATASETS, PADDING, load_run_data, make_loader, probe_split
+from common.folder import (EVAL_RESULTS, end_epoch, load_checkpoint, load_for_eval, run_fields, save_figure, start_run,
+                           write_csv, write_json)
+from common.launch import (HelpFormatter, UserError, add_run_flags, check_shared_flags, exit_on_user_error, finish,
+                           inference_dtype, on_rank_zero, parse_with_config, require_positive)
+from common.loop import TrainLog, evaluates_test, make_logger, seed_epoch, step_schedule
 from common.losses import cross_entropy, kd_loss
 from common.models import (count_parameters, create_model, describe_pretrained, freeze, import_model_modules,
                            load_pretrained, load_teacher, model_name_in, save_weights)
-from common.run import (EVAL_RESULTS, HelpFormatter, TrainLog, UserError, add_run_flags, check_shared_flags, end_epoch,
-                        evaluates_test, exit_on_user_error, finish, inference_dtype, load_checkpoint, load_for_eval,
-                        make_logger, on_rank_zero, parse_with_config, require_positive, run_fields, save_figure,
-                        seed_epoch, start_run, step_schedule, write_csv, write_json)
 
 AUTO = "auto"
 # Each family's recipe (see the docstring); --lr, --weight-decay, --schedule, --warmup-epochs override it

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common.run import UserError
+from common.launch import UserError
 
 DATASETS = ("cifar10-mini", "cifar10", "cifar100", "imagefolder")
 MINI_PATH = Path(__file__).with_name("cifar10_mini.npz")

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from common.run import UserError
+from common.launch import UserError
 
 LABEL = "label"
 LOSSES = ("prob_attract", "prob_repel", "att_attract", "att_repel", "both_attract", "both_repel")
@@ -111,7 +111,7 @@ def draw_graph(path, graph, accuracies=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from common.run import save_figure
+    from common.folder import save_figure
 
     # the label, the network nodes and the ensemble on one circle: no edge crosses a node
     count = len(graph["nodes"])
@@ -163,7 +163,7 @@ def draw_attention(path, images, maps, names, labels, predictions):
     import matplotlib.pyplot as plt
     import torch.nn.functional as F
 
-    from common.run import save_figure
+    from common.folder import save_figure
 
     rows, columns = len(images), 1 + len(maps)
     fig, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.2 * rows), squeeze=False)

@@ -95,7 +95,7 @@ def plot(path, runs):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from common.run import save_figure
+    from common.folder import save_figure
 
     students = list(dict.fromkeys(student for curves in runs.values() for student in curves))
     fig, axes = plt.subplots(1, len(students), figsize=(5 * len(students), 4), squeeze=False, sharey=True)

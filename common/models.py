@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.run import UserError
+from common.launch import UserError
 
 # alias -> (timm name, overrides). The `mini`/`micro` sizes are for quick CPU runs.
 VIT_ALIASES = {

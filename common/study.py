@@ -8,7 +8,7 @@ import logging
 import os
 import warnings
 
-from common.run import UserError
+from common.launch import UserError
 
 
 def open_study(args, out):
@@ -198,7 +198,7 @@ def search_picture(path, study):
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as plots
 
-    from common.run import save_figure
+    from common.folder import save_figure
 
     with plt.style.context("default"):  # Optuna's plots switch the global style to ggplot: keep it to them
         drawn = [plots.plot_optimization_history(study).figure, plots.plot_intermediate_values(study).figure]

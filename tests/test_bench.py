@@ -9,7 +9,7 @@ import torch
 import bench
 import bench_dml
 from common.data import load_dataset
-from common.run import make_fabric
+from common.launch import make_fabric
 
 
 def test_bench_reports_every_field(tmp_path, monkeypatch):
@@ -63,7 +63,7 @@ def test_bench_dml_baseline_runs_on_the_device_dml_py_trains_on():
     (["--json", "/"], "--json /: a folder"),  # refused before the measurement, not after it
 ])
 def test_bad_input_is_one_line_before_any_measurement(flags, message):
-    from common.run import UserError
+    from common.launch import UserError
 
     with pytest.raises(UserError, match=message):
         bench.check_args(bench.parse_args(flags))

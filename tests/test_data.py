@@ -10,7 +10,7 @@ from PIL import Image
 import common.data as data_module
 from common.data import (PADDING, DeviceLoader, augment, default_transform, hold_out, load_dataset, make_loader,
                          probe_split, read_rgb, subset)
-from common.run import UserError
+from common.launch import UserError
 from conftest import FakeFabric
 
 

@@ -8,8 +8,9 @@ import torch
 
 import common.data
 import deit
+from common.folder import plot_curves
+from common.launch import UserError
 from common.models import create_model
-from common.run import UserError, plot_curves
 from conftest import kill_when, metrics_without_speed, results, run_main
 
 SMALL = ["--train-subset", "600", "--batch-size", "50", "--lr", "2e-3"]

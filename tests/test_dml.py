@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import dml
+from common.folder import plot_curves
 from common.landscape import compare as compare_landscapes
-from common.run import UserError, plot_curves
+from common.launch import UserError
 from conftest import (fabric_run, kill_when, metrics_without_speed, png_size, results, run_main, run_script,
                       snapshot)
 

@@ -20,15 +20,16 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 from torch.overrides import TorchFunctionMode
 
 import common.data
-import common.run
+import common.folder
+import common.launch
 import deit
 import dml
 import ktg_ensemble
 import takd
 from common.graph import preset
 from common import models
+from common.loop import TrainLog
 from common.models import create_model, freeze, load_teacher, read_state_dict
-from common.run import TrainLog
 from conftest import ROOT, FakeFabric, free_port, results, run_main
 
 CUDA = FakeFabric(device="cuda")
@@ -262,7 +263,7 @@ def test_compiled_deit_with_compiled_teacher(tmp_path, teacher_file, dynamo_coun
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fall-back of a machine without CUDA")
 def test_plain_python_runs_on_one_device():
-    from common.run import make_fabric
+    from common.launch import make_fabric
 
     fabric = make_fabric()
     assert fabric.world_size == 1 and fabric.device.type == "cpu"
@@ -321,22 +322,22 @@ class RecordedFabric:
 
 
 def test_plain_python_uses_one_gpu_and_fast_float32(monkeypatch):
-    monkeypatch.setattr(common.run, "Fabric", RecordedFabric)
-    monkeypatch.setattr(common.run, "_is_using_cli", lambda: False)
+    monkeypatch.setattr(common.launch, "Fabric", RecordedFabric)
+    monkeypatch.setattr(common.launch, "_is_using_cli", lambda: False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     matmul_precision = []
     monkeypatch.setattr(torch, "set_float32_matmul_precision", matmul_precision.append)
-    fabric = common.run.make_fabric()
+    fabric = common.launch.make_fabric()
     # defect 4: `python script.py` on a host with 8 GPUs took all 8
     assert fabric.kwargs["devices"] == 1 and fabric.launched
     assert torch.backends.cudnn.benchmark and matmul_precision == ["high"]
-    monkeypatch.setattr(common.run, "_is_using_cli", lambda: True)  # under `fabric run`: its flags decide
-    assert "devices" not in common.run.make_fabric().kwargs
+    monkeypatch.setattr(common.launch, "_is_using_cli", lambda: True)  # under `fabric run`: its flags decide
+    assert "devices" not in common.launch.make_fabric().kwargs
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16-mixed"), (False, "16-mixed")])
 def test_default_precision_on_gpus_with_and_without_native_bf16(monkeypatch, native, expected):
-    from common.run import default_precision
+    from common.launch import default_precision
 
     # defect 5: a V100 or T4 "supports" bf16 through emulation only
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -430,7 +431,7 @@ def test_clipping_in_16_mixed_unscales_once_and_skips_an_overflow(tmp_path, monk
     # next ones update at 2^10. A clip threshold no gradient reaches must leave every
     # weight as without clipping: unscaled twice, the updates were 2^10 times too small;
     # clipping that raised on an inf gradient stopped the run at its first step.
-    monkeypatch.setattr(common.run, "make_fabric", lambda: fp16_fabric(2.0 ** 30, backoff_factor=2.0 ** -20))
+    monkeypatch.setattr(common.folder, "make_fabric", lambda: fp16_fabric(2.0 ** 30, backoff_factor=2.0 ** -20))
     with_small_test_split(monkeypatch, script)
     for name, clip in (("plain", []), ("clipped", ["--clip-grad", "1e9"])):
         run_main(script, *flags, "--epochs", "1", "--train-subset", "100", "--batch-size", "50", *clip,
@@ -443,7 +444,7 @@ def test_clipping_in_16_mixed_unscales_once_and_skips_an_overflow(tmp_path, monk
 
 
 def test_resume_keeps_the_loss_scale(tmp_path, monkeypatch):
-    monkeypatch.setattr(common.run, "make_fabric", lambda: fp16_fabric(2.0 ** 30, backoff_factor=2.0 ** -20))
+    monkeypatch.setattr(common.folder, "make_fabric", lambda: fp16_fabric(2.0 ** 30, backoff_factor=2.0 ** -20))
     with_small_test_split(monkeypatch, dml)
     flags = ["--students", "plain2", "plain2", "--train-subset", "100", "--batch-size", "50", "--epochs", "2"]
     run_main(dml, *flags, "--out", tmp_path / "whole")
@@ -465,7 +466,7 @@ def test_resume_keeps_the_loss_scale(tmp_path, monkeypatch):
 
 
 def test_a_frozen_teacher_runs_in_the_autocast_dtype():
-    from common.run import inference_dtype
+    from common.launch import inference_dtype
 
     assert inference_dtype(fp16_fabric(2.0 ** 10)) == torch.float16
     assert inference_dtype(RecordedPrecisionFabric("bf16-mixed")) == torch.bfloat16
@@ -521,7 +522,7 @@ def test_ranks_draw_their_own_augmentations(tmp_path):
 
 
 def test_one_seed_per_rank_and_epoch_rank_zero_as_before():
-    from common.run import seed_epoch
+    from common.loop import seed_epoch
 
     draws = {}
     for rank in (0, 1):
@@ -547,7 +548,8 @@ class BroadcastingFabric(FakeFabric):
 
 
 def test_run_folder_decision_is_rank_zeros(tmp_path):
-    from common.run import UserError, open_run_folder
+    from common.folder import open_run_folder
+    from common.launch import UserError
 
     args = argparse.Namespace(out=str(tmp_path / "run"), resume=False, overwrite=False)
     (tmp_path / "run").mkdir()

@@ -6,8 +6,8 @@ import torch
 
 from common.graph import (GATES, LOSSES, check_graph, draw_attention, draw_graph, load_graph, preset, sample_graph,
                           untrained_nodes)
+from common.launch import UserError
 from common.models import create_model
-from common.run import UserError
 from ktg_ensemble import graph_loss, node_outputs
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ktg_ensemble
-from common.run import UserError
+from common.launch import UserError
 from conftest import ROOT, FakeFabric, png_size, results, run_main, wait_for
 
 NODES = ["--nodes", "resnet8_abn", "resnet8_abn"]

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from common.launch import UserError
 from common.models import (ALIASES, CifarResNet, agreeing_pairs, count_parameters, create_model, load_pretrained,
                            load_weights, prediction, split_heads)
-from common.run import UserError
 
 
 @pytest.mark.parametrize("name", ALIASES)

@@ -15,7 +15,7 @@ import optuna
 import pytest
 
 import ktg_ensemble
-from common.run import UserError
+from common.launch import UserError
 from conftest import ROOT, free_port, results, run_main, wait_for
 
 SEARCH = ["--nodes", "resnet8_abn", "resnet8_abn", "--epochs", "2", "--train-subset", "200", "--batch-size", "50",

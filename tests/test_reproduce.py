@@ -17,7 +17,7 @@ import dml
 import ktg_ensemble
 import reproduce
 import takd
-from common.run import UserError
+from common.launch import UserError
 from conftest import ROOT, free_port, png_size
 
 

@@ -1,4 +1,5 @@
-"""common/run.py: the one-line error, run folders, atomic checkpoints, the schedules."""
+"""A run's plumbing, common/launch.py, loop.py and folder.py: the one-line error, run folders, atomic checkpoints,
+the schedules."""
 import argparse
 import json
 import re
@@ -6,8 +7,9 @@ import re
 import pytest
 import torch
 
-from common.run import (RUN_MARKER, UserError, cosine_schedule, evaluates_test, exit_on_user_error, open_run_folder,
-                        require_positive, save_checkpoint, step_schedule)
+from common.folder import RUN_MARKER, open_run_folder, save_checkpoint
+from common.launch import UserError, exit_on_user_error, require_positive
+from common.loop import cosine_schedule, evaluates_test, step_schedule
 from conftest import FakeFabric
 
 
@@ -23,7 +25,7 @@ def test_user_error_is_one_line_and_status_2(capsys):
     def main(args):
         # a UserError raised in a DataLoader worker arrives with the worker's traceback before it
         raise UserError("Caught UserError in DataLoader worker process 0.\nTraceback ...\n"
-                        "common.run.UserError: cannot read image x.jpg")
+                        "common.launch.UserError: cannot read image x.jpg")
 
     with pytest.raises(SystemExit) as exit_:
         exit_on_user_error(main, None)
@@ -155,7 +157,7 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
 def test_eval_refuses_a_checkpoint_with_non_finite_weights(tmp_path):
     from lightning_fabric import Fabric
 
-    from common.run import load_for_eval
+    from common.folder import load_for_eval
 
     model = torch.nn.Linear(2, 2)
     with torch.no_grad():
@@ -288,7 +290,7 @@ def test_split_seed_not_seed_picks_the_subset_and_the_held_out_images(name, tmp_
 
 
 def test_curves_are_redrawn_now_and_then_and_after_the_last_epoch(tmp_path, monkeypatch):
-    import common.run as run
+    import common.folder as run
 
     drawn, saved = [], []
     # as the real one: a new file each time, renamed over the last
@@ -373,7 +375,7 @@ def test_cosine_schedule_is_timms_float_for_float(lr, min_lr, epochs, warmup_epo
     ("seed", 2**32, "--seed must be below 2\\*\\*32, got 4294967296"),
 ])
 def test_shared_flags_refuse_nan_inf_and_out_of_range(flag, value, message):
-    from common.run import check_shared_flags
+    from common.launch import check_shared_flags
 
     args = argparse.Namespace(seed=0, lr=1e-3, warmup_epochs=5.0, min_lr=1e-5)
     setattr(args, flag, value)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import takd
-from common.run import UserError
+from common.launch import UserError
 from conftest import kill_when, metrics_without_speed, png_size, results, run_main, snapshot
 
 # --eval-every 2: the test split at the last epoch only, which is all these tests read
