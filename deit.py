@@ -48,7 +48,7 @@ from common.folder import (EVAL_RESULTS, best_epoch, end_epoch, load_for_eval, r
                            write_json)
 from common.launch import (HelpFormatter, UserError, add_run_flags, check_fraction, check_shared_flags,
                            exit_on_user_error, finish, inference_dtype, parse_with_config, require_positive)
-from common.loop import (TrainLog, accumulate, clip_gradients, cosine_schedule, evaluates_test, make_logger,
+from common.loop import (TrainLog, accumulate, clip_gradients, cosine_schedule, evaluates_test,
                          optimizer_steps, peak_lr, resume_mid_epoch, save_mid_epoch, seed_epoch)
 from common.losses import cross_entropy, hard_distillation_loss, soft_distillation_loss
 from common.models import (both_heads, count_parameters, create_model, describe_pretrained, freeze,
@@ -298,7 +298,6 @@ def main(args):
     import_model_modules(args.model_module)
     check_args(args)
     fabric, out = start_run(args, "deit")
-    logger = make_logger(args.logger, out)
 
     data = load_run_data(fabric, args)
     num_classes = len(data["classes"])
@@ -330,11 +329,11 @@ def main(args):
     resume_or_record(fabric, out, state, args)
 
     accuracy = None
+    log = TrainLog(fabric, args, out, steps_per_epoch * args.grad_accum_steps, preemptible=True)
     for epoch in range(state["epoch"], args.epochs):
         seed_epoch(fabric, args.seed, epoch)
         model.train()
-        log = TrainLog(fabric, epoch, args.epochs, steps_per_epoch * args.grad_accum_steps, args.log_every, out,
-                       logger=logger, preemptible=True)
+        log.begin(epoch)
         optimizer.zero_grad(set_to_none=True)
         batches = accumulate(train_loader.epoch(epoch), args.grad_accum_steps, steps_per_epoch)
         resume_mid_epoch(fabric, state, batches, log, args.grad_accum_steps)
@@ -369,7 +368,7 @@ def main(args):
             log.step(batch, loss, terms, len(labels), **diagnostics)
             if last_of_step and log.stopping:  # SIGTERM or Ctrl-C: save this step and stop
                 save_mid_epoch(fabric, out, state, step + 1, log)
-        means = log.close()
+        means = log.end()
 
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **means, "top1": None, "top1_cls": None,
                "top1_dist": None, "teacher_agreement": None}  # the test columns stay empty in epochs without a test

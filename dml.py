@@ -57,7 +57,7 @@ from common.folder import (EVAL_RESULTS, best_epoch, end_epoch, load_for_eval, r
 from common.landscape import loss_curve, plot as plot_landscape, write_csv as write_landscape_csv
 from common.launch import (HelpFormatter, UserError, add_run_flags, check_shared_flags, exit_on_user_error, finish,
                            parse_with_config)
-from common.loop import (TrainLog, accumulate, clip_gradients, cosine_schedule, evaluates_test, make_logger,
+from common.loop import (TrainLog, accumulate, clip_gradients, cosine_schedule, evaluates_test,
                          optimizer_steps, peak_lr, resume_mid_epoch, save_mid_epoch, seed_epoch)
 from common.losses import cross_entropy, dml_loss
 from common.models import (agreeing_pairs, count_parameters, create_model, describe_pretrained, has_distillation_token,
@@ -204,7 +204,6 @@ def main(args):
     import_model_modules(args.model_module)
     check_args(args)
     fabric, out = start_run(args, "dml")
-    logger = make_logger(args.logger, out)
 
     data = load_run_data(fabric, args)
     per_device_batch = max(1, args.batch_size // fabric.world_size)
@@ -241,12 +240,12 @@ def main(args):
 
     K = len(students)
     figures = None  # of the last test: the students' (and EMA copies') accuracy and their agreement
+    log = TrainLog(fabric, args, out, steps_per_epoch * args.grad_accum_steps, preemptible=True)
     for epoch in range(state["epoch"], args.epochs):
         seed_epoch(fabric, args.seed, epoch)
         for student in students:
             student.train()
-        log = TrainLog(fabric, epoch, args.epochs, steps_per_epoch * args.grad_accum_steps, args.log_every, out,
-                       logger=logger, preemptible=True)
+        log.begin(epoch)
         optimizer.zero_grad(set_to_none=True)
         batches = accumulate(train_loader.epoch(epoch), args.grad_accum_steps, steps_per_epoch)
         resume_mid_epoch(fabric, state, batches, log, args.grad_accum_steps)
@@ -268,7 +267,7 @@ def main(args):
             log.step(batch, loss, terms, len(labels))
             if last_of_step and log.stopping:  # SIGTERM or Ctrl-C: save this step and stop
                 save_mid_epoch(fabric, out, state, step + 1, log)
-        means = log.close()
+        means = log.end()
 
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **means}
         tested = [f"top1_{k}" for k in range(K)] + ["top1_ensemble", "agreement"]

@@ -54,7 +54,7 @@ from common.graph import (LABEL, LOSSES, check_graph, draw_attention, draw_graph
                           untrained_nodes)
 from common.launch import (HelpFormatter, UserError, add_run_flags, check_shared_flags, exit_on_user_error, finish,
                            on_rank_zero, parse_with_config, require_positive)
-from common.loop import TrainLog, evaluates_test, make_logger, seed_epoch, step_schedule
+from common.loop import TrainLog, evaluates_test, seed_epoch, step_schedule
 from common.losses import edge_loss, gate, label_loss
 from common.models import (ABN_ALIASES, agreeing_pairs, count_parameters, create_model, describe_pretrained,
                            import_model_modules, load_pretrained, save_weights)
@@ -243,12 +243,12 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
     steps_per_epoch = len(train_loader)
     total_steps = args.epochs * steps_per_epoch
     row = None
-    logger = make_logger(args.logger, out) if out is not None else None
+    log = TrainLog(fabric, args, out, steps_per_epoch)
     for epoch in range(state["epoch"], args.epochs if not args.eval else 0):
         seed_epoch(fabric, args.seed, epoch)
         for node in nodes:
             node.train()
-        log = TrainLog(fabric, epoch, args.epochs, steps_per_epoch, args.log_every, out, logger=logger)
+        log.begin(epoch)
         for step, (images, labels) in enumerate(train_loader.epoch(epoch)):
             rate = learning_rate(args, epoch, step, steps_per_epoch)
             for group in optimizer.param_groups:
@@ -261,7 +261,7 @@ def train_graph(graph, data, fabric, args, out=None, report=None):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             log.step(step, loss, terms, len(labels))
-        means = log.close()
+        means = log.end()
 
         due = test_loader is not None and evaluates_test(epoch, args.epochs, args.eval_every)
         # a skipped test leaves its columns empty (None), from the first row on, which names metrics.csv's columns

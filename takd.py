@@ -59,7 +59,7 @@ from common.folder import (EVAL_RESULTS, end_epoch, load_checkpoint, load_for_ev
                            write_csv, write_json)
 from common.launch import (HelpFormatter, UserError, add_run_flags, check_shared_flags, exit_on_user_error, finish,
                            inference_dtype, on_rank_zero, parse_with_config, require_positive)
-from common.loop import TrainLog, evaluates_test, make_logger, seed_epoch, step_schedule
+from common.loop import TrainLog, evaluates_test, seed_epoch, step_schedule
 from common.losses import cross_entropy, kd_loss
 from common.models import (count_parameters, create_model, describe_pretrained, freeze, import_model_modules,
                            load_pretrained, load_teacher, model_name_in, save_weights)
@@ -225,11 +225,11 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
         folder.mkdir(parents=True, exist_ok=True)
 
     steps_per_epoch = len(train_loader)
-    logger = make_logger(args.logger, folder) if state["epoch"] < args.epochs else None
+    log = TrainLog(fabric, args, folder, steps_per_epoch, folder.name)
     for epoch in range(state["epoch"], args.epochs):
         seed_epoch(fabric, args.seed, epoch)
         model.train()
-        log = TrainLog(fabric, epoch, args.epochs, steps_per_epoch, args.log_every, folder, folder.name, logger)
+        log.begin(epoch)
         for step, (images, labels) in enumerate(train_loader.epoch(epoch)):
             rate = learning_rate(recipe, args, epoch, step, steps_per_epoch)
             for group in optimizer.param_groups:
@@ -246,7 +246,7 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             log.step(step, loss, terms, len(labels))
-        means = log.close()
+        means = log.end()
 
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **means, "top1": None, "top5": None}
         if evaluates_test(epoch, args.epochs, args.eval_every):  # else empty in metrics.csv, never best.ckpt

@@ -197,11 +197,11 @@ def finite_weights(fabric, state):
 CURVES_EVERY_S = 30.0
 
 
-def save_epoch(fabric, out, state, top1, panels):
+def save_epoch(fabric, out, state, top1, panels, last):
     """End of an epoch: `last.ckpt`, `best.ckpt` if `top1` is the best so far
     (None: an epoch that did not evaluate, never the best; the same file, linked,
-    not written twice), `metrics.csv` and, now and then, `curves.png` (its
-    `panels`, see plot_curves) from `state["history"]`."""
+    not written twice), `metrics.csv` and, now and then and after the `last`
+    epoch, `curves.png` (its `panels`, see plot_curves) from `state["history"]`."""
     is_best = top1 is not None and top1 > state["best_top1"]
     if is_best:
         state["best_top1"], state["best_epoch"] = top1, state["epoch"]
@@ -212,7 +212,7 @@ def save_epoch(fabric, out, state, top1, panels):
         write_csv(out / "metrics.csv", state["history"])
         curves = out / "curves.png"
         due = not curves.is_file() or time.time() - curves.stat().st_mtime >= CURVES_EVERY_S
-        if due or state["epoch"] >= state["args"]["epochs"]:
+        if due or last:
             plot_curves(curves, state["history"], panels)
 
 
@@ -230,20 +230,14 @@ def same_file(source, path):
 
 
 def end_epoch(fabric, out, state, row, score, log, panels):
-    """Record the epoch's `row` in `state["history"]` and its time, print it, and
-    save the run (`save_epoch`; `score` chooses best.ckpt, `panels` the curves)."""
+    """Record the epoch's `row` in `state["history"]` and its time, report it
+    (`log`, the run's TrainLog), and save the run (`save_epoch`; `score` chooses
+    best.ckpt, `panels` the curves)."""
     state["history"].append(row)
     state["epoch"] = row["epoch"]
-    state["wall_s"] += time.perf_counter() - log.start
-    shown = [f"{key}={value:.2f}" for key, value in row.items()
-             if key.startswith(("top1", "val_top1")) and value is not None]
-    shown += [f"{key}={value:.3f}" for key, value in row.items() if key.startswith("loss") and value is not None]
-    fabric.print(f"{log.desc}: " + " ".join(shown) + f" {row['img_per_s']:.0f} img/s")
-    if log.logger is not None:
-        log.logger.log_metrics({f"epoch/{key}": value for key, value in row.items() if isinstance(value, (int, float))},
-                               step=row["epoch"] * log.steps)
-        log.logger.save()
-    save_epoch(fabric, out, state, score, panels)
+    state["wall_s"] += log.elapsed()
+    log.report(row)
+    save_epoch(fabric, out, state, score, panels, last=row["epoch"] >= log.epochs)
 
 
 def resume_or_record(fabric, out, state, args):

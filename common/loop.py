@@ -107,31 +107,42 @@ def seed_epoch(fabric, seed, epoch):
 
 
 class TrainLog:
-    """The bookkeeping of one training epoch, kept off the GPU's critical path.
+    """The log of a run's training, built once before its loop and kept off the
+    GPU's critical path.
 
     Each step adds its loss terms and a not-finite flag to tensors on the device;
-    they are read (one host sync for all ranks) only every `log_every` steps and
+    they are read (one host sync for all ranks) only every --log-every steps and
     at the end of the epoch. A NaN/inf then stops every rank with one line,
     before the next checkpoint: `last.ckpt` stays the last good one. The progress
     bar shows the figures of the last read; without a terminal, each read
-    inside the epoch prints one line instead.
+    inside the epoch prints one line instead. An epoch's row is reported (printed
+    and given to the --logger) by `report`; files are the run folder's to write.
     """
 
-    def __init__(self, fabric, epoch, epochs, steps, log_every, out, desc="", logger=None, preemptible=False):
-        self.fabric, self.epoch, self.steps, self.log_every = fabric, epoch, steps, log_every
-        self.logger = logger
-        self.out, self.desc = out, f"{desc} epoch {epoch + 1}/{epochs}".strip()
-        self.names = self.sums = None  # the columns, known from the first step
-        self.first_bad_step = torch.full((), -1, device=fabric.device)
-        self.images, self.done, self.means = 0, 0, {}
+    def __init__(self, fabric, args, out, steps, desc="", preemptible=False):
+        """`steps`: the batches of an epoch; `out`: the run folder (None: no logger);
+        `desc` names the network in the lines; `preemptible`: SIGTERM or Ctrl-C asks
+        the loop to stop at a step (`stopping`, the same on every rank: agreed at a
+        read) and save there (save_mid_epoch), a second one stops at once."""
+        self.fabric, self.epochs, self.steps, self.log_every = fabric, args.epochs, steps, args.log_every
+        self.out, self.name, self.preemptible = out, desc, preemptible
+        self.logger_kind, self.logger = args.logger if out is not None else None, None
         self.terminal = sys.stdout.isatty()
-        self.bar = tqdm(total=steps, desc=self.desc, leave=False, disable=not (fabric.is_global_zero and self.terminal))
+
+    def begin(self, epoch):
+        """Start epoch `epoch` (counted from 0): its sums, timer, progress bar and signal handlers."""
+        if self.logger is None and self.logger_kind:  # made by the first epoch: a finished run adds no log version
+            self.logger = make_logger(self.logger_kind, self.out)
+        self.epoch, self.desc = epoch, f"{self.name} epoch {epoch + 1}/{self.epochs}".strip()
+        self.names = self.sums = None  # the columns, known from the first step
+        self.first_bad_step = torch.full((), -1, device=self.fabric.device)
+        self.images, self.done, self.means = 0, 0, {}
+        self.bar = tqdm(total=self.steps, desc=self.desc, leave=False,
+                        disable=not (self.fabric.is_global_zero and self.terminal))
         self.start = time.perf_counter()
-        # preemptible: SIGTERM or Ctrl-C asks the loop to stop at a step (`stopping`, the same on every
-        # rank: agreed at a read) and save there (save_mid_epoch); a second one stops at once
         self.stop_asked = self.stopping = False
         self.handlers = {}
-        if preemptible and threading.current_thread() is threading.main_thread():
+        if self.preemptible and threading.current_thread() is threading.main_thread():
             self.handlers = {sig: signal.signal(sig, self._ask_to_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _ask_to_stop(self, signum, frame):
@@ -186,8 +197,8 @@ class TrainLog:
     def img_per_s(self):
         return self.images / max(self.seconds, 1e-9)
 
-    def close(self):
-        """End of the epoch: the mean of every column over the epoch, and img/s."""
+    def end(self):
+        """End of the epoch's steps: the mean of every column over the epoch, and img/s."""
         if not self.means and self.names is not None:  # resumed after the epoch's last step: nothing read since
             self.read(self.done)
         self.bar.close()
@@ -196,6 +207,21 @@ class TrainLog:
         if self.stop_asked and not self.stopping:  # asked after the epoch's last step: stop as before
             signal.raise_signal(signal.SIGTERM)
         return {**self.means, "img_per_s": self.img_per_s}
+
+    def elapsed(self):
+        """Seconds since the epoch began (its part before a mid-epoch resume included)."""
+        return time.perf_counter() - self.start
+
+    def report(self, row):
+        """Print the epoch's `row` (its accuracies and losses, img/s) and give it to the logger."""
+        shown = [f"{key}={value:.2f}" for key, value in row.items()
+                 if key.startswith(("top1", "val_top1")) and value is not None]
+        shown += [f"{key}={value:.3f}" for key, value in row.items() if key.startswith("loss") and value is not None]
+        self.fabric.print(f"{self.desc}: " + " ".join(shown) + f" {row['img_per_s']:.0f} img/s")
+        if self.logger is not None:
+            self.logger.log_metrics({f"epoch/{key}": value for key, value in row.items()
+                                     if isinstance(value, (int, float))}, step=row["epoch"] * self.steps)
+            self.logger.save()
 
     def state(self):
         """What a mid-epoch checkpoint keeps of the log: this process's sums so far (tensors), and the counts."""

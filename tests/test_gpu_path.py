@@ -165,7 +165,8 @@ def test_ktg_graph_loss_and_evaluation_on_cuda():
 
 def test_train_log_keeps_the_losses_on_cuda_until_it_reads_them():
     with fake_cuda():
-        log = TrainLog(CUDA, epoch=0, epochs=1, steps=10, log_every=50, out=None)
+        log = TrainLog(CUDA, argparse.Namespace(epochs=1, log_every=50, logger="csv"), out=None, steps=10)
+        log.begin(0)
         terms = {"ce": torch.ones((), device="cuda"), "kl": torch.ones((), device="cuda")}
         for step in range(9):  # no read before the end of the epoch
             log.step(step, sum(terms.values()), terms, 4)

@@ -290,18 +290,18 @@ def test_split_seed_not_seed_picks_the_subset_and_the_held_out_images(name, tmp_
 
 
 def test_curves_are_redrawn_now_and_then_and_after_the_last_epoch(tmp_path, monkeypatch):
-    import common.folder as run
+    import common.folder as folder
 
     drawn, saved = [], []
     # as the real one: a new file each time, renamed over the last
-    monkeypatch.setattr(run, "save_checkpoint", lambda fabric, path, state: saved.append(path.name)
-                        or run.write_json(path, state["epoch"]))
-    monkeypatch.setattr(run, "plot_curves", lambda path, rows, panels: drawn.append(len(rows)) or path.touch())
-    state = {"history": [], "best_top1": -1.0, "args": {"epochs": 4}}
+    monkeypatch.setattr(folder, "save_checkpoint", lambda fabric, path, state: saved.append(path.name)
+                        or folder.write_json(path, state["epoch"]))
+    monkeypatch.setattr(folder, "plot_curves", lambda path, rows, panels: drawn.append(len(rows)) or path.touch())
+    state = {"history": [], "best_top1": -1.0}
     for epoch in range(1, 5):
         state["history"].append({"epoch": epoch, "top1": 10.0})
         state["epoch"] = epoch
-        run.save_epoch(FolderFabric(), tmp_path, state, 10.0, panels=[])
+        folder.save_epoch(FolderFabric(), tmp_path, state, 10.0, panels=[], last=epoch == 4)
     assert drawn == [1, 4]  # the first epoch, then none within CURVES_EVERY_S, then the last
     assert (tmp_path / "metrics.csv").read_text().count("\n") == 5  # the CSV is written every epoch
     # an improving epoch (only the first: the same top-1 after) is serialised once, best.ckpt is the same file
