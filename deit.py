@@ -9,13 +9,12 @@ the label, the distillation head from the teacher (`--distillation-type`):
     soft:  (1-λ)·CE(ψ(Z_s), y) + λ·τ²·KL(ψ(Z_t/τ) ‖ ψ(Z_s^dist/τ))
     hard:  (1-λ)·CE(ψ(Z_s), y) + λ·CE(ψ(Z_s^dist), y_t),  y_t = argmax Z_t   (λ = ½: the paper's)
 
-The teacher is frozen (held in bf16 in a bf16-mixed run, compiled with
-`--compile`) and sees the same augmented (and Mixup-ed) batch as the student, so y_t is its
-decision on this very image. At test time the student predicts with the
-average of its two heads; each head alone is reported too. A plain ViT or a
-CNN as student (an ablation of the paper) gets both terms on its only head.
-A DeiT trained with `none` has no teacher to mimic, so both heads learn from
-the label (their CEs averaged).
+The teacher is frozen (in the run's autocast dtype; compiled with `--compile`)
+and sees the same augmented, mixed batch as the student, so y_t is its decision
+on this very image. The student predicts with the average of its two heads;
+each head alone is reported too. A ViT or CNN student (an ablation) gets both
+terms on its only head; a DeiT trained with `none` learns from the label with
+both heads (their CEs averaged).
 
 Recipe (the paper's defaults): AdamW, lr 5e-4 × batch/512, weight decay 0.05,
 cosine schedule, 5 warm-up epochs, 300 epochs, batch 1024, drop-path 0.1,
@@ -38,16 +37,16 @@ Expect (the paper, ImageNet top-1, no distillation -> hard): Ti 72.2 -> 74.5,
 S 79.9 -> 81.2, B 81.8 -> 83.4; hard > soft > none.
 """
 import argparse
-from pathlib import Path
 
 import torch
 from timm.utils import ModelEmaV3
 
-from common.data import DATASETS, PADDING, SMALL_SIDE, load_run_data, make_loader, probe_split
+from common.data import PADDING, SMALL_SIDE, add_data_flags, load_run_data, make_loader, probe_split
 from common.folder import (EVAL_RESULTS, best_epoch, end_epoch, load_for_eval, resume_or_record, run_fields, start_run,
                            write_json)
 from common.launch import (HelpFormatter, UserError, add_run_flags, check_fraction, check_shared_flags,
-                           exit_on_user_error, finish, inference_dtype, parse_with_config, require_positive)
+                           exit_on_user_error, finish, inference_dtype, note_without_effect, parse_with_config,
+                           require_positive)
 from common.loop import (TrainLog, accumulate, clip_gradients, cosine_schedule, evaluates_test,
                          optimizer_steps, peak_lr, resume_mid_epoch, save_mid_epoch, seed_epoch)
 from common.losses import cross_entropy, hard_distillation_loss, soft_distillation_loss
@@ -76,15 +75,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeated-aug", type=int, default=3, help="repeated augmentation count (recipe deit; 1: off)")
     parser.add_argument("--smoothing", type=float, default=0.1, help="label smoothing of the CE")
     parser.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
-    parser.add_argument("--dataset", choices=DATASETS, default="cifar10-mini", help="the data set")
-    parser.add_argument("--data-dir", help="where cifar10/cifar100/imagefolder data is")
-    parser.add_argument("--img-size", type=int, help="training resolution (default: 32 for CIFAR, 224 for ImageFolder)")
     parser.add_argument("--patch-size", type=int, help="ViT patch size (default: 4 up to 64 pixels, else 16)")
-    parser.add_argument("--train-subset", type=int, help="train on a class-balanced subset of this many images")
-    parser.add_argument("--val-split", type=float, default=0.0,
-                        help="hold out this part of each training class; it chooses best.ckpt (0: the test split does)")
-    parser.add_argument("--split-seed", type=int, default=0,
-                        help="seed of the --train-subset and --val-split images: the same images for every --seed")
+    add_data_flags(parser)
     parser.add_argument("--epochs", type=int, default=300, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=1024, help="batch size over all devices")
     parser.add_argument("--grad-accum-steps", type=int, default=1,
@@ -107,22 +99,19 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
     add_run_flags(parser, "deit", "the student and the teacher", extend=True)
     args = parse_with_config(parser, argv, script="deit")
-    changed = [f"--{name.replace('_', '-')}" for name in ("randaugment", "mixup", "cutmix", "reprob", "repeated_aug")
-               if getattr(args, name) != parser.get_default(name)]
     args.recipe = args.recipe or ("deit" if args.dataset == "imagefolder" else "cifar")
-    if changed and args.recipe != "deit":
-        print(f"note: {' '.join(changed)} take{'s' if len(changed) == 1 else ''} effect only with --recipe deit")
+    if args.recipe != "deit":
+        note_without_effect(args, parser.parse_args([]), ["randaugment", "mixup", "cutmix", "reprob", "repeated_aug"],
+                            "without --recipe deit")
     return args
 
 
 def check_args(args):
+    check_shared_flags(args)  # --teacher-ckpt among them: a file
     distilling = args.distillation_type != "none"
     if distilling and args.teacher_ckpt and not args.teacher:
         args.teacher = model_name_in(args.teacher_ckpt)  # a checkpoint of this project knows its model
     if distilling and args.teacher_ckpt and not args.teacher:
-        if not Path(args.teacher_ckpt).is_file():
-            what = "is a folder, not a file" if Path(args.teacher_ckpt).is_dir() else "does not exist"
-            raise UserError(f"--teacher-ckpt {args.teacher_ckpt} {what}")
         raise UserError(f"--teacher-ckpt {args.teacher_ckpt} is not a readable checkpoint of this project: if it is a "
                         f"weights file, name its model with --teacher")
     if distilling and not (args.teacher and args.teacher_ckpt):
@@ -142,51 +131,21 @@ def check_args(args):
             raise UserError(f"--randaugment {args.randaugment}: not a timm RandAugment policy "
                             f"(such as rand-m9-mstd0.5-inc1)") from None
     require_positive(distillation_tau=args.distillation_tau, repeated_aug=args.repeated_aug)
-    check_shared_flags(args)
-    defaults = parse_args([])
-    soft = args.distillation_type == "soft"
-    unused = [flag for flag, name, used in (("--distillation-alpha", "distillation_alpha", distilling),
-                                            ("--distillation-tau", "distillation_tau", soft))
-              if not used and getattr(args, name) != getattr(defaults, name)]
-    if unused:
-        print(f"note: {' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with "
-              f"--distillation-type {args.distillation_type}")
-
-
-# --- augmentation --------------------------------------------------------------
-
-
-def deit_augmentation(args, data, num_classes, device):
-    """The DeiT recipe, split where it runs best: per image in the DataLoader
-    workers (crop, flip, RandAugment: timm's works on PIL images), per batch on
-    the device (Random Erasing, Mixup/CutMix with soft targets)."""
-    from timm.data import Mixup, create_transform
-    from timm.data.random_erasing import RandomErasing
-
-    if data["img_size"] <= SMALL_SIDE:  # CIFAR-sized: crop with padding instead of random resized crop
-        import torchvision.transforms as T
-        from timm.data.auto_augment import rand_augment_transform
-
-        mean = tuple(round(255 * m) for m in data["mean"])
-        transform = T.Compose([
-            T.Resize(data["img_size"]), T.RandomCrop(data["img_size"], padding=data["img_size"] // 8),
-            T.RandomHorizontalFlip(), rand_augment_transform(args.randaugment, {"img_mean": mean}),
-            T.ToTensor(), T.Normalize(data["mean"], data["std"])])
-    else:
-        transform = create_transform(data["img_size"], is_training=True, auto_augment=args.randaugment,
-                                     mean=data["mean"], std=data["std"], re_prob=0.0)
-    erase = RandomErasing(args.reprob, mode="pixel", device=device) if args.reprob > 0 else None
-    mixup = None
-    if args.mixup > 0 or args.cutmix > 0:
-        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
-                      num_classes=num_classes)
-    return transform, erase, mixup
+    unused = [name for name, used in (("distillation_alpha", distilling),
+                                      ("distillation_tau", args.distillation_type == "soft")) if not used]
+    note_without_effect(args, parse_args([]), unused, f"with --distillation-type {args.distillation_type}")
 
 
 def training_batches(args, data, fabric, batch_size):
-    """The training loader of --recipe (deit: RandAugment per image in DataLoader
-    workers, with --repeated-aug; cifar: crop + flip on the device; none: only
-    resized), and deit's batch-level Random Erasing and Mixup/CutMix (else None)."""
+    """The training loader of --recipe and, for deit, its batch-level Random
+    Erasing and Mixup/CutMix (else None). deit is split where each part runs best:
+    per image in DataLoader workers (crop, flip, RandAugment: timm's works on PIL
+    images; --repeated-aug), per batch on the device (erasing, Mixup/CutMix with
+    soft targets); cifar: crop + flip on the device; none: only resized."""
+    from timm.data import Mixup, create_transform
+    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.random_erasing import RandomErasing
+
     if args.recipe != "deit":
         return make_loader(data, "train", batch_size, fabric, args.seed, augment=args.recipe == "cifar",
                            workers=args.workers), None, None
@@ -194,7 +153,20 @@ def training_batches(args, data, fabric, batch_size):
         raise UserError(f"Mixup/CutMix need an even batch per device, got {batch_size} (--batch-size "
                         f"{args.batch_size} over {fabric.world_size} devices); change --batch-size or set "
                         f"--mixup 0 --cutmix 0")
-    transform, erase, mixup = deit_augmentation(args, data, len(data["classes"]), fabric.device)
+    size, mean, std = data["img_size"], data["mean"], data["std"]
+    if size <= SMALL_SIDE:  # CIFAR-sized: crop with padding instead of random resized crop
+        import torchvision.transforms as T
+
+        transform = T.Compose([
+            T.Resize(size), T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(),
+            rand_augment_transform(args.randaugment, {"img_mean": tuple(round(255 * m) for m in mean)}),
+            T.ToTensor(), T.Normalize(mean, std)])
+    else:
+        transform = create_transform(size, is_training=True, auto_augment=args.randaugment, mean=mean, std=std,
+                                     re_prob=0.0)
+    erase = RandomErasing(args.reprob, mode="pixel", device=fabric.device) if args.reprob > 0 else None
+    mixup = (Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                   num_classes=len(data["classes"])) if args.mixup > 0 or args.cutmix > 0 else None)
     return make_loader(data, "train", batch_size, fabric, args.seed, transform, args.repeated_aug,
                        workers=args.workers), erase, mixup
 
@@ -256,10 +228,16 @@ def teacher_predictions(teacher, loader, fabric):
 
 
 @torch.no_grad()
-def evaluate(model, loader, fabric, teacher_decisions=None, ema=None):
-    """Top-1 (%) of the prediction (the heads' average), of the class and the
-    distillation head, the agreement (%) of the prediction with the teacher, and
-    the top-1 of the EMA copy `ema` (None without): one pass over the data."""
+def evaluate(model, loader, fabric, teacher_decisions=None, ema=None, prefix=""):
+    """One evaluation's columns, named as in metrics.csv (after `prefix`): the top-1
+    (%) of the prediction (the heads' average, `top1`), of the class and the
+    distillation head (`top1_cls`, `top1_dist`), the prediction's agreement (%) with
+    the teacher's `teacher_decisions` (`teacher_agreement`, None without) and the
+    top-1 of the EMA copy `ema` (`ema_top1`, with one): one pass over the data.
+    Without a `loader` (an epoch without a test) the same columns, empty."""
+    columns = ["top1", "top1_cls", "top1_dist", "teacher_agreement"] + (["ema_top1"] if ema is not None else [])
+    if loader is None:
+        return {prefix + column: None for column in columns}
     for network in (model, ema):
         if network is not None:
             network.eval()
@@ -278,7 +256,9 @@ def evaluate(model, loader, fabric, teacher_decisions=None, ema=None):
         counts[5] += real.sum()
     counts = fabric.all_reduce(counts, reduce_op="sum")
     top1 = (100 * counts[:5] / counts[5]).tolist()
-    return top1 if ema is not None else top1[:4] + [None]
+    if teacher_decisions is None:
+        top1[3] = None
+    return {prefix + column: value for column, value in zip(columns, top1)}
 
 
 def predict(model, images):
@@ -308,12 +288,10 @@ def main(args):
 
     teacher, teacher_figures = frozen_teacher(args, fabric, num_classes, test_loader)  # (decisions, top-1)
 
-    model = create_model(args.model, num_classes, args.img_size, args.patch_size, args.drop_path,
-                         device=fabric.device)
-    pretrained = []
-    if args.pretrained:
-        pretrained.append(load_pretrained(model, args.pretrained))
-        fabric.print(describe_pretrained(pretrained[-1]))
+    model = create_model(args.model, num_classes, args.img_size, args.patch_size, args.drop_path, fabric.device)
+    pretrained = [load_pretrained(model, args.pretrained)] if args.pretrained else []
+    if pretrained:
+        fabric.print(describe_pretrained(pretrained[0]))
     ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=True) if args.model_ema else None
     lr = peak_lr(args)  # --lr is for a batch of 512
     # norms, biases, position embeddings and tokens get no weight decay, as in timm and DeiT
@@ -321,14 +299,13 @@ def main(args):
     model, optimizer = fabric.setup(torch.compile(model) if args.compile else model, optimizer)
     steps_per_epoch = optimizer_steps(train_loader, args.grad_accum_steps)
 
-    state = {"model": model, "optimizer": optimizer, "epoch": 0, "history": [], "best_top1": -1.0, "wall_s": 0.0}
-    if ema is not None:
-        state["ema"] = ema
+    state = {"model": model, **({"ema": ema} if ema is not None else {})}
+    state.update(optimizer=optimizer, epoch=0, history=[], best_top1=-1.0, wall_s=0.0)
     if args.eval:
         return evaluate_checkpoint(fabric, args, out, state, data, test_loader, teacher_figures, pretrained)
     resume_or_record(fabric, out, state, args)
 
-    accuracy = None
+    figures = None  # of the last epoch, which tests
     log = TrainLog(fabric, args, out, steps_per_epoch * args.grad_accum_steps, preemptible=True)
     for epoch in range(state["epoch"], args.epochs):
         seed_epoch(fabric, args.seed, epoch)
@@ -370,24 +347,17 @@ def main(args):
                 save_mid_epoch(fabric, out, state, step + 1, log)
         means = log.end()
 
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **means, "top1": None, "top1_cls": None,
-               "top1_dist": None, "teacher_agreement": None}  # the test columns stay empty in epochs without a test
-        if ema is not None:
-            row["ema_top1"] = None
-        score = None
-        if evaluates_test(epoch, args.epochs, args.eval_every):
-            accuracy = evaluate(model, test_loader, fabric, teacher_figures[0], None if ema is None else ema.module)
-            row.update(top1=accuracy[0], top1_cls=accuracy[1], top1_dist=accuracy[2],
-                       teacher_agreement=accuracy[3] if teacher is not None else None)
-            if ema is not None:
-                row["ema_top1"] = accuracy[4]
-            score = accuracy[0]
+        tested = evaluates_test(epoch, args.epochs, args.eval_every)  # else the test columns stay empty
+        figures = evaluate(model, test_loader if tested else None, fabric, teacher_figures[0], ema and ema.module)
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **means, **figures}
+        score = row["top1"]
         if val_loader is not None:  # best.ckpt is chosen on the validation split, never on test
-            row["val_top1"] = score = evaluate(model, val_loader, fabric)[0]
+            row.update(evaluate(model, val_loader, fabric, prefix="val_"))
+            score = row["val_top1"]
         end_epoch(fabric, out, state, row, score, log, CURVE_PANELS)
 
     # --- results ------------------------------------------------------------
-    results = run_results(fabric, args, state, data, test_loader, teacher_figures, pretrained, accuracy)
+    results = run_results(fabric, args, state, data, test_loader, teacher_figures, pretrained, figures)
     if fabric.is_global_zero:
         save_weights(out / "model.safetensors", model, args.model, data, args.patch_size)  # for load_state_dict
         if ema is not None:
@@ -409,14 +379,13 @@ def evaluate_checkpoint(fabric, args, out, state, data, test_loader, teacher_fig
     finish(fabric)
 
 
-def run_results(fabric, args, state, data, test_loader, teacher_figures, pretrained, accuracy=None):
+def run_results(fabric, args, state, data, test_loader, teacher_figures, pretrained, figures=None):
     """results.json: the student's top-1 (of the prediction and of each head), its
     EMA copy's, the teacher's and their agreement, and the fit of the training
-    images; `accuracy` is evaluated here when the run did not end with a test."""
+    images; `figures` (evaluate's, of the last test) are evaluated here when the run
+    did not end with a test."""
     model, ema = state["model"], state.get("ema")
-    teacher_decisions, teacher_top1 = teacher_figures
-    if accuracy is None:  # resumed a finished run, or --eval
-        accuracy = evaluate(model, test_loader, fabric, teacher_decisions, None if ema is None else ema.module)
+    figures = figures or evaluate(model, test_loader, fabric, teacher_figures[0], ema and ema.module)
     distilled = has_distillation_token(model)
     # without augmentation, on a fixed part of the training images: did the student fit them?
     probe = make_loader(probe_split(data, args.split_seed), "test", test_loader.batch_size, fabric)
@@ -424,20 +393,19 @@ def run_results(fabric, args, state, data, test_loader, teacher_figures, pretrai
     return {
         **run_fields(fabric, args, "deit"), "model": args.model, "teacher": args.teacher,
         "distillation_type": args.distillation_type, "recipe": args.recipe, "params": count_parameters(model),
-        "top1": accuracy[0], "top1_cls": accuracy[1] if distilled else None,
-        "top1_dist": accuracy[2] if distilled else None, "teacher_top1": teacher_top1,
-        "teacher_agreement": accuracy[3] if args.teacher else None, "train_top1": evaluate(model, probe, fabric)[0],
+        "top1": figures["top1"], "top1_cls": figures["top1_cls"] if distilled else None,
+        "top1_dist": figures["top1_dist"] if distilled else None, "teacher_top1": teacher_figures[1],
+        "teacher_agreement": figures["teacher_agreement"], "train_top1": evaluate(model, probe, fabric)["top1"],
         "teacher_disagreement": history[-1].get("teacher_disagreement") if history else None,
         "best": best_epoch(state), "extended_from": state.get("extended_from", []), "pretrained": pretrained,
-        "ema_top1": accuracy[4],
+        "ema_top1": figures.get("ema_top1"),
         "train_img_per_s": history[-1]["img_per_s"] if history else None, "wall_s": state["wall_s"],
     }
 
 
 def print_summary(args, results, out):
-    source = f" from {args.teacher}" if args.teacher else ""
-    print(f"\n{args.model} ({args.distillation_type} distillation{source}) on {args.dataset}, {args.epochs} epochs "
-          f"-> {out}")
+    print(f"\n{args.model} ({args.distillation_type} distillation{f' from {args.teacher}' if args.teacher else ''}) "
+          f"on {args.dataset}, {args.epochs} epochs -> {out}")
     heads = (f" (class head {results['top1_cls']:.2f}, distillation head {results['top1_dist']:.2f})"
              if results["top1_cls"] is not None else "")
     print(f"top-1 {results['top1']:.2f}{heads}")

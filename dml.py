@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from timm.utils import ModelEmaV3
 
-from common.data import DATASETS, PADDING, load_run_data, make_loader, probe_split
+from common.data import PADDING, add_data_flags, load_run_data, make_loader, probe_split
 from common.folder import (EVAL_RESULTS, best_epoch, end_epoch, load_for_eval, resume_or_record, run_fields, start_run,
                            write_json)
 from common.landscape import loss_curve, plot as plot_landscape, write_csv as write_landscape_csv
@@ -75,15 +75,8 @@ def parse_args(argv=None):
     parser.add_argument("--dml-target", choices=["prediction", "distillation"], default="prediction",
                         help="the peer output a DeiT's distillation head mimics: the peer's prediction, or its "
                              "distillation-token output")
-    parser.add_argument("--dataset", choices=DATASETS, default="cifar10-mini", help="the data set")
-    parser.add_argument("--data-dir", help="where cifar10/cifar100/imagefolder data is")
-    parser.add_argument("--img-size", type=int, help="training resolution (default: 32 for CIFAR, 224 for ImageFolder)")
     parser.add_argument("--patch-size", type=int, help="ViT patch size (default: 4 up to 64 pixels, else 16)")
-    parser.add_argument("--train-subset", type=int, help="train on a class-balanced subset of this many images")
-    parser.add_argument("--val-split", type=float, default=0.0,
-                        help="hold out this part of each training class; it chooses best.ckpt (0: the test split does)")
-    parser.add_argument("--split-seed", type=int, default=0,
-                        help="seed of the --train-subset and --val-split images: the same images for every --seed")
+    add_data_flags(parser)
     parser.add_argument("--epochs", type=int, default=300, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=512, help="batch size over all devices")
     parser.add_argument("--grad-accum-steps", type=int, default=1,
@@ -170,12 +163,20 @@ def curve_panels(students):
 
 
 @torch.no_grad()
-def evaluate(students, loader, fabric, emas=()):
-    """Top-1 and top-5 (%) of each student and of the ensemble (the mean of their
-    logits), the students' `agreement`: the share (%) of images on which two of
-    them predict the same class, averaged over the pairs, and the top-1 and top-5
-    of each EMA copy in `emas` (None without): one pass over the data for all."""
+def evaluate(students, loader, fabric, emas=(), prefix=""):
+    """One evaluation's columns, named as in metrics.csv (after `prefix`): each
+    student's top-1 and top-5 (%, `top1_k`, `top5_k`), the ensemble's (the mean of
+    their logits, `top1_ensemble`, `top5_ensemble`), the students' `agreement`
+    (the share of images on which two of them predict the same class, averaged
+    over the pairs) and each EMA copy's top-1 (`ema_top1_k`, one per model in
+    `emas`): one pass over the data for all. Without a `loader` (an epoch without
+    a test) the same columns, empty."""
     K = len(students)
+    names = [*map(str, range(K)), "ensemble"]
+    columns = [f"top{n}_{name}" for n in (1, 5) for name in names] + ["agreement"]
+    columns += [f"ema_top1_{k}" for k in range(len(emas))]
+    if loader is None:
+        return {prefix + column: None for column in columns}
     models = [*students, *emas]
     for model in models:
         model.eval()
@@ -191,7 +192,9 @@ def evaluate(students, loader, fabric, emas=()):
             counts[i] += torch.stack([top[:, 0].sum(), top.any(1).sum()])
         seen += (labels != PADDING).sum()
     percent = (100 * fabric.all_reduce(counts, reduce_op="sum") / fabric.all_reduce(seen, reduce_op="sum")).tolist()
-    return percent[:K + 1], percent[-1][0], percent[K + 1:-1] if emas else None
+    values = [top1 for top1, _ in percent[:K + 1]] + [top5 for _, top5 in percent[:K + 1]] + [percent[-1][0]]
+    values += [top1 for top1, _ in percent[K + 1:-1]]
+    return {prefix + column: value for column, value in zip(columns, values)}
 
 
 def learning_rate(args, lr, epoch, step, steps_per_epoch):
@@ -206,6 +209,7 @@ def main(args):
     fabric, out = start_run(args, "dml")
 
     data = load_run_data(fabric, args)
+    num_classes = len(data["classes"])
     per_device_batch = max(1, args.batch_size // fabric.world_size)
     train_loader = make_loader(data, "train", per_device_batch, fabric, args.seed, workers=args.workers)
     test_loader = make_loader(data, "test", per_device_batch, fabric, workers=args.workers)
@@ -213,7 +217,7 @@ def main(args):
 
     models, emas, pretrained = [], [], []
     for k, name in enumerate(args.students):
-        model = create_model(name, len(data["classes"]), args.img_size, args.patch_size, args.drop_path, fabric.device)
+        model = create_model(name, num_classes, args.img_size, args.patch_size, args.drop_path, fabric.device)
         if args.pretrained:
             pretrained.append(load_pretrained(model, args.pretrained[k % len(args.pretrained)]))
             fabric.print(f"student {k}: {describe_pretrained(pretrained[-1])}")
@@ -238,8 +242,7 @@ def main(args):
         return evaluate_checkpoint(fabric, args, out, state, students, emas, data, test_loader, val_loader)
     resume_or_record(fabric, out, state, args)
 
-    K = len(students)
-    figures = None  # of the last test: the students' (and EMA copies') accuracy and their agreement
+    figures = None  # of the last epoch, which tests
     log = TrainLog(fabric, args, out, steps_per_epoch * args.grad_accum_steps, preemptible=True)
     for epoch in range(state["epoch"], args.epochs):
         seed_epoch(fabric, args.seed, epoch)
@@ -269,24 +272,13 @@ def main(args):
                 save_mid_epoch(fabric, out, state, step + 1, log)
         means = log.end()
 
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **means}
-        tested = [f"top1_{k}" for k in range(K)] + ["top1_ensemble", "agreement"]
-        tested += [f"ema_top1_{k}" for k in range(K)] if emas else []
-        row.update(dict.fromkeys(tested))  # empty in epochs without a test
-        score = None
-        if evaluates_test(epoch, args.epochs, args.eval_every):
-            figures = evaluate(students, test_loader, fabric, [ema.module for ema in emas])
-            accuracy, agreement, ema_accuracy = figures
-            row.update({f"top1_{k}": accuracy[k][0] for k in range(K)})
-            row.update(top1_ensemble=accuracy[K][0], agreement=agreement)
-            if emas:
-                row.update({f"ema_top1_{k}": ema_accuracy[k][0] for k in range(K)})
-            score = accuracy[K][0]
+        tested = evaluates_test(epoch, args.epochs, args.eval_every)  # else the test columns stay empty
+        figures = evaluate(students, test_loader if tested else None, fabric, [ema.module for ema in emas])
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **means, **figures}
+        score = row["top1_ensemble"]
         if val_loader is not None:  # best.ckpt is chosen on the validation split, never on test
-            val_accuracy, _, _ = evaluate(students, val_loader, fabric)
-            row.update({f"val_top1_{k}": val_accuracy[k][0] for k in range(K)})
-            row.update(val_top1_ensemble=val_accuracy[K][0])
-            score = val_accuracy[K][0]
+            row.update(evaluate(students, val_loader, fabric, prefix="val_"))
+            score = row["val_top1_ensemble"]
         end_epoch(fabric, out, state, row, score, log, curve_panels(args.students))
 
     # --- results ------------------------------------------------------------
@@ -299,7 +291,7 @@ def main(args):
             if emas:
                 save_weights(out / f"ema{k}.safetensors", emas[k], name, data, args.patch_size)
         write_json(out / "results.json", results)
-        print_summary(results, out)
+        print_summary(args, results, out)
     finish(fabric)
 
 
@@ -310,34 +302,33 @@ def evaluate_checkpoint(fabric, args, out, state, students, emas, data, test_loa
     results = run_results(fabric, args, state, students, emas, data, test_loader, [])
     results.update(evaluated=str(args.eval), epochs_trained=state["epoch"], wall_s=None)
     if val_loader is not None:
-        results["val_ensemble_top1"] = evaluate(students, val_loader, fabric)[0][len(students)][0]
+        results["val_ensemble_top1"] = evaluate(students, val_loader, fabric)["top1_ensemble"]
     if fabric.is_global_zero:
         write_json(Path(out) / EVAL_RESULTS, results)
-        print_summary(results, out)
+        print_summary(args, results, out)
     finish(fabric)
 
 
 def run_results(fabric, args, state, students, emas, data, test_loader, pretrained, figures=None):
     """results.json: each student's top-1 and top-5 (and its EMA copy's), the
     ensemble's, their agreement, and the fit of the training images; `figures`
-    (accuracy, agreement, EMA accuracy of the last test) are evaluated here when
-    the run did not end with a test."""
-    K = len(students)
-    accuracy, agreement, ema_accuracy = figures or evaluate(students, test_loader, fabric, [e.module for e in emas])
+    (evaluate's, of the last test) are evaluated here when the run did not end with a test."""
+    figures = figures or evaluate(students, test_loader, fabric, [ema.module for ema in emas])
     # without augmentation, on a fixed part of the training images: did the students fit them?
-    probe = make_loader(probe_split(data, args.split_seed), "test", test_loader.batch_size, fabric)
-    fit, _, _ = evaluate(students, probe, fabric)
+    fit = evaluate(students, make_loader(probe_split(data, args.split_seed), "test", test_loader.batch_size, fabric),
+                   fabric)
     history = state["history"]
     return {
         **run_fields(fabric, args, "dml"), "mode": args.mode, "dml_target": args.dml_target,
-        "students": [{"name": name, "params": count_parameters(student), "top1": accuracy[k][0],
-                      "top5": accuracy[k][1], "train_top1": fit[k][0],
+        "students": [{"name": name, "params": count_parameters(student), "top1": figures[f"top1_{k}"],
+                      "top5": figures[f"top5_{k}"], "train_top1": fit[f"top1_{k}"],
                       "distillation_token": has_distillation_token(student),
-                      **({"ema_top1": ema_accuracy[k][0]} if emas else {})}
+                      **({"ema_top1": figures[f"ema_top1_{k}"]} if emas else {})}
                      for k, (name, student) in enumerate(zip(args.students, students))],
-        "ensemble_top1": accuracy[K][0], "ensemble_top5": accuracy[K][1], "agreement": agreement,
-        "best": best_epoch(state), "extended_from": state.get("extended_from", []), "pretrained": pretrained,
-        "train_img_per_s": history[-1]["img_per_s"] if history else None, "wall_s": state["wall_s"],
+        "ensemble_top1": figures["top1_ensemble"], "ensemble_top5": figures["top5_ensemble"],
+        "agreement": figures["agreement"], "best": best_epoch(state), "extended_from": state.get("extended_from", []),
+        "pretrained": pretrained, "train_img_per_s": history[-1]["img_per_s"] if history else None,
+        "wall_s": state["wall_s"],
     }
 
 
@@ -352,8 +343,8 @@ def write_landscapes(fabric, args, out, students, data, batch_size):
         plot_landscape(out / "landscape.png", {args.mode: curves})
 
 
-def print_summary(results, out):
-    print(f"\n{results['mode']} on {results['dataset']}, {results['epochs']} epochs -> {out}")
+def print_summary(args, results, out):
+    print(f"\n{args.mode} on {args.dataset}, {args.epochs} epochs -> {out}")
     print(f"{'student':<20}{'params':>10}{'top-1':>8}{'top-5':>8}")
     for k, student in enumerate(results["students"]):
         print(f"{f'{k}: ' + student['name']:<20}{student['params'] / 1e6:>9.2f}M"

@@ -47,7 +47,7 @@ import os
 
 import torch
 
-from common.data import DATASETS, PADDING, DeviceLoader, load_run_data, make_loader, probe_split
+from common.data import PADDING, DeviceLoader, add_data_flags, load_run_data, make_loader, probe_split
 from common.folder import (EVAL_RESULTS, end_epoch, load_checkpoint, load_for_eval, run_fields, start_run, write_csv,
                            write_json)
 from common.graph import (LABEL, LOSSES, check_graph, draw_attention, draw_graph, load_graph, preset, sample_graph,
@@ -70,33 +70,26 @@ def parse_args(argv=None):
     parser.add_argument("--crop-sizes", type=int, nargs="+", default=[3, 7, 11],
                         help="attention crops around the source map's peak")
     parser.add_argument("--search", type=int, default=0, help="search this many graphs (0: train --graph)")
-    parser.add_argument("--val-split", type=float,
-                        help="hold out this part of each training class: search trials are scored on it, and it "
-                             "chooses best.ckpt (default: 0.2 with --search, else 0: off)")
-    parser.add_argument("--split-seed", type=int, default=0,
-                        help="seed of the --train-subset and --val-split images: one split for all workers of a study")
     parser.add_argument("--storage", help="Optuna storage URL shared by search workers, e.g. "
                                           "postgresql+psycopg://user:password@host:5432/db (default: SQLite in --out)")
     parser.add_argument("--study-name", default="ktg", help="the Optuna study in --storage")
     parser.add_argument("--heartbeat-grace", type=int, default=15,
                         help="seconds without a heartbeat after which a worker's trial counts as failed")
-    parser.add_argument("--dataset", choices=DATASETS, default="cifar10-mini", help="the data set")
-    parser.add_argument("--data-dir", help="where cifar10/cifar100/imagefolder data is")
-    parser.add_argument("--img-size", type=int, help="training resolution (default: 32 for CIFAR, 224 for ImageFolder)")
-    parser.add_argument("--train-subset", type=int, help="train on a class-balanced subset of this many images")
+    add_data_flags(parser, "scores the search trials and chooses best.ckpt (default: 0.2 with --search, else 0: off)",
+                   val_split_default=None)
     parser.add_argument("--epochs", type=int, default=200, help="training epochs (of every search trial too)")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size over all devices")
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate for batch 64 (scaled by batch/64)")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     parser.add_argument("--warmup-epochs", type=float, default=1, help="linear warm-up of the learning rate")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order, augmentation and "
-                                                            "sampler (give each search worker its own)")
-    parser.add_argument("--eval-every", type=int, default=1, help="test every N epochs and at the last")
     parser.add_argument("--model-module", nargs="+", default=[],
                         help="import these modules first: models they register with timm's @register_model "
                              "can then be named (e.g. mypkg.models)")
     parser.add_argument("--pretrained", nargs="+",
                         help="local weights file(s), one for all nodes or one each, loaded as timm does")
+    parser.add_argument("--eval-every", type=int, default=1, help="test every N epochs and at the last")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order, augmentation and "
+                                                            "sampler (give each search worker its own)")
     add_run_flags(parser, "ktg", "the nodes")
     return parse_with_config(parser, argv, script="ktg_ensemble")
 

@@ -12,32 +12,28 @@ intermediate size closes it. The paper finds the best TA is the one whose
 automatic choice open. `auto` in the chain makes it: each `--ta-candidates`
 network is trained alone and the one nearest the midpoint of its neighbours'
 accuracies becomes the TA (one within 2 points of chance learned nothing and is
-left out), all accuracies measured on `--val-split`, a part of the training set
-held out (the student is then reported on the test split, which chose
-nothing). `--compare` adds the paper's baselines: the student alone (NOKD) and
-distilled from the teacher directly (BLKD).
+left out), all scored on `--val-split`, held-out training images (the test
+split chooses nothing). `--compare` adds the paper's baselines: the student
+alone (NOKD) and distilled from the teacher directly (BLKD).
 
 Recipes, one per network (a chain may mix them); SGD momentum 0.9, 150 epochs,
 crop + flip, lr at the authors' batch 128, scaled linearly with `--batch-size`:
 - plain CNNs, the authors' code: a constant lr 0.01 (`if models_are_plane: lr =
   0.01`; the paper's text says 0.1), no weight decay (the paper; their code keeps
-  1e-4), no warm-up. On cifar10-mini (2,000 images, 20 epochs) plain2 alone
-  reached 36.4 % at lr 0.1 against 50.3 and 50.7 % at 0.01; plain4 died at 0.1
-  (10 %, every output constant) and reached 51.9 % at 0.01.
+  1e-4), no warm-up. On cifar10-mini (20 epochs) plain4 died at 0.1 (10 %, every
+  output constant) and reached 51.9 % at 0.01; plain2 36.4 % against 50.3 %.
 - ResNets and the rest: lr 0.1, ÷10 at 50 % and 75 % of the epochs (what the
-  authors' code means, which a bug leaves at 0.01; the paper's text says 80 and
-  120 of 150), weight decay 1e-4, a linear warm-up over the first epoch (as He et
-  al. 2016 for ResNet-110). `--lr`, `--weight-decay`, `--schedule`,
-  `--warmup-epochs` set one value for every network. λ = 0.9, τ = 4 are the usual
-  CIFAR KD setting (Tian et al., CRD, ICLR 2020); the authors searched them for
-  each step (λ in [0.05, 1], τ in {1, 2, 5, 10, 15, 20}).
+  authors' code means, which a bug leaves at 0.01), weight decay 1e-4, a linear
+  warm-up over the first epoch (as He et al. 2016 for ResNet-110). `--lr`,
+  `--weight-decay`, `--schedule`, `--warmup-epochs` set one value for every
+  network. λ = 0.9, τ = 4 are the usual CIFAR KD setting (Tian et al., CRD, ICLR
+  2020); the authors searched them for each step.
 
 Each trained network has a sub-folder named by its lineage (`plain10`,
 `plain10_to_plain4`, `plain10_to_plain4_to_plain2`), so the chain, the
 candidates and the baselines share what they can and nothing is trained twice.
-A teacher passes on its weights at the end of its training, not those of its
-best test epoch. `--resume` continues a killed run at the network it was
-training, from that network's last checkpoint.
+A teacher passes on its weights at the end of its training. `--resume`
+continues a killed run at the network it was training.
 
     python takd.py --chain plain10 plain4 plain2
     python takd.py --chain resnet110 resnet20 resnet8 --compare --dataset cifar100 --data-dir data
@@ -46,19 +42,19 @@ training, from that network's last checkpoint.
 
 Expect (paper, CIFAR-100): resnet110 72.38, resnet20 67.03, resnet8 61.37
 alone; resnet110→resnet8 61.41; resnet110→resnet20→resnet8 61.82. At the scale
-of a CPU the effect need not show (RESULTS.md). Each network's `train_top1`, on
-1,000 of its training images without augmentation, tells underfitting from
-overfitting.
+of a CPU the effect need not show (RESULTS.md); each network's `train_top1`, on
+1,000 of its training images, tells underfitting from overfitting.
 """
 import argparse
 
 import torch
 
-from common.data import DATASETS, PADDING, load_run_data, make_loader, probe_split
+from common.data import PADDING, add_data_flags, load_run_data, make_loader, probe_split
 from common.folder import (EVAL_RESULTS, end_epoch, load_checkpoint, load_for_eval, run_fields, save_figure, start_run,
                            write_csv, write_json)
-from common.launch import (HelpFormatter, UserError, add_run_flags, check_shared_flags, exit_on_user_error, finish,
-                           inference_dtype, on_rank_zero, parse_with_config, require_positive)
+from common.launch import (HelpFormatter, UserError, add_run_flags, check_fraction, check_shared_flags,
+                           exit_on_user_error, finish, inference_dtype, note_without_effect, on_rank_zero,
+                           parse_with_config, require_positive)
 from common.loop import TrainLog, evaluates_test, seed_epoch, step_schedule
 from common.losses import cross_entropy, kd_loss
 from common.models import (count_parameters, create_model, describe_pretrained, freeze, import_model_modules,
@@ -81,15 +77,7 @@ def parse_args(argv=None):
                         help="also train the student alone (NOKD) and from the teacher directly (BLKD)")
     parser.add_argument("--distillation-alpha", type=float, default=0.9, help="λ: weight of the KD term, 1-λ of CE")
     parser.add_argument("--distillation-tau", type=float, default=4.0, help="τ: softmax temperature of the KD term")
-    parser.add_argument("--dataset", choices=DATASETS, default="cifar10-mini", help="the data set")
-    parser.add_argument("--data-dir", help="where cifar10/cifar100/imagefolder data is")
-    parser.add_argument("--img-size", type=int, help="training resolution (default: 32 for CIFAR, 224 for ImageFolder)")
-    parser.add_argument("--train-subset", type=int, help="train on a class-balanced subset of this many images")
-    parser.add_argument("--val-split", type=float, default=0.0,
-                        help="hold out this part of each training class; it chooses best.ckpt and the `auto` "
-                             "assistant (0: off; `auto` needs it)")
-    parser.add_argument("--split-seed", type=int, default=0,
-                        help="seed of the --train-subset and --val-split images: the same images for every --seed")
+    add_data_flags(parser, "chooses best.ckpt and the `auto` assistant (0: off; `auto` needs it)")
     parser.add_argument("--epochs", type=int, default=150, help="training epochs of every network")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size over all devices")
     parser.add_argument("--lr", type=float, help="SGD learning rate for batch 128, scaled by batch/128 "
@@ -128,16 +116,11 @@ def check_args(args):
     if AUTO in chain and not args.val_split:
         raise UserError("--chain has `auto`, which chooses on held-out training images: give --val-split "
                         "(e.g. 0.1), never the test split")
-    if not 0 <= args.distillation_alpha <= 1:
-        raise UserError(f"--distillation-alpha must lie in [0, 1], got {args.distillation_alpha}")
+    check_fraction("distillation_alpha", args.distillation_alpha, high_included=True)
     require_positive(distillation_tau=args.distillation_tau)
-    defaults = parse_args([])
-    unused = [flag for flag, name in (("--distillation-alpha", "distillation_alpha"),
-                                      ("--distillation-tau", "distillation_tau"))
-              if getattr(args, name) != getattr(defaults, name)]
-    if len(chain) == 1 and unused:
-        print(f"note: {' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect on a chain of one "
-              f"network (it trains alone)")
+    if len(chain) == 1:
+        note_without_effect(args, parse_args([]), ["distillation_alpha", "distillation_tau"],
+                            "on a chain of one network (it trains alone)")
 
 
 def recipe_of(name, args):
@@ -198,10 +181,12 @@ def evaluate(model, loader, fabric):
     return [round(value, 2) for value in accuracy.tolist()]
 
 
-def train_network(name, teacher, folder, fabric, data, loaders, args):
-    """Train `name` alone (teacher None) or by KD from the frozen `teacher`, in
-    `folder`; continue from its last checkpoint if it has one. Returns the trained
+def train_network(lineage, teacher, out, fabric, data, loaders, args):
+    """Train the network `lineage[-1]` alone (a lineage of one, teacher None) or by
+    KD from the frozen `teacher`, trained along `lineage[:-1]`, in its sub-folder of
+    `out`; continue from its last checkpoint if it has one. Returns the trained
     network, frozen for use as the next teacher, and its results."""
+    name, folder = lineage[-1], out / "_to_".join(lineage)
     train_loader, test_loader, val_loader = loaders["train"], loaders["test"], loaders["val"]
     if args.compile:  # the plain CNNs share one forward: past dynamo's recompile limit (8) it would run eager
         torch._dynamo.reset()
@@ -258,7 +243,7 @@ def train_network(name, teacher, folder, fabric, data, loaders, args):
         end_epoch(fabric, folder, state, row, score, log, curve_panels(folder.name))
 
     last = state["history"][-1]
-    result = {"model": name, "teacher": folder.name.rpartition("_to_")[0] or None, "folder": folder.name,
+    result = {"model": name, "teacher": "_to_".join(lineage[:-1]) or None, "folder": folder.name, "loaded": False,
               "params": count_parameters(model), "top1": last["top1"], "top5": last["top5"],
               "val_top1": last.get("val_top1"), "train_top1": evaluate(model, loaders["probe"], fabric)[0], **recipe,
               "train_img_per_s": state["images"] / state["train_s"], "images": state["images"],
@@ -295,10 +280,9 @@ def main(args):
                                       device=fabric.device), inference_dtype(fabric), args.compile)
         teacher_top1, val_top1, train_top1 = (None if loader is None else evaluate(teacher, loader, fabric)[0]
                                               for loader in (loaders["test"], loaders["val"], loaders["probe"]))
-        loaded_teacher = (teacher, {"model": teacher_name, "teacher": None, "folder": None, "top1": teacher_top1,
-                                    "val_top1": val_top1, "train_top1": train_top1,
-                                    "checkpoint": args.teacher_ckpt, "params": count_parameters(teacher),
-                                    "loaded": True})
+        loaded_teacher = (teacher, {"model": teacher_name, "teacher": None, "folder": None, "loaded": True,
+                                    "top1": teacher_top1, "val_top1": val_top1, "train_top1": train_top1,
+                                    "checkpoint": args.teacher_ckpt, "params": count_parameters(teacher)})
         fabric.print(f"teacher {teacher_name} from {args.teacher_ckpt}: top1={teacher_top1:.2f}")
 
     networks = {}  # sub-folder -> results, for every network this run has trained or reused
@@ -309,13 +293,13 @@ def main(args):
         finished before, in this run or in the run resumed, is reloaded from its
         sub-folder, not trained again."""
         teacher, steps = None, []
-        for i, name in enumerate(chain):
-            folder = "_to_".join(chain[:i + 1])  # the lineage: plain10_to_plain4_to_plain2
-            if folder == teacher_name and loaded_teacher is not None:
+        for i in range(len(chain)):
+            lineage = chain[:i + 1]  # its sub-folder: plain10_to_plain4_to_plain2
+            if lineage == [teacher_name] and loaded_teacher is not None:
                 teacher, result = loaded_teacher
             else:
-                teacher, result = train_network(name, teacher, out / folder, fabric, data, loaders, args)
-            networks[folder] = result
+                teacher, result = train_network(lineage, teacher, out, fabric, data, loaders, args)
+            networks["_to_".join(lineage)] = result
             steps.append(result)
         return steps
 
@@ -348,7 +332,7 @@ def main(args):
                     for key in ("top1", "train_top1")}
 
     # --- results ------------------------------------------------------------
-    results_of_trained = [result for result in networks.values() if not result.get("loaded")]
+    results_of_trained = [result for result in networks.values() if not result["loaded"]]
     train_s = sum(result["train_s"] for result in results_of_trained)
     results = {
         **run_fields(fabric, args, "takd"), "chain": chain, "requested_chain": args.chain,
@@ -365,12 +349,7 @@ def main(args):
         if compare:
             write_csv(out / "compare.csv", compare_rows(steps, compare))
         if ta_choices:
-            write_csv(out / "ta_choice.csv", [{"position": choice["position"], "candidate": name, "val_top1": top1,
-                                               "train_top1": choice["candidates_train_top1"][name],
-                                               "midpoint": (choice["teacher_top1"] + choice["student_alone_top1"]) / 2,
-                                               "chosen": name == choice["chosen"],
-                                               "excluded": name in choice["excluded"]}
-                                              for choice in ta_choices for name, top1 in choice["candidates"].items()])
+            write_csv(out / "ta_choice.csv", ta_choice_rows(ta_choices))
         if compare or ta_choices:
             plot_comparison(out / "compare.png", compare, ta_choices, chain)
         print_summary(results, out)
@@ -410,39 +389,47 @@ def compare_rows(steps, compare):
     return rows
 
 
+def ta_choice_rows(ta_choices):
+    """ta_choice.csv: each candidate of each `auto`, its scores, and whether it was chosen or left out."""
+    return [{"position": choice["position"], "candidate": name, "val_top1": top1,
+             "train_top1": choice["candidates_train_top1"][name],
+             "midpoint": (choice["teacher_top1"] + choice["student_alone_top1"]) / 2,
+             "chosen": name == choice["chosen"], "excluded": name in choice["excluded"]}
+            for choice in ta_choices for name, top1 in choice["candidates"].items()]
+
+
 def plot_comparison(path, compare, ta_choices, chain):
     """compare.png: the student by NOKD, BLKD and TAKD beside every network of the
     chain alone (with --compare), and for each `auto` the candidates' validation
-    accuracies against the midpoint it aims at. Returns the figure."""
+    accuracies (green: chosen, red: left out near chance) against the midpoint it
+    aims at. Returns the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = ([compare] if compare else []) + list(ta_choices)
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    axes = list(axes[0])
+    panels = []  # (title, y label, {bar: value}, colours, horizontal lines)
     if compare:
-        ax = axes.pop(0)
-        names = [f"{name} alone" for name in compare["alone_top1"]]
-        names += [f"{chain[-1]} {method}" for method in ("NOKD", "BLKD", "TAKD")]
-        values = list(compare["alone_top1"].values()) + [compare[f"{m}_top1"] for m in ("nokd", "blkd", "takd")]
-        colours = ["lightgrey"] * len(compare["alone_top1"]) + ["tab:grey", "tab:blue", "tab:green"]
-        bars = ax.bar(names, values, color=colours)
-        ax.bar_label(bars, fmt="%.1f", fontsize=8)
-        ax.set(ylabel="test top-1 (%)", title="the student learning from labels, the teacher, the chain")
-        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    for ax, choice in zip(axes, ta_choices):
-        names = list(choice["candidates"])
-        bars = ax.bar(names, list(choice["candidates"].values()),  # red: left out, near chance
-                      color=["tab:green" if name == choice["chosen"] else "tab:red" if name in choice["excluded"]
-                             else "lightgrey" for name in names])
-        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        alone = {f"{name} alone": top1 for name, top1 in compare["alone_top1"].items()}
+        ways = {f"{chain[-1]} {way.upper()}": compare[f"{way}_top1"] for way in ("nokd", "blkd", "takd")}
+        panels.append(("the student learning from labels, the teacher, the chain", "test top-1 (%)", alone | ways,
+                       ["lightgrey"] * len(alone) + ["tab:grey", "tab:blue", "tab:green"], []))
+    for choice in ta_choices:
+        colours = ["tab:green" if name == choice["chosen"] else "tab:red" if name in choice["excluded"]
+                   else "lightgrey" for name in choice["candidates"]]
         midpoint = (choice["teacher_top1"] + choice["student_alone_top1"]) / 2
-        for value, label, style in ((choice["teacher_top1"], "teacher", ":"), (midpoint, "midpoint", "--"),
-                                    (choice["student_alone_top1"], "student alone", ":")):
-            ax.axhline(value, ls=style, color="black", lw=1, label=f"{label} {value:.1f}")
-        ax.set(ylabel="validation top-1 (%)", title=f"auto at position {choice['position']}: {choice['chosen']}")
-        ax.legend(fontsize=8)
+        lines = [(choice["teacher_top1"], "teacher", ":"), (midpoint, "midpoint", "--"),
+                 (choice["student_alone_top1"], "student alone", ":")]
+        panels.append((f"auto at position {choice['position']}: {choice['chosen']}", "validation top-1 (%)",
+                       choice["candidates"], colours, lines))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (title, label, values, colours, lines) in zip(axes[0], panels):
+        ax.bar_label(ax.bar(list(values), list(values.values()), color=colours), fmt="%.1f", fontsize=8)
+        for value, name, style in lines:
+            ax.axhline(value, ls=style, color="black", lw=1, label=f"{name} {value:.1f}")
+        ax.set(ylabel=label, title=title)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        if lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
     return fig

@@ -44,6 +44,19 @@ SMALL_SIDE = 64  # images up to this side get crop-with-padding, larger ones ran
 PADDING = -100  # the label of the images that fill up the last test batch
 
 
+def add_data_flags(parser, held_out_use="chooses best.ckpt (0: the test split does)", val_split_default=0.0):
+    """The data flags of every script, declared once: which images, at what size,
+    how many, and which are held out (`held_out_use`: what they are for)."""
+    parser.add_argument("--dataset", choices=DATASETS, default="cifar10-mini", help="the data set")
+    parser.add_argument("--data-dir", help="where cifar10/cifar100/imagefolder data is")
+    parser.add_argument("--img-size", type=int, help="training resolution (default: 32 for CIFAR, 224 for ImageFolder)")
+    parser.add_argument("--train-subset", type=int, help="train on a class-balanced subset of this many images")
+    parser.add_argument("--val-split", type=float, default=val_split_default,
+                        help=f"hold out this part of each training class; it {held_out_use}")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="seed of the --train-subset and --val-split images: the same images for every --seed")
+
+
 def native_img_size(dataset):
     """The default training resolution: the data set's own for CIFAR, 224 for ImageFolder."""
     return 224 if dataset == "imagefolder" else 32

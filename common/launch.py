@@ -239,6 +239,15 @@ def check_shared_flags(args):
         raise UserError("--extend goes with --resume (and a larger --epochs): it trains an existing run on")
 
 
+def note_without_effect(args, defaults, names, why):
+    """One note naming the flags among `names` given a value other than their
+    default (`defaults`: the parsed defaults) that `why` leaves without effect."""
+    given = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) != getattr(defaults, name)]
+    if given:
+        listed = given[0] if len(given) == 1 else f"{', '.join(given[:-1])} and {given[-1]}"
+        print(f"note: {listed} {'has' if len(given) == 1 else 'have'} no effect {why}")
+
+
 def require_positive(**values):
     for name, value in values.items():
         if value is not None and not value > 0:

@@ -197,7 +197,7 @@ def test_bad_flags():
     with pytest.raises(UserError, match="--teacher-ckpt missing.ckpt does not exist"):
         deit.check_args(deit.parse_args(["--distillation-type", "hard", "--teacher-ckpt", "missing.ckpt"]))
     with pytest.raises(UserError, match="^--teacher-ckpt is used only with --distillation-type soft or hard"):
-        deit.check_args(deit.parse_args(["--distillation-type", "none", "--teacher-ckpt", "x.ckpt"]))
+        deit.check_args(deit.parse_args(["--distillation-type", "none", "--teacher-ckpt", __file__]))
     with pytest.raises(UserError, match="--randaugment garbage-xx: not a timm RandAugment policy"):
         deit.check_args(deit.parse_args(["--recipe", "deit", "--randaugment", "garbage-xx"]))
 
@@ -238,13 +238,14 @@ def test_the_student_and_its_ema_copy_are_evaluated_in_one_pass():
     model, other = create_model("deit_micro", 10, 32), create_model("deit_micro", 10, 32)
     loader = make_loader(load_dataset("cifar10-mini"), "test", 64, FakeFabric())
     alone = deit.evaluate(model, loader, FakeFabric())
-    assert alone[4] is None and alone[3] == 0  # no EMA copy, no teacher
+    assert "ema_top1" not in alone and alone["teacher_agreement"] is None  # no EMA copy, no teacher
+    assert deit.evaluate(model, None, FakeFabric()) == dict.fromkeys(alone)  # an epoch without a test
     passes = []
     epoch = loader.epoch
     loader.epoch = lambda *args: passes.append(1) or epoch(*args)
     with_ema = deit.evaluate(model, loader, FakeFabric(), ema=other)
-    assert len(passes) == 1 and with_ema[:4] == alone[:4]
-    assert with_ema[4] == deit.evaluate(other, loader, FakeFabric())[0] != alone[0]  # the copy's own prediction
+    assert len(passes) == 1 and {key: with_ema[key] for key in alone} == alone
+    assert with_ema["ema_top1"] == deit.evaluate(other, loader, FakeFabric())["top1"] != alone["top1"]  # its own
 
 
 @pytest.mark.parametrize("flags, note", [

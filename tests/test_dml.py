@@ -396,16 +396,18 @@ def test_identical_students_agree_on_every_image():
     torch.manual_seed(0)
     model, other = create_model("resnet8", 10, 32), create_model("resnet8", 10, 32)
     loader = make_loader(load_dataset("cifar10-mini"), "test", 64, FakeFabric())
-    accuracy, agreement, ema_accuracy = dml.evaluate([model, model], loader, FakeFabric())
-    assert agreement == 100.0 and accuracy[0] == accuracy[1] == accuracy[2] and ema_accuracy is None
+    alike = dml.evaluate([model, model], loader, FakeFabric())
+    assert alike["agreement"] == 100.0 and alike["top1_0"] == alike["top1_1"] == alike["top1_ensemble"]
+    assert "ema_top1_0" not in alike and alike["top5_0"] >= alike["top1_0"]
+    assert dml.evaluate([model, model], None, FakeFabric()) == dict.fromkeys(alike)  # an epoch without a test
     # the EMA copies in the same pass over the data, outside the ensemble and the agreement
     passes = []
     epoch = loader.epoch
     loader.epoch = lambda *args: passes.append(1) or epoch(*args)
-    with_emas, agreement_with_emas, ema_accuracy = dml.evaluate([model, model], loader, FakeFabric(), [other, model])
-    assert len(passes) == 1 and with_emas == accuracy and agreement_with_emas == 100.0
-    alone, _, _ = dml.evaluate([other, other], loader, FakeFabric())
-    assert ema_accuracy[1] == accuracy[0] and ema_accuracy[0] == alone[0]
+    with_emas = dml.evaluate([model, model], loader, FakeFabric(), [other, model])
+    assert len(passes) == 1 and {key: with_emas[key] for key in alike} == alike
+    alone = dml.evaluate([other, other], loader, FakeFabric())
+    assert with_emas["ema_top1_1"] == alike["top1_0"] and with_emas["ema_top1_0"] == alone["top1_0"] != alike["top1_0"]
 
 
 def test_ones_own_model_by_model_module(tmp_path, monkeypatch):

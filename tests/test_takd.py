@@ -96,9 +96,9 @@ def validation_top1(monkeypatch, top1s):
     validation split: at chance, say, as plain4 did after dying at lr 0.1."""
     train_network = takd.train_network
 
-    def scored(name, teacher, folder, *rest):
-        model, result = train_network(name, teacher, folder, *rest)
-        result["val_top1"] = top1s.get(folder.name, result["val_top1"])
+    def scored(lineage, *rest):
+        model, result = train_network(lineage, *rest)
+        result["val_top1"] = top1s.get("_to_".join(lineage), result["val_top1"])
         return model, result
     monkeypatch.setattr(takd, "train_network", scored)
 
@@ -143,7 +143,8 @@ def test_auto_end_to_end(tmp_path, monkeypatch, capsys):
 
 def test_no_candidate_above_chance_is_one_line_and_exit_status_2(tmp_path, monkeypatch, capsys):
     # every network trained scores 10 % (chance) on validation: the rule needs no training to show
-    monkeypatch.setattr(takd, "train_network", lambda *args: (None, {"val_top1": 10.0, "train_top1": 10.0}))
+    monkeypatch.setattr(takd, "train_network",
+                        lambda *args: (None, {"val_top1": 10.0, "train_top1": 10.0, "loaded": False}))
     args = takd.parse_args(["--chain", "plain6", "auto", "plain2", "--ta-candidates", "plain4", "plain8",
                             "--val-split", "0.2", "--out", str(tmp_path / "run")])
     with pytest.raises(SystemExit) as exit_:
