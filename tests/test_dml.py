@@ -105,12 +105,29 @@ def test_modes_share_initial_weights_and_kl_only_in_dml(tmp_path):
 
 
 def test_deit_students(tmp_path):
+    import argparse
+
+    from common.models import create_model
+
+    # student_losses: a DeiT's CE reaches its class head, its KL its distillation head, and never a peer
+    torch.manual_seed(0)
+    students = [create_model("deit_micro", 10, 32).train() for _ in range(2)]
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    terms = dml.student_losses(students, images, labels, argparse.Namespace(mode="dml", smoothing=0.0,
+                                                                           dml_target="prediction"))
+    terms["ce_0"].backward(retain_graph=True)
+    assert students[0].head.weight.grad.abs().sum() > 0 and students[0].head_dist.weight.grad is None
+    students[0].zero_grad(set_to_none=True)
+    terms["kl_0"].backward()
+    assert students[0].head_dist.weight.grad.abs().sum() > 0 and students[0].head.weight.grad is None
+    assert all(p.grad is None for p in students[1].parameters())  # the peer's prediction is a detached target
+    # and a run of two DeiTs logs both terms of each
     out = tmp_path / "deit"
     run_main(dml, "--students", "deit_micro", "deit_micro", "--epochs", "1", "--train-subset", "200",
              "--batch-size", "100", "--out", out)
-    res = results(out)
+    res, row = results(out), next(csv.DictReader(open(out / "metrics.csv")))
     assert all(s["distillation_token"] for s in res["students"])
-    assert res["students"][0]["params"] == res["students"][1]["params"] > 0
+    assert all(float(row[f"loss_{term}_{k}"]) > 0 for term in ("ce", "kl") for k in (0, 1))
 
 
 @pytest.mark.parametrize("target", ["prediction", "distillation"])
