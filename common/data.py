@@ -21,6 +21,9 @@ drops the last partial batch, evaluation pads it with images labelled
 `PADDING` (-100, the label `F.cross_entropy` ignores), which no prediction can
 match and which the evaluation loops leave out of their counts. On a GPU the
 images come in the channels-last layout that cuDNN's convolutions run fastest in.
+
+Used by the four scripts (add_data_flags declares the data flags they share, load_run_data
+loads a run's data), bench.py, reproduce.py and common/landscape.py.
 """
 import math
 import os

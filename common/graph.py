@@ -8,6 +8,8 @@ trains its `target` node from its `source` (a node index or "label") with a
     {"nodes": ["resnet20_abn", "resnet20_abn"],
      "edges": [{"source": "label", "target": 0, "loss": "ce", "gate": "through"},
                {"source": 1, "target": 0, "loss": "prob_attract", "gate": "linear"}]}
+
+Used by ktg_ensemble.py and bench.py.
 """
 import json
 import math

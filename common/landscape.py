@@ -12,6 +12,8 @@ relative to the clean loss and the top-1 drop on the same images.
 Compare finished run folders (e.g. Independent and DML) on one plot:
 
     python -m common.landscape runs/independent runs/dml --out landscape_compare.png
+
+Used by dml.py (--landscape) and reproduce.py (the DML table's Fig. 3).
 """
 import argparse
 import csv

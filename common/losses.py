@@ -1,7 +1,11 @@
 """Losses as pure functions of logits. Every KL uses `batchmean`: summed over the
 classes, averaged over the samples, which is the KL divergence of the equations
 (PyTorch's default 'mean' also divides by the number of classes and silently
-shrinks the term)."""
+shrinks the term).
+
+Used by dml.py (CE, dml_loss), deit.py (CE, soft and hard distillation), takd.py (CE,
+kd_loss), ktg_ensemble.py (the edges' losses and gates) and bench.py.
+"""
 import torch
 import torch.nn.functional as F
 

@@ -7,6 +7,8 @@ file cannot run code.
 A DeiT (`deit_*`) has a distillation token and returns `(class_logits,
 distill_logits)` in training; in eval mode it returns their average, which is
 the model's prediction (DeiT, section 5).
+
+Used by the four scripts, bench.py and common/landscape.py.
 """
 import math
 import os
