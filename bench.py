@@ -117,7 +117,7 @@ def method_step(method, fabric, data, compile=False):
     if method == "dml":
         models = [create_model("vit_tiny", classes, img_size, drop_path=0.1, device=device) for _ in range(2)]
         args = argparse.Namespace(mode="dml", smoothing=0.1, dml_target="prediction")
-        forward = lambda students, images, labels: dml.student_losses(students, images, labels, args).sum()
+        forward = lambda students, images, labels: sum(dml.student_losses(students, images, labels, args).values())
         return 128, models, forward, None
     if method == "deit":
         student = create_model("deit_tiny", classes, img_size, drop_path=0.1, device=device)
@@ -127,8 +127,8 @@ def method_step(method, fabric, data, compile=False):
         def teach(images):
             with torch.no_grad():
                 return teacher(images.to(dtype))
-        forward = lambda models, images, labels, teacher_logits: student_loss(models[0](images), teacher_logits,
-                                                                              labels, args)[0]
+        forward = lambda models, images, labels, teacher_logits: sum(student_loss(models[0](images), teacher_logits,
+                                                                                  labels, args).values())
         return 128, [student], forward, teach
     if method == "takd":
         student = create_model("plain4", classes, img_size, device=device)

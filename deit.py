@@ -385,7 +385,8 @@ def run_results(fabric, args, state, data, test_loader, teacher_figures, pretrai
     images; `figures` (evaluate's, of the last test) are evaluated here when the run
     did not end with a test."""
     model, ema = state["model"], state.get("ema")
-    figures = figures or evaluate(model, test_loader, fabric, teacher_figures[0], ema and ema.module)
+    if figures is None:  # resumed a finished run, or --eval
+        figures = evaluate(model, test_loader, fabric, teacher_figures[0], ema and ema.module)
     distilled = has_distillation_token(model)
     # without augmentation, on a fixed part of the training images: did the student fit them?
     probe = make_loader(probe_split(data, args.split_seed), "test", test_loader.batch_size, fabric)

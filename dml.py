@@ -313,7 +313,8 @@ def run_results(fabric, args, state, students, emas, data, test_loader, pretrain
     """results.json: each student's top-1 and top-5 (and its EMA copy's), the
     ensemble's, their agreement, and the fit of the training images; `figures`
     (evaluate's, of the last test) are evaluated here when the run did not end with a test."""
-    figures = figures or evaluate(students, test_loader, fabric, [ema.module for ema in emas])
+    if figures is None:  # resumed a finished run, or --eval
+        figures = evaluate(students, test_loader, fabric, [ema.module for ema in emas])
     # without augmentation, on a fixed part of the training images: did the students fit them?
     fit = evaluate(students, make_loader(probe_split(data, args.split_seed), "test", test_loader.batch_size, fabric),
                    fabric)

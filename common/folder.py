@@ -12,8 +12,9 @@ A run's `state` is the dict every checkpoint holds: the script's modules and
 optimizer under names of its own, and "epoch" (epochs done), "history" (the rows
 of metrics.csv), "best_top1" and "best_epoch" (of best.ckpt), "wall_s", "args"
 (the run's flags), after --extend "extended_from", in 16-mixed "loss_scale". A
-row has "epoch", "lr", "img_per_s", the log's "loss" and "loss_<term>" columns
-and the script's accuracies (`top1*`, `val_top1*`: None in an epoch without a test).
+row has "epoch", "lr", the log's "loss", "loss_<term>" and "img_per_s" columns
+and the script's evaluations (`top1*`, `top5*`, `agreement`, `ema_top1*`: None in
+an epoch without a test; `val_*`: every epoch with --val-split).
 
 Used by dml.py, deit.py, takd.py, ktg_ensemble.py; reproduce.py and common/graph.py,
 landscape.py and study.py write their JSON and figures with it.
@@ -323,10 +324,13 @@ def write_json(path, data):
 
 
 def write_csv(path, rows):
-    """Rewrite the whole table each time (rows are dicts with the same keys)."""
+    """Rewrite the whole table each time. Its columns are the rows' keys in order of
+    appearance: a run resumed by a newer version of a script that writes more
+    columns leaves them empty in its earlier rows."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(file, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)

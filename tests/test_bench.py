@@ -67,3 +67,13 @@ def test_bad_input_is_one_line_before_any_measurement(flags, message):
 
     with pytest.raises(UserError, match=message):
         bench.check_args(bench.parse_args(flags))
+
+
+@pytest.mark.parametrize("method", bench.METHODS)
+def test_each_method_step_is_its_scripts_loss(method):
+    """The step bench.py times is the script's: its loss function's terms summed to one scalar that trains."""
+    fabric = make_fabric()
+    _, models, forward, teach = bench.method_step(method, fabric, load_dataset("cifar10-mini", train_subset=100))
+    images, labels = torch.rand(2, 3, 32, 32), torch.tensor([0, 1])
+    loss = forward(models, images, labels, *([teach(images)] if teach else []))
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.grad_fn is not None

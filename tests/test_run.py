@@ -436,3 +436,12 @@ def test_config_with_eval_still_checks_the_checkpoints_script(tmp_path, capsys):
     with pytest.raises(SystemExit):
         deit.parse_args(["--config", str(tmp_path / "args.json"), "--eval", str(tmp_path / "dml.ckpt")])
     assert "--eval " in (err := capsys.readouterr().err) and "was made by dml.py, not deit.py" in err
+
+
+def test_metrics_csv_takes_columns_a_newer_script_adds(tmp_path):
+    """A run resumed by a version of its script that writes more columns (dml's top-5 columns, say): the
+    earlier rows keep their values and leave the new columns empty."""
+    from common.folder import write_csv
+
+    write_csv(tmp_path / "metrics.csv", [{"epoch": 1, "top1_0": 10.0}, {"epoch": 2, "top1_0": 12.0, "top5_0": 50.0}])
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["epoch,top1_0,top5_0", "1,10.0,", "2,12.0,50.0"]
