@@ -197,7 +197,7 @@ def evaluate(nodes, loader, fabric, prefix=""):
         correct = [(scores.argmax(1) == labels).sum() for scores in [*logits, torch.stack(logits).mean(0)]]
         counts += torch.stack([*correct, agreeing_pairs(logits, labels), (labels != PADDING).sum()])
     counts = fabric.all_reduce(counts, reduce_op="sum")
-    return {name: round(value, 2) for name, value in zip(names, (100 * counts[:-1] / counts[-1]).tolist())}
+    return dict(zip(names, (100 * counts[:-1] / counts[-1]).tolist()))
 
 
 def train_graph(graph, data, fabric, args, out=None, report=None):

@@ -178,7 +178,7 @@ def evaluate(model, loader, fabric):
         correct += torch.stack([top[:, 0].sum(), top.any(1).sum()])
         seen += (labels != PADDING).sum()
     accuracy = 100 * fabric.all_reduce(correct, reduce_op="sum") / fabric.all_reduce(seen, reduce_op="sum")
-    return [round(value, 2) for value in accuracy.tolist()]
+    return accuracy.tolist()
 
 
 def train_network(lineage, teacher, out, fabric, data, loaders, args):
