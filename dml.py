@@ -56,7 +56,7 @@ from common.folder import (EVAL_RESULTS, best_epoch, end_epoch, load_for_eval, r
                            write_json)
 from common.landscape import loss_curve, plot as plot_landscape, write_csv as write_landscape_csv
 from common.launch import (HelpFormatter, UserError, add_run_flags, check_shared_flags, exit_on_user_error, finish,
-                           parse_with_config)
+                           note_without_effect, parse_with_config)
 from common.loop import (TrainLog, accumulate, clip_gradients, cosine_schedule, evaluates_test,
                          optimizer_steps, peak_lr, resume_mid_epoch, save_mid_epoch, seed_epoch)
 from common.losses import cross_entropy, dml_loss
@@ -115,8 +115,8 @@ def check_args(args):
         print(f"note: --dml-target {args.dml_target} has no effect in independent mode (no peer to mimic)")
     if args.patch_size and not any(name.startswith(("vit", "deit")) for name in args.students):
         print("note: --patch-size has no effect: no student is a ViT")
-    if not args.model_ema and args.model_ema_decay != 0.99996:
-        print("note: --model-ema-decay has no effect without --model-ema")
+    if not args.model_ema:
+        note_without_effect(args, parse_args([]), ["model_ema_decay"], "without --model-ema")
 
 
 # --- training and evaluation -------------------------------------------------
