@@ -313,9 +313,10 @@ def main(args):
         candidates = {candidate: train_chain([candidate])[0]["val_top1"] for candidate in args.ta_candidates}
         chain[i], excluded = choose_assistant(candidates, before, after, len(data["classes"]))
         ta_choices.append({"candidates": candidates, "excluded": excluded, "teacher_top1": before,
-                           "student_alone_top1": after, "chosen": chain[i], "position": i, "scored_on": "validation",
+                           "student_alone_top1": after, "midpoint": (before + after) / 2, "chosen": chain[i],
+                           "position": i, "scored_on": "validation",
                            "candidates_train_top1": {name: networks[name]["train_top1"] for name in candidates}})
-        fabric.print(f"auto at position {i}: midpoint {(before + after) / 2:.2f} of {chain[i - 1]} and "
+        fabric.print(f"auto at position {i}: midpoint {ta_choices[-1]['midpoint']:.2f} of {chain[i - 1]} and "
                      f"{chain[i + 1]} -> {chain[i]} ({candidates[chain[i]]:.2f})"
                      + (f"; left out, within 2 points of chance: {excluded}" if excluded else ""))
 
@@ -393,7 +394,7 @@ def ta_choice_rows(ta_choices):
     """ta_choice.csv: each candidate of each `auto`, its scores, and whether it was chosen or left out."""
     return [{"position": choice["position"], "candidate": name, "val_top1": top1,
              "train_top1": choice["candidates_train_top1"][name],
-             "midpoint": (choice["teacher_top1"] + choice["student_alone_top1"]) / 2,
+             "midpoint": choice["midpoint"],
              "chosen": name == choice["chosen"], "excluded": name in choice["excluded"]}
             for choice in ta_choices for name, top1 in choice["candidates"].items()]
 
@@ -416,8 +417,7 @@ def plot_comparison(path, compare, ta_choices, chain):
     for choice in ta_choices:
         colours = ["tab:green" if name == choice["chosen"] else "tab:red" if name in choice["excluded"]
                    else "lightgrey" for name in choice["candidates"]]
-        midpoint = (choice["teacher_top1"] + choice["student_alone_top1"]) / 2
-        lines = [(choice["teacher_top1"], "teacher", ":"), (midpoint, "midpoint", "--"),
+        lines = [(choice["teacher_top1"], "teacher", ":"), (choice["midpoint"], "midpoint", "--"),
                  (choice["student_alone_top1"], "student alone", ":")]
         panels.append((f"auto at position {choice['position']}: {choice['chosen']}", "validation top-1 (%)",
                        choice["candidates"], colours, lines))

@@ -119,6 +119,7 @@ def test_auto_end_to_end(tmp_path, monkeypatch, capsys):
     assert choice["scored_on"] == "validation" and res["best_on"] == "validation"
     assert choice["teacher_top1"] == networks["plain6"]["val_top1"]
     assert choice["student_alone_top1"] == choice["candidates"]["plain2"] == networks["plain2"]["val_top1"]
+    assert choice["midpoint"] == (choice["teacher_top1"] + choice["student_alone_top1"]) / 2
     assert networks["plain2"]["val_top1"] != networks["plain2"]["top1"]
     assert (choice["chosen"], choice["excluded"]) == takd.choose_assistant(
         choice["candidates"], choice["teacher_top1"], choice["student_alone_top1"], 10)
