@@ -60,9 +60,9 @@ from common.launch import (HelpFormatter, UserError, add_run_flags, check_shared
 from common.loop import (TrainLog, accumulate, clip_gradients, cosine_schedule, evaluates_test,
                          optimizer_steps, peak_lr, resume_mid_epoch, save_mid_epoch, seed_epoch)
 from common.losses import cross_entropy, dml_loss
-from common.models import (agreeing_pairs, count_parameters, create_model, describe_pretrained, has_distillation_token,
-                           import_model_modules, load_pretrained, prediction, save_weights, split_heads,
-                           weight_decay_groups)
+from common.models import (add_model_module_flag, agreeing_pairs, count_parameters, create_model, describe_pretrained,
+                           has_distillation_token, import_model_modules, load_pretrained, prediction, save_weights,
+                           split_heads, weight_decay_groups)
 
 
 def parse_args(argv=None):
@@ -92,9 +92,7 @@ def parse_args(argv=None):
     parser.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of each student")
     parser.add_argument("--model-ema-decay", type=float, default=0.99996,
                         help="its decay per step (DeiT's), reached after a warm-up (timm's use_warmup)")
-    parser.add_argument("--model-module", nargs="+", default=[],
-                        help="import these modules first: models they register with timm's @register_model "
-                             "can then be named (e.g. mypkg.models)")
+    add_model_module_flag(parser)
     parser.add_argument("--pretrained", nargs="+",
                         help="local weights file(s), one for all students or one each, loaded as timm does")
     parser.add_argument("--landscape", action="store_true", help="after training, write each student's loss landscape")

@@ -53,11 +53,11 @@ from common.folder import (EVAL_RESULTS, end_epoch, load_checkpoint, load_for_ev
 from common.graph import (LABEL, LOSSES, check_graph, draw_attention, draw_graph, load_graph, preset, sample_graph,
                           untrained_nodes)
 from common.launch import (HelpFormatter, UserError, add_run_flags, check_shared_flags, exit_on_user_error, finish,
-                           on_rank_zero, parse_with_config, require_positive)
+                           note_without_effect, on_rank_zero, parse_with_config, require_positive)
 from common.loop import TrainLog, evaluates_test, seed_epoch, step_schedule
 from common.losses import edge_loss, gate, label_loss
-from common.models import (ABN_ALIASES, agreeing_pairs, count_parameters, create_model, describe_pretrained,
-                           import_model_modules, load_pretrained, save_weights)
+from common.models import (ABN_ALIASES, add_model_module_flag, agreeing_pairs, count_parameters, create_model,
+                           describe_pretrained, import_model_modules, load_pretrained, save_weights)
 from common.study import best_trial, open_study, run_trials, search_picture, storage_url, trial_rows
 
 
@@ -82,9 +82,7 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate for batch 64 (scaled by batch/64)")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     parser.add_argument("--warmup-epochs", type=float, default=1, help="linear warm-up of the learning rate")
-    parser.add_argument("--model-module", nargs="+", default=[],
-                        help="import these modules first: models they register with timm's @register_model "
-                             "can then be named (e.g. mypkg.models)")
+    add_model_module_flag(parser)
     parser.add_argument("--pretrained", nargs="+",
                         help="local weights file(s), one for all nodes or one each, loaded as timm does")
     parser.add_argument("--eval-every", type=int, default=1, help="test every N epochs and at the last")
@@ -105,10 +103,8 @@ def check_args(args):
         raise UserError("--search scores its trials on held-out training images: --val-split must be above 0")
     if args.search and args.graph != "dml":
         print(f"note: --graph {args.graph} has no effect with --search (the search samples the graphs)")
-    unused = [flag for flag, given in (("--storage", args.storage), ("--study-name", args.study_name != "ktg"),
-                                       ("--heartbeat-grace", args.heartbeat_grace != 15)) if given]
-    if unused and not args.search:
-        print(f"note: {' '.join(unused)} take{'s' if len(unused) == 1 else ''} effect only with --search")
+    if not args.search:
+        note_without_effect(args, parse_args([]), ["storage", "study_name", "heartbeat_grace"], "without --search")
     if any(size < 1 for size in args.crop_sizes):
         raise UserError(f"--crop-sizes must be positive, got {args.crop_sizes}")
     if args.graph in ("independent", "dml"):

@@ -64,7 +64,7 @@ import dml
 import ktg_ensemble
 import takd
 from common.data import DATASETS
-from common.folder import save_figure, write_json
+from common.folder import pyplot, save_figure, write_json
 from common.launch import HelpFormatter, UserError, exit_on_user_error, run_shaping_changes
 
 SEEDS = [0, 1, 2]
@@ -527,10 +527,7 @@ def plot_table(path, table, chance=10.0):
     """table.png: every top-1 row as a dot (mean) with its spread (± std) and one small
     dot per seed, on an axis from 0 with chance level (`chance` %, 10 for CIFAR-10's
     10 classes; None draws no line) dotted."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [r for r in table["rows"] if "top-1" in r["metric"] and "validation" not in r["metric"]]
     labels = [f"{r['method']}: {r['metric']}" for r in rows]
     fig, ax = plt.subplots(figsize=(9, 0.4 * len(rows) + 1.2))

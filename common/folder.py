@@ -346,9 +346,7 @@ def plot_curves(path, rows, panels):
     `--eval-every`) are skipped. A loss column (`loss`, `loss_<term>`) no panel
     names joins the first panel: a term added to a method's loss is drawn too.
     Returns the figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     named = {column for _, lines in panels for column, *_ in lines}
@@ -378,6 +376,15 @@ def plot_curves(path, rows, panels):
             ax.legend(handles=handles, fontsize=8)
     save_figure(fig, path)
     return fig
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg back end, which draws into files and needs no
+    display; imported only when a run draws its first picture."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def save_figure(fig, path):

@@ -109,11 +109,9 @@ def draw_graph(path, graph, accuracies=None):
     """Like seed 002's Fig. 2: the label, the network nodes and the ensemble node;
     edges coloured by gate (cutoff edges left out) and labelled by loss type.
     Returns the figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from common.folder import pyplot, save_figure
 
-    from common.folder import save_figure
+    plt = pyplot()
 
     # the label, the network nodes and the ensemble on one circle: no edge crosses a node
     count = len(graph["nodes"])
@@ -160,13 +158,11 @@ def draw_attention(path, images, maps, names, labels, predictions):
     """Like seed 002's Fig. 3: test images (rows, uint8 3×H×W) with their true
     `labels`, and each node's attention map over them (columns) under the node's
     prediction (`predictions[node][row]`). Returns the figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch.nn.functional as F
 
-    from common.folder import save_figure
+    from common.folder import pyplot, save_figure
 
+    plt = pyplot()
     rows, columns = len(images), 1 + len(maps)
     fig, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.2 * rows), squeeze=False)
     for r, image in enumerate(images):

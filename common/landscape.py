@@ -93,12 +93,9 @@ def plot(path, runs):
     """One panel per student, one colour per run (`runs` maps a run's name to
     its curves): the loss against σ, mean ± std over the noise draws, as in
     seed 000's Fig. 3. Returns the figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from common.folder import pyplot, save_figure
 
-    from common.folder import save_figure
-
+    plt = pyplot()
     students = list(dict.fromkeys(student for curves in runs.values() for student in curves))
     fig, axes = plt.subplots(1, len(students), figsize=(5 * len(students), 4), squeeze=False, sharey=True)
     for ax, student in zip(axes[0], students):

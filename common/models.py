@@ -55,6 +55,13 @@ ABN_ALIASES = [f"resnet{d}_abn" for d in CIFAR_RESNET_DEPTHS] + ["resnet18_abn"]
 ALIASES = list(VIT_ALIASES) + [f"resnet{d}" for d in CIFAR_RESNET_DEPTHS] + list(PLAIN_CNNS) + ABN_ALIASES
 
 
+def add_model_module_flag(parser):
+    """--model-module, in every script: the modules import_model_modules imports."""
+    parser.add_argument("--model-module", nargs="+", default=[],
+                        help="import these modules first: models they register with timm's @register_model "
+                             "can then be named (e.g. mypkg.models)")
+
+
 def import_model_modules(modules):
     """Import `modules` (--model-module: a module name, or the path of a .py file):
     a model registered there with timm's `@register_model` can then be named like

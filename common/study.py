@@ -193,12 +193,10 @@ def search_picture(path, study):
     completed trials, every trial's validation error over the epochs (pruned ones
     stop early), and which edges' loss and gate choices matter most (parameter
     importances, once two trials have completed). Its data is trials.csv."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna.visualization.matplotlib as plots
+    from common.folder import pyplot, save_figure
 
-    from common.folder import save_figure
+    plt = pyplot()  # Agg, before Optuna's plots import pyplot
+    import optuna.visualization.matplotlib as plots
 
     with plt.style.context("default"):  # Optuna's plots switch the global style to ggplot: keep it to them
         drawn = [plots.plot_optimization_history(study).figure, plots.plot_intermediate_values(study).figure]

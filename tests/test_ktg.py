@@ -262,8 +262,8 @@ def test_a_trial_stopped_by_ctrl_c_is_logged_without_a_traceback(tmp_path, caplo
 @pytest.mark.parametrize("flags, note", [(["--search", "2", "--graph", "independent"], "--graph independent has no "
                                           "effect with --search"),
                                          (["--storage", "sqlite:///x.db", "--study-name", "s"],
-                                          "--storage --study-name take effect only with --search"),
-                                         (["--heartbeat-grace", "99"], "--heartbeat-grace takes effect only with "
+                                          "--storage and --study-name have no effect without --search"),
+                                         (["--heartbeat-grace", "99"], "--heartbeat-grace has no effect without "
                                           "--search")])
 def test_flags_without_effect_get_a_note(flags, note, capsys):
     ktg_ensemble.check_args(ktg_ensemble.parse_args(flags))
