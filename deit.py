@@ -50,9 +50,9 @@ from common.launch import (HelpFormatter, UserError, add_run_flags, check_fracti
 from common.loop import (TrainLog, accumulate, clip_gradients, cosine_schedule, evaluates_test,
                          optimizer_steps, peak_lr, resume_mid_epoch, save_mid_epoch, seed_epoch)
 from common.losses import cross_entropy, hard_distillation_loss, soft_distillation_loss
-from common.models import (both_heads, count_parameters, create_model, describe_pretrained, freeze,
-                           has_distillation_token, import_model_modules, load_pretrained, load_teacher, model_name_in,
-                           save_weights, split_heads, weight_decay_groups)
+from common.models import (add_model_module_flag, both_heads, count_parameters, create_model, describe_pretrained,
+                           freeze, has_distillation_token, import_model_modules, load_pretrained, load_teacher,
+                           model_name_in, save_weights, split_heads, weight_decay_groups)
 
 
 def parse_args(argv=None):
@@ -90,9 +90,7 @@ def parse_args(argv=None):
     parser.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of the student")
     parser.add_argument("--model-ema-decay", type=float, default=0.99996,
                         help="its decay per step (DeiT's), reached after a warm-up (timm's use_warmup)")
-    parser.add_argument("--model-module", nargs="+", default=[],
-                        help="import these modules first: models they register with timm's @register_model "
-                             "can then be named (e.g. mypkg.models)")
+    add_model_module_flag(parser)
     parser.add_argument("--pretrained", help="start the student from this local weights file, loaded as timm does")
     parser.add_argument("--eval-every", type=int, default=1,
                         help="evaluate the test split every N epochs and at the last (validation: every epoch)")
@@ -232,10 +230,12 @@ def evaluate(model, loader, fabric, teacher_decisions=None, ema=None, prefix="")
     """One evaluation's columns, named as in metrics.csv (after `prefix`): the top-1
     (%) of the prediction (the heads' average, `top1`), of the class and the
     distillation head (`top1_cls`, `top1_dist`), the prediction's agreement (%) with
-    the teacher's `teacher_decisions` (`teacher_agreement`, None without) and the
+    the teacher's `teacher_decisions` (`teacher_agreement`, with them) and the
     top-1 of the EMA copy `ema` (`ema_top1`, with one): one pass over the data.
     Without a `loader` (an epoch without a test) the same columns, empty."""
-    columns = ["top1", "top1_cls", "top1_dist", "teacher_agreement"] + (["ema_top1"] if ema is not None else [])
+    every = ["top1", "top1_cls", "top1_dist", "teacher_agreement", "ema_top1"]  # in the order of `counts`
+    measured = [True, True, True, teacher_decisions is not None, ema is not None]
+    columns = [column for column, kept in zip(every, measured) if kept]
     if loader is None:
         return {prefix + column: None for column in columns}
     for network in (model, ema):
@@ -255,10 +255,8 @@ def evaluate(model, loader, fabric, teacher_decisions=None, ema=None, prefix="")
             counts[3] += ((teacher_decisions[batch] == predicted) & real).sum()
         counts[5] += real.sum()
     counts = fabric.all_reduce(counts, reduce_op="sum")
-    top1 = (100 * counts[:5] / counts[5]).tolist()
-    if teacher_decisions is None:
-        top1[3] = None
-    return {prefix + column: value for column, value in zip(columns, top1)}
+    figures = dict(zip(every, (100 * counts[:5] / counts[5]).tolist()))
+    return {prefix + column: figures[column] for column in columns}
 
 
 def predict(model, images):
@@ -396,7 +394,7 @@ def run_results(fabric, args, state, data, test_loader, teacher_figures, pretrai
         "distillation_type": args.distillation_type, "recipe": args.recipe, "params": count_parameters(model),
         "top1": figures["top1"], "top1_cls": figures["top1_cls"] if distilled else None,
         "top1_dist": figures["top1_dist"] if distilled else None, "teacher_top1": teacher_figures[1],
-        "teacher_agreement": figures["teacher_agreement"], "train_top1": evaluate(model, probe, fabric)["top1"],
+        "teacher_agreement": figures.get("teacher_agreement"), "train_top1": evaluate(model, probe, fabric)["top1"],
         "teacher_disagreement": history[-1].get("teacher_disagreement") if history else None,
         "best": best_epoch(state), "extended_from": state.get("extended_from", []), "pretrained": pretrained,
         "ema_top1": figures.get("ema_top1"),
