@@ -11,10 +11,9 @@ intermediate size closes it. The paper finds the best TA is the one whose
 *accuracy* lies midway between the teacher's and the student's, and leaves the
 automatic choice open. `auto` in the chain makes it: each `--ta-candidates`
 network is trained alone and the one nearest the midpoint of its neighbours'
-accuracies becomes the TA (one within 2 points of chance learned nothing and is
-left out), all scored on `--val-split`, held-out training images (the test
-split chooses nothing). `--compare` adds the paper's baselines: the student
-alone (NOKD) and distilled from the teacher directly (BLKD).
+accuracies (of those above chance) becomes the TA, all scored on `--val-split`,
+held-out training images, never on the test split. `--compare` adds the paper's
+baselines: the student alone (NOKD) and distilled from the teacher (BLKD).
 
 Recipes, one per network (a chain may mix them); SGD momentum 0.9, 150 epochs,
 crop + flip, lr at the authors' batch 128, scaled linearly with `--batch-size`:
@@ -50,15 +49,15 @@ import argparse
 import torch
 
 from common.data import PADDING, add_data_flags, load_run_data, make_loader, probe_split
-from common.folder import (EVAL_RESULTS, end_epoch, load_checkpoint, load_for_eval, run_fields, save_figure, start_run,
-                           write_csv, write_json)
+from common.folder import (EVAL_RESULTS, end_epoch, load_checkpoint, load_for_eval, pyplot, run_fields, save_figure,
+                           start_run, write_csv, write_json)
 from common.launch import (HelpFormatter, UserError, add_run_flags, check_fraction, check_shared_flags,
                            exit_on_user_error, finish, inference_dtype, note_without_effect, on_rank_zero,
                            parse_with_config, require_positive)
 from common.loop import TrainLog, evaluates_test, seed_epoch, step_schedule
 from common.losses import cross_entropy, kd_loss
-from common.models import (count_parameters, create_model, describe_pretrained, freeze, import_model_modules,
-                           load_pretrained, load_teacher, model_name_in, save_weights)
+from common.models import (add_model_module_flag, count_parameters, create_model, describe_pretrained, freeze,
+                           import_model_modules, load_pretrained, load_teacher, model_name_in, save_weights)
 
 AUTO = "auto"
 # Each family's recipe (see the docstring); --lr, --weight-decay, --schedule, --warmup-epochs override it
@@ -68,9 +67,8 @@ RECIPES = {"plain": {"lr": 0.01, "weight_decay": 0.0, "schedule": "constant", "w
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("--chain", nargs="+", default=["plain10", "plain4", "plain2"],
-                        help="teacher, assistant(s), student: plain<2..10>, resnet<depth>, any model, or auto "
-                             "(one network: train it alone)")
+    parser.add_argument("--chain", nargs="+", default=["plain10", "plain4", "plain2"], help="teacher, assistant(s), "
+                        "student: plain<2..10>, resnet<depth>, any model, or auto (one network: train it alone)")
     parser.add_argument("--ta-candidates", nargs="+", default=[], help="networks an `auto` in the chain chooses from")
     parser.add_argument("--teacher-ckpt", help="weights of the chain's first network, instead of training it")
     parser.add_argument("--compare", action="store_true",
@@ -86,9 +84,7 @@ def parse_args(argv=None):
     parser.add_argument("--schedule", choices=["step", "constant"],
                         help="step: ÷10 at 50 %% and 75 %% of epochs (default: constant for plain CNNs, else step)")
     parser.add_argument("--warmup-epochs", type=float, help="linear lr warm-up (default: 0 for plain CNNs, else 1)")
-    parser.add_argument("--model-module", nargs="+", default=[],
-                        help="import these modules first: models they register with timm's @register_model "
-                             "can then be named (e.g. mypkg.models)")
+    add_model_module_flag(parser)
     parser.add_argument("--pretrained", help="start the student (the chain's last network, in every lineage) from "
                                              "this local weights file, loaded as timm does")
     parser.add_argument("--eval-every", type=int, default=1,
@@ -113,6 +109,8 @@ def check_args(args):
         raise UserError("--ta-candidates must name networks, not `auto`")
     if args.ta_candidates and AUTO not in chain:
         print("note: --ta-candidates has no effect without `auto` in --chain")
+    if args.pretrained and chain[-1] in chain[:-1] + args.ta_candidates:  # its sub-folder would serve two roles
+        raise UserError(f"--pretrained starts the student {chain[-1]}, which cannot also be a teacher, TA or candidate")
     if AUTO in chain and not args.val_split:
         raise UserError("--chain has `auto`, which chooses on held-out training images: give --val-split "
                         "(e.g. 0.1), never the test split")
@@ -141,8 +139,7 @@ def learning_rate(recipe, args, epoch, step, steps_per_epoch):
 
 def curve_panels(network):
     """What each network's curves.png draws."""
-    losses = [("loss", "total"), ("loss_ce", "(1-λ)·CE"), ("loss_kd", "λ·τ²·KL to the teacher")]
-    return [("training loss", losses),
+    return [("training loss", [("loss", "total"), ("loss_ce", "(1-λ)·CE"), ("loss_kd", "λ·τ²·KL to the teacher")]),
             ("top-1 (%)", [("top1", network), ("val_top1", f"{network} (validation)")]),
             ("learning rate", [("lr", "lr")])]
 
@@ -151,14 +148,16 @@ def choose_assistant(candidates, teacher_top1, student_top1, num_classes):
     """The candidate whose accuracy (trained alone) lies nearest the midpoint of the
     teacher's and the student's: the paper's rule for the best TA. A candidate within
     2 points of chance learned nothing (as plain4 at lr 0.1: constant outputs) and is
-    left out. Returns the chosen and the left out {name: top1}."""
+    left out. Returns the choice: the chosen, the left out {name: top1}, the midpoint."""
     excluded = {name: top1 for name, top1 in candidates.items() if top1 <= 100 / num_classes + 2}
     alive = [name for name in candidates if name not in excluded]
     if not alive:
         raise UserError(f"no --ta-candidates network is more than 2 points above chance ({100 / num_classes:.0f} %) "
                         f"on the validation split, {excluded}: none can be an assistant")
     midpoint = (teacher_top1 + student_top1) / 2
-    return min(alive, key=lambda name: abs(candidates[name] - midpoint)), excluded
+    return {"candidates": candidates, "excluded": excluded, "teacher_top1": teacher_top1,
+            "student_alone_top1": student_top1, "midpoint": midpoint, "scored_on": "validation",
+            "chosen": min(alive, key=lambda name: abs(candidates[name] - midpoint))}
 
 
 # --- training and evaluation -------------------------------------------------
@@ -168,17 +167,15 @@ def choose_assistant(candidates, teacher_top1, student_top1, num_classes):
 def evaluate(model, loader, fabric):
     """Top-1 and top-5 (%) on the test split."""
     model.eval()
-    correct = torch.zeros(2, device=fabric.device)
-    seen = torch.zeros((), device=fabric.device)
+    counts = torch.zeros(3, device=fabric.device)  # correct in the top 1, in the top 5, images
     dtype = next(model.parameters()).dtype  # a frozen teacher may be held in bf16
     for images, labels in loader.epoch():
         with fabric.autocast():
             scores = model(images.to(dtype)).float()
         top = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]
-        correct += torch.stack([top[:, 0].sum(), top.any(1).sum()])
-        seen += (labels != PADDING).sum()
-    accuracy = 100 * fabric.all_reduce(correct, reduce_op="sum") / fabric.all_reduce(seen, reduce_op="sum")
-    return accuracy.tolist()
+        counts += torch.stack([top[:, 0].sum(), top.any(1).sum(), (labels != PADDING).sum()])
+    counts = fabric.all_reduce(counts, reduce_op="sum")
+    return (100 * counts[:2] / counts[2]).tolist()
 
 
 def train_network(lineage, teacher, out, fabric, data, loaders, args):
@@ -187,21 +184,18 @@ def train_network(lineage, teacher, out, fabric, data, loaders, args):
     `out`; continue from its last checkpoint if it has one. Returns the trained
     network, frozen for use as the next teacher, and its results."""
     name, folder = lineage[-1], out / "_to_".join(lineage)
-    train_loader, test_loader, val_loader = loaders["train"], loaders["test"], loaders["val"]
     if args.compile:  # the plain CNNs share one forward: past dynamo's recompile limit (8) it would run eager
         torch._dynamo.reset()
     torch.manual_seed(args.seed)  # the same initial weights alone and distilled
     model = create_model(name, len(data["classes"]), args.img_size, device=fabric.device)
-    pretrained = None
-    if args.pretrained and name == args.chain[-1]:
-        pretrained = load_pretrained(model, args.pretrained)
+    pretrained = load_pretrained(model, args.pretrained) if args.pretrained and name == args.chain[-1] else None
+    if pretrained:
         fabric.print(f"{folder.name}: {describe_pretrained(pretrained)}")
     recipe = recipe_of(name, args)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=0.9, weight_decay=recipe["weight_decay"])
     model, optimizer = fabric.setup(torch.compile(model) if args.compile else model, optimizer)
-    # model_name: a checkpoint of this project knows the network it holds
     state = dict(model=model, optimizer=optimizer, epoch=0, history=[], best_top1=-1.0, wall_s=0.0, images=0,
-                 train_s=0.0, model_name=name, args=vars(args))
+                 train_s=0.0, model_name=name, args=vars(args))  # model_name: the network its checkpoints hold
     if on_rank_zero(fabric, (folder / "last.ckpt").is_file()):
         load_checkpoint(fabric, folder / "last.ckpt", state, args)
         fabric.print(f"{folder.name}: continuing at epoch {state['epoch']}" if state["epoch"] < args.epochs
@@ -209,13 +203,13 @@ def train_network(lineage, teacher, out, fabric, data, loaders, args):
     elif fabric.is_global_zero:
         folder.mkdir(parents=True, exist_ok=True)
 
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = len(loaders["train"])
     log = TrainLog(fabric, args, folder, steps_per_epoch, folder.name)
     for epoch in range(state["epoch"], args.epochs):
         seed_epoch(fabric, args.seed, epoch)
         model.train()
         log.begin(epoch)
-        for step, (images, labels) in enumerate(train_loader.epoch(epoch)):
+        for step, (images, labels) in enumerate(loaders["train"].epoch(epoch)):
             rate = learning_rate(recipe, args, epoch, step, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = rate
@@ -235,10 +229,10 @@ def train_network(lineage, teacher, out, fabric, data, loaders, args):
 
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **means, "top1": None, "top5": None}
         if evaluates_test(epoch, args.epochs, args.eval_every):  # else empty in metrics.csv, never best.ckpt
-            row["top1"], row["top5"] = evaluate(model, test_loader, fabric)
+            row["top1"], row["top5"] = evaluate(model, loaders["test"], fabric)
         score = row["top1"]
-        if val_loader is not None:  # best.ckpt is chosen on the validation split, never on test
-            row["val_top1"] = score = evaluate(model, val_loader, fabric)[0]
+        if loaders["val"] is not None:  # best.ckpt is chosen on the validation split, never on test
+            row["val_top1"] = score = evaluate(model, loaders["val"], fabric)[0]
         state.update(images=state["images"] + log.images, train_s=state["train_s"] + log.seconds)
         end_epoch(fabric, folder, state, row, score, log, curve_panels(folder.name))
 
@@ -278,27 +272,23 @@ def main(args):
     if args.teacher_ckpt:
         teacher = freeze(load_teacher(teacher_name, args.teacher_ckpt, len(data["classes"]), args.img_size,
                                       device=fabric.device), inference_dtype(fabric), args.compile)
-        teacher_top1, val_top1, train_top1 = (None if loader is None else evaluate(teacher, loader, fabric)[0]
-                                              for loader in (loaders["test"], loaders["val"], loaders["probe"]))
-        loaded_teacher = (teacher, {"model": teacher_name, "teacher": None, "folder": None, "loaded": True,
-                                    "top1": teacher_top1, "val_top1": val_top1, "train_top1": train_top1,
+        figures = {key: None if loaders[split] is None else evaluate(teacher, loaders[split], fabric)[0]
+                   for key, split in (("top1", "test"), ("val_top1", "val"), ("train_top1", "probe"))}
+        loaded_teacher = (teacher, {"model": teacher_name, "teacher": None, "folder": None, "loaded": True, **figures,
                                     "checkpoint": args.teacher_ckpt, "params": count_parameters(teacher)})
-        fabric.print(f"teacher {teacher_name} from {args.teacher_ckpt}: top1={teacher_top1:.2f}")
+        fabric.print(f"teacher {teacher_name} from {args.teacher_ckpt}: top1={figures['top1']:.2f}")
 
     networks = {}  # sub-folder -> results, for every network this run has trained or reused
 
     def train_chain(chain):
-        """Train chain[0] alone (or take the --teacher-ckpt network), then each next
-        network by KD from the one before; return each step's results. A network
-        finished before, in this run or in the run resumed, is reloaded from its
-        sub-folder, not trained again."""
+        """Train chain[0] alone (or take the --teacher-ckpt network), then each next by KD from
+        the one before; return each step's results. A network finished before (in this run or
+        the run resumed) is reloaded from its sub-folder, not trained again."""
         teacher, steps = None, []
         for i in range(len(chain)):
             lineage = chain[:i + 1]  # its sub-folder: plain10_to_plain4_to_plain2
-            if lineage == [teacher_name] and loaded_teacher is not None:
-                teacher, result = loaded_teacher
-            else:
-                teacher, result = train_network(lineage, teacher, out, fabric, data, loaders, args)
+            teacher, result = (loaded_teacher if lineage == [teacher_name] and loaded_teacher
+                               else train_network(lineage, teacher, out, fabric, data, loaders, args))
             networks["_to_".join(lineage)] = result
             steps.append(result)
         return steps
@@ -306,19 +296,16 @@ def main(args):
     # `auto`: train the candidates and both neighbours alone, take the one nearest
     # the midpoint (of those above chance), all scored on the validation split
     chain, ta_choices = list(args.chain), []
-    for i, name in enumerate(chain):
-        if name != AUTO:
-            continue
+    for i in [i for i, name in enumerate(chain) if name == AUTO]:
         before, after = train_chain([chain[i - 1]])[0]["val_top1"], train_chain([chain[i + 1]])[0]["val_top1"]
         candidates = {candidate: train_chain([candidate])[0]["val_top1"] for candidate in args.ta_candidates}
-        chain[i], excluded = choose_assistant(candidates, before, after, len(data["classes"]))
-        ta_choices.append({"candidates": candidates, "excluded": excluded, "teacher_top1": before,
-                           "student_alone_top1": after, "midpoint": (before + after) / 2, "chosen": chain[i],
-                           "position": i, "scored_on": "validation",
-                           "candidates_train_top1": {name: networks[name]["train_top1"] for name in candidates}})
-        fabric.print(f"auto at position {i}: midpoint {ta_choices[-1]['midpoint']:.2f} of {chain[i - 1]} and "
-                     f"{chain[i + 1]} -> {chain[i]} ({candidates[chain[i]]:.2f})"
-                     + (f"; left out, within 2 points of chance: {excluded}" if excluded else ""))
+        choice = choose_assistant(candidates, before, after, len(data["classes"])) | {"position": i}
+        choice["candidates_train_top1"] = {name: networks[name]["train_top1"] for name in candidates}
+        ta_choices.append(choice)
+        chain[i] = choice["chosen"]
+        fabric.print(f"auto at position {i}: midpoint {choice['midpoint']:.2f} of {chain[i - 1]} and {chain[i + 1]} "
+                     f"-> {chain[i]} ({candidates[chain[i]]:.2f})"
+                     + (f"; left out, within 2 points of chance: {choice['excluded']}" if choice["excluded"] else ""))
 
     steps = [{"model": name, "teacher": chain[i - 1] if i else None, "top1": result["top1"],
               "train_top1": result["train_top1"], "folder": "_to_".join(chain[:i + 1])}
@@ -348,9 +335,7 @@ def main(args):
     if fabric.is_global_zero:
         write_json(out / "results.json", results)
         if compare:
-            write_csv(out / "compare.csv", compare_rows(steps, compare))
-        if ta_choices:
-            write_csv(out / "ta_choice.csv", ta_choice_rows(ta_choices))
+            write_csv(out / "compare.csv", compare_rows(compare, chain))
         if compare or ta_choices:
             plot_comparison(out / "compare.png", compare, ta_choices, chain)
         print_summary(results, out)
@@ -375,45 +360,28 @@ def evaluate_checkpoint(fabric, args, out, data, loaders):
     finish(fabric)
 
 
-def compare_rows(steps, compare):
-    """The comparison table: each network of the chain alone and in the chain, then
-    NOKD/BLKD/TAKD; top-1 on the test split and (train_) on training images."""
-    rows = [{"network": step["model"], "alone_top1": compare["alone_top1"][step["model"]],
-             "in_chain_top1": step["top1"], "alone_train_top1": compare["alone_train_top1"][step["model"]],
-             "in_chain_train_top1": step["train_top1"], "learned_from": step["teacher"] or "labels"} for step in steps]
-    student = steps[-1]["model"]
-    rows += [{"network": f"{student} {method}", "alone_top1": compare["nokd_top1"],
-              "in_chain_top1": compare[f"{method.lower()}_top1"], "alone_train_top1": compare["nokd_train_top1"],
-              "in_chain_train_top1": compare[f"{method.lower()}_train_top1"], "learned_from": source}
-             for method, source in (("NOKD", "labels"), ("BLKD", steps[0]["model"]),
-                                    ("TAKD", " -> ".join(step["model"] for step in steps[:-1])))]
-    return rows
-
-
-def ta_choice_rows(ta_choices):
-    """ta_choice.csv: each candidate of each `auto`, its scores, and whether it was chosen or left out."""
-    return [{"position": choice["position"], "candidate": name, "val_top1": top1,
-             "train_top1": choice["candidates_train_top1"][name],
-             "midpoint": choice["midpoint"],
-             "chosen": name == choice["chosen"], "excluded": name in choice["excluded"]}
-            for choice in ta_choices for name, top1 in choice["candidates"].items()]
+def compare_rows(compare, chain):
+    """compare.csv, the bars of compare.png's first panel: each network of the chain
+    alone, then the student by NOKD, BLKD and TAKD; top-1 on the test split and on
+    training images (train_top1)."""
+    rows = [{"network": f"{name} alone", "learned_from": "labels", "top1": top1,
+             "train_top1": compare["alone_train_top1"][name]} for name, top1 in compare["alone_top1"].items()]
+    return rows + [{"network": f"{chain[-1]} {way.upper()}", "learned_from": source, "top1": compare[f"{way}_top1"],
+                    "train_top1": compare[f"{way}_train_top1"]}
+                   for way, source in (("nokd", "labels"), ("blkd", chain[0]), ("takd", " -> ".join(chain[:-1])))]
 
 
 def plot_comparison(path, compare, ta_choices, chain):
     """compare.png: the student by NOKD, BLKD and TAKD beside every network of the
     chain alone (with --compare), and for each `auto` the candidates' validation
     accuracies (green: chosen, red: left out near chance) against the midpoint it
-    aims at. Returns the figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    aims at (their data: compare.csv, results.json's ta_choice). Returns the figure."""
+    plt = pyplot()
     panels = []  # (title, y label, {bar: value}, colours, horizontal lines)
     if compare:
-        alone = {f"{name} alone": top1 for name, top1 in compare["alone_top1"].items()}
-        ways = {f"{chain[-1]} {way.upper()}": compare[f"{way}_top1"] for way in ("nokd", "blkd", "takd")}
-        panels.append(("the student learning from labels, the teacher, the chain", "test top-1 (%)", alone | ways,
-                       ["lightgrey"] * len(alone) + ["tab:grey", "tab:blue", "tab:green"], []))
+        bars = {row["network"]: row["top1"] for row in compare_rows(compare, chain)}
+        panels.append(("the student learning from labels, the teacher, the chain", "test top-1 (%)", bars,
+                       ["lightgrey"] * (len(bars) - 3) + ["tab:grey", "tab:blue", "tab:green"], []))
     for choice in ta_choices:
         colours = ["tab:green" if name == choice["chosen"] else "tab:red" if name in choice["excluded"]
                    else "lightgrey" for name in choice["candidates"]]
@@ -438,13 +406,12 @@ def plot_comparison(path, compare, ta_choices, chain):
 def print_summary(results, out):
     print(f"\ntakd on {results['dataset']}, {results['epochs']} epochs -> {out}")
     print(f"{'step':<6}{'network':<14}{'learned from':<14}{'top-1':>8}{'train':>8}")
-    for i, step in enumerate(results["steps"]):
-        print(f"{i:<6}{step['model']:<14}{step['teacher'] or 'labels':<14}{step['top1']:>8.2f}"
-              f"{step['train_top1']:>8.2f}")
+    for i, s in enumerate(results["steps"]):
+        print(f"{i:<6}{s['model']:<14}{s['teacher'] or 'labels':<14}{s['top1']:>8.2f}{s['train_top1']:>8.2f}")
     if results["compare"]:  # compare.csv
-        print(f"\n{'':<20}{'alone':>8}{'in chain':>10}")
-        for row in compare_rows(results["steps"], results["compare"]):
-            print(f"{row['network']:<20}{row['alone_top1']:>8.2f}{row['in_chain_top1']:>10.2f}")
+        print(f"\n{'':<20}{'top-1':>8}{'train':>8}")
+        for row in compare_rows(results["compare"], results["chain"]):
+            print(f"{row['network']:<20}{row['top1']:>8.2f}{row['train_top1']:>8.2f}")
     if results["train_img_per_s"]:
         print(f"train {results['train_img_per_s']:.0f} img/s, wall {results['wall_s']:.0f} s")
 

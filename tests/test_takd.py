@@ -55,9 +55,14 @@ def test_three_step_chain_with_compare(compared):
     assert compare["blkd_train_top1"] == networks["plain6_to_plain2"]["train_top1"]
     assert compare["alone_train_top1"] == {name: networks[name]["train_top1"] for name in compare["alone_top1"]}
     assert all(0 <= network["train_top1"] <= 100 for network in networks.values())
-    table = (out / "compare.csv").read_text().splitlines()
-    assert table[0] == "network,alone_top1,in_chain_top1,alone_train_top1,in_chain_train_top1,learned_from"
-    assert len(table) == 1 + 3 + 3
+    # compare.csv holds the bars of compare.png: each network alone, then the student three ways
+    table = [(row["network"], row["learned_from"], float(row["top1"]), float(row["train_top1"]))
+             for row in csv.DictReader(open(out / "compare.csv"))]
+    assert table == [*[(f"{name} alone", "labels", networks[name]["top1"], networks[name]["train_top1"])
+                       for name in ("plain6", "plain4", "plain2")],
+                     ("plain2 NOKD", "labels", compare["nokd_top1"], compare["nokd_train_top1"]),
+                     ("plain2 BLKD", "plain6", compare["blkd_top1"], compare["blkd_train_top1"]),
+                     ("plain2 TAKD", "plain6 -> plain4", compare["takd_top1"], compare["takd_train_top1"])]
     assert "NOKD" in stdout and "BLKD" in stdout and "TAKD" in stdout
     # compare.png draws the figures of compare.csv: each network alone, then the student three ways
     fig = takd.plot_comparison(out / "again.png", compare, [], res["chain"])
@@ -77,16 +82,19 @@ def test_three_step_chain_with_compare(compared):
 def test_choose_assistant_takes_the_candidate_nearest_the_midpoint():
     candidates = {"plain4": 60.0, "plain6": 70.0, "plain8": 78.0}
     choose = lambda teacher, student: takd.choose_assistant(candidates, teacher, student, num_classes=10)
-    assert choose(80.0, 60.0) == ("plain6", {})  # midpoint 70
-    assert choose(90.0, 60.0) == ("plain8", {})  # 75: 3 from 78
-    assert choose(64.0, 50.0) == ("plain4", {})  # 57
+    assert choose(80.0, 60.0) == {"candidates": candidates, "excluded": {}, "teacher_top1": 80.0,
+                                  "student_alone_top1": 60.0, "midpoint": 70.0, "scored_on": "validation",
+                                  "chosen": "plain6"}
+    assert [choose(90.0, 60.0)[key] for key in ("chosen", "midpoint")] == ["plain8", 75.0]  # 3 from 78
+    assert [choose(64.0, 50.0)[key] for key in ("chosen", "midpoint")] == ["plain4", 57.0]
 
 
 def test_a_candidate_near_chance_is_left_out():
     # midpoint 12.5, and plain4 sits there, but at 2 points above chance (10 %) it learned nothing
-    assert takd.choose_assistant({"plain4": 12.0, "plain6": 40.0}, 21.0, 4.0, 10) == ("plain6", {"plain4": 12.0})
-    assert takd.choose_assistant({"plain4": 12.5, "plain6": 40.0}, 21.0, 4.0, 10) == ("plain4", {})
-    assert takd.choose_assistant({"plain4": 3.5, "plain6": 40.0}, 3.0, 4.0, 100) == ("plain4", {})  # chance 1 %
+    choose = lambda *args: [takd.choose_assistant(*args)[key] for key in ("chosen", "excluded")]
+    assert choose({"plain4": 12.0, "plain6": 40.0}, 21.0, 4.0, 10) == ["plain6", {"plain4": 12.0}]
+    assert choose({"plain4": 12.5, "plain6": 40.0}, 21.0, 4.0, 10) == ["plain4", {}]
+    assert choose({"plain4": 3.5, "plain6": 40.0}, 3.0, 4.0, 100) == ["plain4", {}]  # chance 1 %
     with pytest.raises(UserError, match=r"no --ta-candidates network is more than 2 points above chance \(10 %\)"):
         takd.choose_assistant({"plain4": 10.0, "plain6": 11.5}, 60.0, 40.0, 10)
 
@@ -121,8 +129,8 @@ def test_auto_end_to_end(tmp_path, monkeypatch, capsys):
     assert choice["student_alone_top1"] == choice["candidates"]["plain2"] == networks["plain2"]["val_top1"]
     assert choice["midpoint"] == (choice["teacher_top1"] + choice["student_alone_top1"]) / 2
     assert networks["plain2"]["val_top1"] != networks["plain2"]["top1"]
-    assert (choice["chosen"], choice["excluded"]) == takd.choose_assistant(
-        choice["candidates"], choice["teacher_top1"], choice["student_alone_top1"], 10)
+    rule = takd.choose_assistant(choice["candidates"], choice["teacher_top1"], choice["student_alone_top1"], 10)
+    assert choice == rule | {"position": 1, "candidates_train_top1": choice["candidates_train_top1"]}
     assert choice["candidates_train_top1"] == {name: networks[name]["train_top1"] for name in choice["candidates"]}
     assert res["chain"] == ["plain6", choice["chosen"], "plain2"] and res["requested_chain"][1] == "auto"
     # the student alone served as neighbour and candidate: trained once, in one folder
@@ -137,9 +145,6 @@ def test_auto_end_to_end(tmp_path, monkeypatch, capsys):
     midpoint = (choice["teacher_top1"] + choice["student_alone_top1"]) / 2
     assert [line.get_ydata()[0] for line in ax.get_lines()] == pytest.approx(
         [choice["teacher_top1"], midpoint, choice["student_alone_top1"]])
-    rows = list(csv.DictReader(open(out / "ta_choice.csv")))
-    assert [row["candidate"] for row in rows if row["chosen"] == "True"] == [choice["chosen"]]
-    assert [row["candidate"] for row in rows if row["excluded"] == "True"] == ["plain4"]
 
 
 def test_no_candidate_above_chance_is_one_line_and_exit_status_2(tmp_path, monkeypatch, capsys):
@@ -268,6 +273,10 @@ def test_resume_after_sigkill_in_the_second_step(tmp_path, capsys):
     (["--resume"], "--resume needs --out"),
     (["--pretrained", "/nonexistent/plain2.pth"], "--pretrained /nonexistent/plain2.pth does not exist"),  # not late
     (["--teacher-ckpt", "/"], "--teacher-ckpt / is a folder, not a file"),
+    # the student's sub-folder would be a teacher's or a candidate's too: pretrained or not?
+    (["--chain", "plain4", "plain4", "--pretrained", __file__], "--pretrained starts the student plain4, which cannot"),
+    (["--chain", "plain6", "auto", "plain2", "--ta-candidates", "plain2", "--val-split", "0.1", "--pretrained",
+      __file__], "cannot also be a teacher, TA or candidate"),
 ])
 def test_bad_flags(flags, message):
     with pytest.raises(UserError, match=re.escape(message)):
