@@ -107,8 +107,8 @@ def check_args(args):
         raise UserError("--chain has `auto` but --ta-candidates names no networks to choose from")
     if AUTO in args.ta_candidates:
         raise UserError("--ta-candidates must name networks, not `auto`")
-    if args.ta_candidates and AUTO not in chain:
-        print("note: --ta-candidates has no effect without `auto` in --chain")
+    if AUTO not in chain:
+        note_without_effect(args, parse_args([]), ["ta_candidates"], "without `auto` in --chain")
     if args.pretrained and chain[-1] in chain[:-1] + args.ta_candidates:  # its sub-folder would serve two roles
         raise UserError(f"--pretrained starts the student {chain[-1]}, which cannot also be a teacher, TA or candidate")
     if AUTO in chain and not args.val_split:

@@ -329,3 +329,10 @@ def test_learning_rate_schedule_of_the_resnets():
 def test_distillation_flags_on_a_chain_of_one_network_get_a_note(capsys):
     takd.check_args(takd.parse_args(["--chain", "plain2", "--distillation-alpha", "0.3"]))
     assert "note: --distillation-alpha has no effect on a chain of one network" in capsys.readouterr().out
+
+
+def test_candidates_without_auto_get_a_note(capsys):
+    takd.check_args(takd.parse_args(["--chain", "plain6", "plain2", "--ta-candidates", "plain4"]))
+    assert capsys.readouterr().out == "note: --ta-candidates has no effect without `auto` in --chain\n"
+    takd.check_args(takd.parse_args(["--chain", "plain6", "plain2"]))  # not given: no note
+    assert capsys.readouterr().out == ""
